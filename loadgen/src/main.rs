@@ -1,0 +1,2 @@
+//! psync-loadgen (being written).
+fn main() {}

@@ -1,0 +1,37 @@
+//! psync: a rendezvous server that lets two peers behind NAT find each other.
+//!
+//! Each peer sends the server an 8-byte UDP request `{self_id, peer_id}`. When
+//! the counterpart `{peer_id, self_id}` arrives, the server picks two random
+//! ports and tells each peer the other's public address and the ports to use;
+//! the peers then punch holes in their NATs and talk directly. The wire format
+//! is the original C psync's, byte for byte (see `PROTOCOL.md`).
+//!
+//! Invariants the whole crate keeps:
+//! - bad input gets no reply: it is dropped and counted;
+//! - the hot path (receive, match, reply) allocates nothing, logs nothing
+//!   above `debug`, and formats nothing unless that level is on;
+//! - memory is bounded and allocated at start: the pending table holds exactly
+//!   `capacity` registrations, and a live one is never evicted early.
+//!
+//! Modules, from the bytes up:
+//! - [`wire`]: request and reply encode/decode; no I/O.
+//! - [`table`]: the open-addressed table of expiring entries; no I/O, no clock.
+//! - [`engine`]: matching, replay and port choice over the tables; pure.
+//! - [`stats`]: the counters.
+//! - [`server`]: the single-threaded `mio` loop that owns the sockets.
+//! - `sys`: the only `unsafe`: `recvmmsg`/`sendmmsg` and socket options.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod engine;
+pub mod server;
+pub mod stats;
+mod sys;
+pub mod table;
+pub mod wire;
+
+pub use engine::{Engine, EngineConfig, Outcome};
+pub use server::{Server, ServerConfig, ServerError, ShutdownHandle};
+pub use stats::Counters;
+pub use wire::{PeerId, Reply, Request};

@@ -1,0 +1,402 @@
+//! The server loop: one thread, one `mio::Poll`, batched nonblocking UDP.
+//!
+//! [`Server`] owns the sockets (one per address family), their receive
+//! batches and send queues, the [`Engine`] and the timers. A turn of the loop:
+//! wait for readiness or the next timer; for each readable socket, receive
+//! batches until `WouldBlock` or the per-wakeup budget, hand each datagram to
+//! the engine and queue its replies; flush queues with `sendmmsg`; run a
+//! bounded slice of expiry; print stats when due.
+//!
+//! Back-pressure: when a send queue cannot take another batch of replies (the
+//! kernel's send buffer is full), the socket is not read until the queue
+//! drains, so requests wait in the kernel rather than replies being thrown
+//! away. A reply that still finds no room is counted in `send_dropped`.
+//!
+//! Nothing here allocates, logs or formats per packet, except `trace!` and
+//! `debug!` lines that cost one level check unless `-vvv`/`-vv` asked for them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, trace, warn};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::engine::{ConfigError, Engine, EngineConfig, Outcome, Send};
+use crate::stats::Counters;
+use crate::sys::{self, RecvBatch, SendQueue};
+use crate::wire::MAX_REPLY_LEN;
+
+/// How the server is set up. [`ServerConfig::default`] is what the binary
+/// uses without flags, except that it binds nothing until told.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The matching engine's settings.
+    pub engine: EngineConfig,
+    /// Addresses to bind, at most one per family (port 0 picks a free port).
+    pub bind: Vec<SocketAddr>,
+    /// Datagrams per `recvmmsg`/`sendmmsg` call.
+    pub batch: usize,
+    /// SO_RCVBUF to ask for (0: kernel default).
+    pub rcvbuf: usize,
+    /// SO_SNDBUF to ask for (0: kernel default).
+    pub sndbuf: usize,
+    /// Log counters at info level this often; `None` never.
+    pub stats_interval: Option<Duration>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            engine: EngineConfig::default(),
+            bind: Vec::new(),
+            batch: 64,
+            rcvbuf: 4 << 20,
+            sndbuf: 4 << 20,
+            stats_interval: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A bad setting.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `--batch` out of range.
+    #[error("--batch must be between 1 and {MAX_BATCH}, got {0}")]
+    Batch(usize),
+    /// Two addresses of one family, or none.
+    #[error("bind at most one IPv4 and one IPv6 address, and at least one")]
+    Bind,
+    /// The port is taken.
+    #[error("--port {port}: {addr} is already in use (another psync-server?)")]
+    AddrInUse {
+        /// The port asked for.
+        port: u16,
+        /// The full address.
+        addr: SocketAddr,
+    },
+    /// Binding failed otherwise.
+    #[error("cannot bind {addr}: {source}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// Setting up the poller failed.
+    #[error("cannot set up the event loop: {0}")]
+    Poll(#[from] io::Error),
+}
+
+/// Largest `--batch`: beyond this, batching buys nothing and delays replies.
+pub const MAX_BATCH: usize = 1024;
+/// Datagrams received per socket per wakeup before the loop looks at timers
+/// and the other socket (as boringtun's MAX_ITR): fairness and bounded latency.
+const RECV_BUDGET: usize = 4096;
+/// Send-queue capacity in batches: room for bursts while the kernel drains.
+const QUEUE_BATCHES: usize = 16;
+/// How often expiry runs while the tables hold entries.
+const EXPIRY_TICK: Duration = Duration::from_millis(10);
+
+const WAKER: Token = Token(usize::MAX);
+
+struct Endpoint {
+    socket: mio::net::UdpSocket,
+    local: SocketAddr,
+    recv: RecvBatch,
+    queue: SendQueue,
+    /// Data may be waiting: mio is edge-triggered, so read until `WouldBlock`.
+    readable: bool,
+}
+
+/// A handle that stops a running [`Server`] from another thread.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    flag: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    /// Asks the server to finish the batch in hand and return from `run`.
+    pub fn shutdown(&self) {
+        self.flag.store(true, Ordering::Release);
+        // If the wake fails the loop still sees the flag at its next timer.
+        let _ = self.waker.wake();
+    }
+}
+
+/// A bound, ready server. [`Server::run`] drives it.
+pub struct Server {
+    poll: Poll,
+    endpoints: Vec<Endpoint>,
+    engine: Engine,
+    batch: usize,
+    stats_interval: Option<Duration>,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl Server {
+    /// Validates `cfg`, allocates every table and buffer, and binds the sockets.
+    pub fn bind(cfg: &ServerConfig) -> Result<Server, ServerError> {
+        if cfg.batch == 0 || cfg.batch > MAX_BATCH {
+            return Err(ServerError::Batch(cfg.batch));
+        }
+        let v4 = cfg.bind.iter().filter(|a| a.is_ipv4()).count();
+        let v6 = cfg.bind.iter().filter(|a| a.is_ipv6()).count();
+        if v4 > 1 || v6 > 1 || v4 + v6 == 0 {
+            return Err(ServerError::Bind);
+        }
+        let mut engine_cfg = cfg.engine.clone();
+        engine_cfg.ipv4 = v4 == 1;
+        engine_cfg.ipv6 = v6 == 1;
+        let engine = Engine::new(&engine_cfg)?;
+
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let mut endpoints = Vec::new();
+        for (i, &addr) in cfg.bind.iter().enumerate() {
+            let (std_socket, buffers) =
+                sys::bind_udp(addr, cfg.rcvbuf, cfg.sndbuf).map_err(|source| {
+                    if source.kind() == io::ErrorKind::AddrInUse {
+                        ServerError::AddrInUse {
+                            port: addr.port(),
+                            addr,
+                        }
+                    } else {
+                        ServerError::Socket { addr, source }
+                    }
+                })?;
+            if buffers.rcv_got < buffers.rcv_wanted {
+                warn!(
+                    "{addr}: asked for a {} KiB receive buffer, the kernel granted {} KiB; \
+                     raise net.core.rmem_max to avoid drops under bursts",
+                    buffers.rcv_wanted >> 10,
+                    buffers.rcv_got >> 10
+                );
+            }
+            if buffers.snd_got < buffers.snd_wanted {
+                warn!(
+                    "{addr}: asked for a {} KiB send buffer, the kernel granted {} KiB; \
+                     raise net.core.wmem_max",
+                    buffers.snd_wanted >> 10,
+                    buffers.snd_got >> 10
+                );
+            }
+            let local = std_socket.local_addr()?;
+            let mut socket = mio::net::UdpSocket::from_std(std_socket);
+            poll.registry().register(
+                &mut socket,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            endpoints.push(Endpoint {
+                socket,
+                local,
+                recv: RecvBatch::new(cfg.batch),
+                queue: SendQueue::new(cfg.batch * 2 * QUEUE_BATCHES, cfg.batch),
+                // Data may have arrived between bind and register.
+                readable: true,
+            });
+        }
+        Ok(Server {
+            poll,
+            endpoints,
+            engine,
+            batch: cfg.batch,
+            stats_interval: cfg.stats_interval,
+            start: Instant::now(),
+            stop: Arc::new(AtomicBool::new(false)),
+            waker,
+        })
+    }
+
+    /// The bound addresses (with the real port when 0 was asked for).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoints.iter().map(|e| e.local).collect()
+    }
+
+    /// A handle to stop [`Server::run`] from another thread or a signal thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            flag: self.stop.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// The counters now, gauges included.
+    pub fn counters(&mut self) -> Counters {
+        self.engine.update_gauges();
+        self.engine.counters
+    }
+
+    /// Bytes allocated by the engine's tables.
+    pub fn table_bytes(&self) -> usize {
+        self.engine.allocated_bytes()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Runs until [`ShutdownHandle::shutdown`]; returns the final counters.
+    pub fn run(&mut self) -> io::Result<Counters> {
+        let mut events = Events::with_capacity(64);
+        let mut next_stats = self.stats_interval.map(|d| Instant::now() + d);
+        let mut next_expiry = Instant::now();
+        let mut expiry_owed = false;
+        loop {
+            let now = Instant::now();
+            let timeout = if self
+                .endpoints
+                .iter()
+                .any(|e| e.readable && can_read(e, self.batch))
+            {
+                Some(Duration::ZERO)
+            } else {
+                let mut t = next_stats.map(|s| s.saturating_duration_since(now));
+                if expiry_owed {
+                    t = Some(Duration::from_millis(1));
+                } else if self.engine.pending() + self.engine.replay_entries() > 0 {
+                    let e = next_expiry.saturating_duration_since(now);
+                    t = Some(t.map_or(e, |t| t.min(e)));
+                }
+                t
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for event in events.iter() {
+                if let Some(ep) = self.endpoints.get_mut(event.token().0) {
+                    if event.is_readable() {
+                        ep.readable = true;
+                    }
+                }
+            }
+            let now_ms = self.now_ms();
+            for i in 0..self.endpoints.len() {
+                self.service(i, now_ms);
+            }
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            let now = Instant::now();
+            if now >= next_expiry || expiry_owed {
+                expiry_owed = self.engine.expire(self.now_ms());
+                next_expiry = now + EXPIRY_TICK;
+            }
+            if let Some(due) = next_stats {
+                if now >= due {
+                    info!("stats {}", self.counters());
+                    next_stats = self.stats_interval.map(|d| now + d);
+                }
+            }
+        }
+        // Last chance for queued replies; what cannot go now is counted.
+        for ep in &mut self.endpoints {
+            let done = ep.queue.flush(&ep.socket);
+            self.engine.counters.sent += done.sent;
+            self.engine.counters.send_errors += done.errors;
+            self.engine.counters.send_dropped += ep.queue.len() as u64;
+        }
+        Ok(self.counters())
+    }
+
+    /// Reads, handles and answers on endpoint `i` until `WouldBlock`, the
+    /// budget, or a full send queue.
+    fn service(&mut self, i: usize, now_ms: u64) {
+        let batch = self.batch;
+        let Server {
+            endpoints, engine, ..
+        } = self;
+        let ep = &mut endpoints[i];
+        flush(ep, engine);
+        let mut budget = RECV_BUDGET;
+        while ep.readable && budget > 0 && can_read(ep, batch) {
+            let n = match ep.recv.recv(&ep.socket) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ep.readable = false;
+                    break;
+                }
+                Err(e) => {
+                    // Not expected on an unconnected UDP socket; count it and
+                    // yield to the poller rather than spin on it.
+                    engine.counters.recv_errors += 1;
+                    debug!("{}: receive failed: {e}", ep.local);
+                    ep.readable = false;
+                    break;
+                }
+            };
+            budget = budget.saturating_sub(n.max(1));
+            for k in 0..n {
+                let Some(d) = ep.recv.get(k) else {
+                    engine.counters.recv_errors += 1;
+                    continue;
+                };
+                let outcome = engine.handle(d.data, d.from, now_ms);
+                trace!(
+                    "{} {} bytes from {}: {:?}",
+                    ep.local,
+                    d.len,
+                    d.from,
+                    outcome
+                );
+                match outcome {
+                    Outcome::Matched {
+                        waiting,
+                        completing,
+                    } => {
+                        debug!(
+                            "matched {} <-> {} ports {}/{}",
+                            waiting.to,
+                            completing.to,
+                            waiting.reply.src_port,
+                            waiting.reply.dst_port
+                        );
+                        queue(ep, engine, waiting);
+                        queue(ep, engine, completing);
+                    }
+                    Outcome::Replayed(send) => queue(ep, engine, send),
+                    _ => {}
+                }
+            }
+            if ep.queue.len() >= batch {
+                flush(ep, engine);
+            }
+        }
+        flush(ep, engine);
+    }
+}
+
+/// True when the queue has room for the replies of one more full batch
+/// (at most two per request).
+fn can_read(ep: &Endpoint, batch: usize) -> bool {
+    ep.queue.free() >= 2 * batch
+}
+
+fn queue(ep: &mut Endpoint, engine: &mut Engine, send: Send) {
+    let mut buf = [0u8; MAX_REPLY_LEN];
+    let len = send.reply.emit(&mut buf);
+    if !ep.queue.push(send.to, &buf[..len]) {
+        engine.counters.send_dropped += 1;
+    }
+}
+
+fn flush(ep: &mut Endpoint, engine: &mut Engine) {
+    if ep.queue.is_empty() {
+        return;
+    }
+    let done = ep.queue.flush(&ep.socket);
+    engine.counters.sent += done.sent;
+    engine.counters.send_errors += done.errors;
+}

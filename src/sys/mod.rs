@@ -1,0 +1,96 @@
+//! The operating-system layer: batched UDP I/O and socket setup.
+//!
+//! This is the only module allowed `unsafe`. It offers one API, [`RecvBatch`]
+//! and [`SendQueue`], backed by `recvmmsg`/`sendmmsg` on Linux
+//! (`sys/linux.rs`) and by plain `recv_from`/`send_to` elsewhere
+//! (`sys/fallback.rs`). Buffers are allocated once, in `new`; `recv` and
+//! `flush` never allocate. Errors are `io::Error`; `WouldBlock` means the
+//! socket has nothing more (or no room) right now.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+#[cfg(target_os = "linux")]
+#[path = "linux.rs"]
+mod imp;
+
+#[cfg(not(target_os = "linux"))]
+#[path = "fallback.rs"]
+mod imp;
+
+pub use imp::{RecvBatch, SendQueue};
+
+/// Bytes kept of each received datagram. A request is 8 bytes; anything
+/// longer is invalid, and 16 bytes are enough to see that it is longer.
+pub const RECV_BUF_LEN: usize = 16;
+
+/// One datagram of a received batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Datagram<'a> {
+    /// The first bytes of the payload, at most [`RECV_BUF_LEN`].
+    pub data: &'a [u8],
+    /// The datagram's real length, which may exceed `data.len()`.
+    pub len: usize,
+    /// Where it came from.
+    pub from: SocketAddr,
+}
+
+/// What one `SendQueue::flush` achieved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Messages the kernel took.
+    pub sent: u64,
+    /// Messages refused with a hard error and discarded.
+    pub errors: u64,
+    /// True when the socket stopped taking messages (`EAGAIN`); the rest stay queued.
+    pub blocked: bool,
+}
+
+/// Socket buffer sizes asked for, and what the kernel granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffers {
+    /// SO_RCVBUF requested.
+    pub rcv_wanted: usize,
+    /// SO_RCVBUF granted (Linux reports twice the usable size; this is halved back).
+    pub rcv_got: usize,
+    /// SO_SNDBUF requested.
+    pub snd_wanted: usize,
+    /// SO_SNDBUF granted.
+    pub snd_got: usize,
+}
+
+/// Opens a nonblocking UDP socket bound to `addr`, IPv6 sockets v6-only,
+/// with the given buffer sizes (0 keeps the kernel default).
+pub fn bind_udp(
+    addr: SocketAddr,
+    rcvbuf: usize,
+    sndbuf: usize,
+) -> io::Result<(std::net::UdpSocket, Buffers)> {
+    let domain = Domain::for_address(addr);
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    let mut buffers = Buffers {
+        rcv_wanted: rcvbuf,
+        rcv_got: 0,
+        snd_wanted: sndbuf,
+        snd_got: 0,
+    };
+    if rcvbuf > 0 {
+        socket.set_recv_buffer_size(rcvbuf)?;
+    }
+    if sndbuf > 0 {
+        socket.set_send_buffer_size(sndbuf)?;
+    }
+    // Linux doubles the value for bookkeeping overhead and reports the double.
+    let halve = if cfg!(target_os = "linux") { 2 } else { 1 };
+    buffers.rcv_got = socket.recv_buffer_size()? / halve;
+    buffers.snd_got = socket.send_buffer_size()? / halve;
+    socket.bind(&addr.into())?;
+    Ok((socket.into(), buffers))
+}
