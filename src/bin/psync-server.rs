@@ -38,11 +38,11 @@ struct Args {
     verbose: u8,
 
     /// Seconds a registration waits for its partner.
-    #[arg(long, default_value = "30", value_name = "SECS", value_parser = parse_secs)]
+    #[arg(long, default_value = "30", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     ttl: Duration,
 
     /// Seconds a match's replies are resent to retransmitted requests.
-    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
+    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     replay_ttl: Duration,
 
     /// Most pending registrations held at once (tables are allocated at start).
@@ -70,7 +70,7 @@ struct Args {
     sndbuf: usize,
 
     /// Seconds between stats lines at -v (0: never).
-    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
+    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     stats_interval: Duration,
 
     /// Seed for port choice and hashing, for reproducible runs (default: from the OS).
