@@ -15,12 +15,13 @@
 //!   source address;
 //! - at capacity a new registration is refused, never a live one evicted.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use crate::stats::Counters;
+use crate::limit::{source_key, PendingPerSource};
+use crate::stats::{Counters, WaitHistogram};
 use crate::table::{Inserted, Millis, Table};
 use crate::wire::{Reply, Request, WireError};
 
@@ -45,6 +46,9 @@ pub struct EngineConfig {
     pub ipv4: bool,
     /// Serve IPv6 peers (allocates the IPv6 tables).
     pub ipv6: bool,
+    /// Most registrations one source (IPv4 address or IPv6 /64) may hold
+    /// pending; 0 for no limit. At most 65,535.
+    pub max_pending_per_source: u32,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +63,7 @@ impl Default for EngineConfig {
             seed: None,
             ipv4: true,
             ipv6: true,
+            max_pending_per_source: 1000,
         }
     }
 }
@@ -78,6 +83,8 @@ pub enum Drop {
     TableFull,
     /// The source's address family is not served.
     Family,
+    /// The source already holds its maximum of pending registrations.
+    PerSourceLimit,
 }
 
 /// One reply and where it goes.
@@ -113,6 +120,10 @@ pub enum Outcome {
 trait PeerAddr: Copy + Default + PartialEq {
     fn from_socket(addr: SocketAddr) -> Option<Self>;
     fn to_socket(self) -> SocketAddr;
+    /// The source this address counts against for per-source limits.
+    fn source(self) -> u64 {
+        source_key(self.to_socket().ip())
+    }
 }
 
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
@@ -213,8 +224,12 @@ pub struct Engine {
     port_lo: u16,
     port_span: u32,
     rng: Xoshiro256PlusPlus,
+    per_source: Option<PendingPerSource>,
     /// Event counts; the I/O layer adds its own (`sent`, `send_errors`, …).
     pub counters: Counters,
+    /// How long the first peer of each matched pair waited (since its last
+    /// registration or refresh).
+    pub wait: WaitHistogram,
 }
 
 /// Why an [`EngineConfig`] cannot be used.
@@ -232,6 +247,9 @@ pub enum ConfigError {
     /// Neither family enabled.
     #[error("no address family enabled")]
     NoFamily,
+    /// `max_pending_per_source` above 65,535.
+    #[error("--max-pending-per-ip must be at most 65535 (0 turns the limit off)")]
+    PerSource,
 }
 
 impl Engine {
@@ -252,6 +270,8 @@ impl Engine {
         if !cfg.ipv4 && !cfg.ipv6 {
             return Err(ConfigError::NoFamily);
         }
+        let max_per_source =
+            u16::try_from(cfg.max_pending_per_source).map_err(|_| ConfigError::PerSource)?;
         let mut rng = match cfg.seed {
             Some(seed) => Xoshiro256PlusPlus::seed_from_u64(seed),
             None => {
@@ -263,6 +283,10 @@ impl Engine {
         let mut seeds = || std::array::from_fn(|_| rng.next_u64());
         let v4 = Family::new(cfg, cfg.ipv4, seeds());
         let v6 = Family::new(cfg, cfg.ipv6, seeds());
+        let per_source = (max_per_source > 0).then(|| {
+            let s: [u64; 4] = seeds();
+            PendingPerSource::new(cfg.capacity, max_per_source, cfg.ttl_ms, [s[0], s[1]])
+        });
         Ok(Engine {
             v4,
             v6,
@@ -272,7 +296,9 @@ impl Engine {
             port_lo: cfg.port_lo,
             port_span: u32::from(cfg.port_hi - cfg.port_lo) + 1,
             rng,
+            per_source,
             counters: Counters::default(),
+            wait: WaitHistogram::default(),
         })
     }
 
@@ -293,7 +319,8 @@ impl Engine {
 
     /// Bytes allocated by all tables.
     pub fn allocated_bytes(&self) -> usize {
-        self.v4.pending.allocated_bytes()
+        self.per_source.as_ref().map_or(0, |p| p.allocated_bytes())
+            + self.v4.pending.allocated_bytes()
             + self.v4.replay.allocated_bytes()
             + self.v6.pending.allocated_bytes()
             + self.v6.replay.allocated_bytes()
@@ -309,54 +336,33 @@ impl Engine {
             Err(WireError::SelfPair) => return self.drop(Drop::SelfPair),
             Err(_) => return self.drop(Drop::BadSize),
         };
-        let outcome = match src.ip() {
-            IpAddr::V4(_) if self.v4.pending.capacity() > 0 => {
-                let at = V4::from_socket(src).unwrap_or_default();
-                let full = self.pending() >= self.capacity;
-                let ports = PortPicker {
-                    rng: &mut self.rng,
-                    lo: self.port_lo,
-                    span: self.port_span,
-                };
-                let times = Times {
-                    now,
-                    ttl: self.ttl,
-                    replay_ttl: self.replay_ttl,
-                };
-                handle_family(
-                    &mut self.v4,
-                    &mut self.counters,
-                    req,
-                    at,
-                    full,
-                    ports,
-                    times,
-                )
+        let mut cx = Context {
+            full: self.pending() >= self.capacity,
+            t: Times {
+                now,
+                ttl: self.ttl,
+                replay_ttl: self.replay_ttl,
+            },
+            ports: PortPicker {
+                rng: &mut self.rng,
+                lo: self.port_lo,
+                span: self.port_span,
+            },
+            counters: &mut self.counters,
+            wait: &mut self.wait,
+            per_source: self.per_source.as_mut(),
+        };
+        let outcome = match src {
+            SocketAddr::V4(_) if self.v4.pending.capacity() > 0 => {
+                handle_family(&mut self.v4, &mut cx, req, V4::from_socket(src).unwrap_or_default())
             }
-            IpAddr::V6(_) if self.v6.pending.capacity() > 0 => {
-                let at = V6::from_socket(src).unwrap_or_default();
-                let full = self.pending() >= self.capacity;
-                let ports = PortPicker {
-                    rng: &mut self.rng,
-                    lo: self.port_lo,
-                    span: self.port_span,
-                };
-                let times = Times {
-                    now,
-                    ttl: self.ttl,
-                    replay_ttl: self.replay_ttl,
-                };
-                handle_family(
-                    &mut self.v6,
-                    &mut self.counters,
-                    req,
-                    at,
-                    full,
-                    ports,
-                    times,
-                )
+            SocketAddr::V6(_) if self.v6.pending.capacity() > 0 => {
+                handle_family(&mut self.v6, &mut cx, req, V6::from_socket(src).unwrap_or_default())
             }
-            _ => return self.drop(Drop::Family),
+            _ => {
+                cx.counters.bad_family += 1;
+                Outcome::Dropped(Drop::Family)
+            }
         };
         self.counters.expired = self.v4.pending.expired_total() + self.v6.pending.expired_total();
         outcome
@@ -368,6 +374,7 @@ impl Engine {
             Drop::SelfPair => self.counters.self_pair += 1,
             Drop::TableFull => self.counters.table_full += 1,
             Drop::Family => self.counters.bad_family += 1,
+            Drop::PerSourceLimit => self.counters.per_ip_limit += 1,
         }
         Outcome::Dropped(why)
     }
@@ -418,20 +425,28 @@ impl PortPicker<'_> {
     }
 }
 
+/// What one request may touch besides its family's tables.
+struct Context<'a> {
+    full: bool,
+    t: Times,
+    ports: PortPicker<'a>,
+    counters: &'a mut Counters,
+    wait: &'a mut WaitHistogram,
+    per_source: Option<&'a mut PendingPerSource>,
+}
+
 #[inline]
 fn handle_family<A: PeerAddr>(
     fam: &mut Family<A>,
-    counters: &mut Counters,
+    cx: &mut Context<'_>,
     req: Request,
     src: A,
-    full: bool,
-    mut ports: PortPicker<'_>,
-    t: Times,
 ) -> Outcome {
+    let t = cx.t;
     let key = req.key();
     if let Some(m) = fam.replay.get(key, t.now) {
         if m.asker == src {
-            counters.replayed += 1;
+            cx.counters.replayed += 1;
             return Outcome::Replayed(Send {
                 to: src.to_socket(),
                 reply: Reply {
@@ -442,11 +457,22 @@ fn handle_family<A: PeerAddr>(
             });
         }
     }
+    // When a registration was made (or last refreshed), from its expiry.
+    let registered = |expires: Millis| expires.wrapping_sub(t.ttl);
     let other = req.counterpart().key();
-    if let Some(waiter) = fam.pending.remove(other, t.now) {
-        let (p1, p2) = ports.pick();
+    if let Some((waiter, waiter_expires)) = fam.pending.take(other, t.now) {
+        let (p1, p2) = cx.ports.pick();
+        cx.wait
+            .record(t.now.wrapping_sub(registered(waiter_expires)));
+        if let Some(ps) = cx.per_source.as_deref_mut() {
+            ps.remove(waiter.source(), registered(waiter_expires), t.now);
+        }
         // If this request was itself pending from elsewhere, it is answered now.
-        fam.pending.remove(key, t.now);
+        if let Some((mine, mine_expires)) = fam.pending.take(key, t.now) {
+            if let Some(ps) = cx.per_source.as_deref_mut() {
+                ps.remove(mine.source(), registered(mine_expires), t.now);
+            }
+        }
         let replay_until = t.now.wrapping_add(t.replay_ttl);
         let mine = Matched {
             asker: src,
@@ -460,13 +486,13 @@ fn handle_family<A: PeerAddr>(
             src_port: p1,
             dst_port: p2,
         };
-        if fam.replay.insert(key, mine, replay_until, t.now) == Inserted::Full {
-            counters.replay_full += 1;
+        if matches!(fam.replay.insert(key, mine, replay_until, t.now), Inserted::Full) {
+            cx.counters.replay_full += 1;
         }
-        if fam.replay.insert(other, theirs, replay_until, t.now) == Inserted::Full {
-            counters.replay_full += 1;
+        if matches!(fam.replay.insert(other, theirs, replay_until, t.now), Inserted::Full) {
+            cx.counters.replay_full += 1;
         }
-        counters.matched += 1;
+        cx.counters.matched += 1;
         return Outcome::Matched {
             waiting: Send {
                 to: waiter.to_socket(),
@@ -486,23 +512,35 @@ fn handle_family<A: PeerAddr>(
             },
         };
     }
-    // A refresh never needs room; a new entry does, across both families.
+    // A refresh never needs room; a new entry needs room in the table (both
+    // families together) and under its source's limit.
+    let source_ok = match cx.per_source.as_deref_mut() {
+        Some(ps) => ps.allows(src.source(), t.now),
+        None => true,
+    };
     let expires = t.now.wrapping_add(t.ttl);
-    if full && fam.pending.get(key, t.now).is_none() {
-        counters.table_full += 1;
-        return Outcome::Dropped(Drop::TableFull);
-    }
-    match fam.pending.insert(key, src, expires, t.now) {
+    match fam.pending.upsert(key, src, expires, t.now, !cx.full && source_ok) {
         Inserted::New => {
-            counters.registered += 1;
+            if let Some(ps) = cx.per_source.as_deref_mut() {
+                ps.add(src.source(), t.now);
+            }
+            cx.counters.registered += 1;
             Outcome::Registered
         }
-        Inserted::Replaced => {
-            counters.refreshed += 1;
+        Inserted::Replaced { old, old_expires } => {
+            if let Some(ps) = cx.per_source.as_deref_mut() {
+                ps.remove(old.source(), registered(old_expires), t.now);
+                ps.add(src.source(), t.now);
+            }
+            cx.counters.refreshed += 1;
             Outcome::Refreshed
         }
+        Inserted::Full if !cx.full && !source_ok => {
+            cx.counters.per_ip_limit += 1;
+            Outcome::Dropped(Drop::PerSourceLimit)
+        }
         Inserted::Full => {
-            counters.table_full += 1;
+            cx.counters.table_full += 1;
             Outcome::Dropped(Drop::TableFull)
         }
     }
@@ -670,5 +708,31 @@ mod tests {
                 assert!((1024..1024 + span).contains(&u32::from(b)));
             }
         }
+    }
+
+    #[test]
+    fn one_source_cannot_fill_the_table() {
+        let mut e = Engine::new(&EngineConfig {
+            capacity: 100,
+            max_pending_per_source: 3,
+            seed: Some(2),
+            ..EngineConfig::default()
+        })
+        .unwrap();
+        for i in 0..3 {
+            assert_eq!(e.handle(&req(i, 1000 + i), addr(A), 0), Outcome::Registered);
+        }
+        assert_eq!(
+            e.handle(&req(9, 1009), addr("192.0.2.1:9999"), 0),
+            Outcome::Dropped(Drop::PerSourceLimit),
+            "another port of the same address is the same source"
+        );
+        assert_eq!(e.handle(&req(0, 1000), addr(A), 1), Outcome::Refreshed);
+        assert_eq!(e.handle(&req(9, 1009), addr(B), 1), Outcome::Registered);
+        // A match frees a place.
+        assert!(e.handle(&req(1000, 0), addr(B), 2).is_match());
+        assert_eq!(e.handle(&req(7, 1007), addr(A), 3), Outcome::Registered);
+        assert_eq!(e.counters.per_ip_limit, 1);
+        assert_eq!(e.wait.count(), 1);
     }
 }

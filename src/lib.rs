@@ -27,6 +27,8 @@ pub mod client;
 pub mod engine;
 pub mod server;
 pub mod stats;
+pub mod limit;
+pub mod metrics;
 mod sys;
 pub mod table;
 pub mod wire;

@@ -25,6 +25,8 @@ use log::{debug, info, trace, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::engine::{ConfigError, Engine, EngineConfig, Outcome, Send};
+use crate::limit::{RateLimit, RateLimiter};
+use crate::metrics::{Metrics, Snapshot};
 use crate::stats::Counters;
 use crate::sys::{self, RecvBatch, SendQueue};
 use crate::wire::MAX_REPLY_LEN;
@@ -45,6 +47,10 @@ pub struct ServerConfig {
     pub sndbuf: usize,
     /// Log counters at info level this often; `None` never.
     pub stats_interval: Option<Duration>,
+    /// Per-source rate limit applied to every datagram ([`RateLimit::OFF`] for none).
+    pub rate_limit: RateLimit,
+    /// Serve Prometheus metrics over HTTP on this TCP address.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +62,8 @@ impl Default for ServerConfig {
             rcvbuf: 4 << 20,
             sndbuf: 4 << 20,
             stats_interval: Some(Duration::from_secs(10)),
+            rate_limit: RateLimit::default(),
+            metrics: None,
         }
     }
 }
@@ -83,6 +91,14 @@ pub enum ServerError {
     /// Binding failed otherwise.
     #[error("cannot bind {addr}: {source}")]
     Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// The metrics address cannot be bound.
+    #[error("--metrics {addr}: {source}")]
+    Metrics {
         /// The address.
         addr: SocketAddr,
         /// What the OS said.
@@ -135,11 +151,15 @@ pub struct Server {
     poll: Poll,
     endpoints: Vec<Endpoint>,
     engine: Engine,
+    limiter: Option<RateLimiter>,
+    metrics: Option<Metrics>,
     batch: usize,
     stats_interval: Option<Duration>,
     start: Instant,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    /// When the oldest metrics connection must be closed.
+    metrics_deadline: Option<Instant>,
 }
 
 impl Server {
@@ -205,21 +225,57 @@ impl Server {
                 readable: true,
             });
         }
+        let metrics = match cfg.metrics {
+            Some(addr) => Some(
+                Metrics::bind(addr, poll.registry())
+                    .map_err(|source| ServerError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
+        let limiter_seed = match cfg.engine.seed {
+            Some(seed) => [seed ^ 0x5851_f42d_4c95_7f2d, seed.rotate_left(17)],
+            None => {
+                let mut b = [0u8; 16];
+                getrandom::fill(&mut b).map_err(|e| ServerError::Poll(io::Error::other(e.to_string())))?;
+                [
+                    u64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
+                    u64::from_le_bytes(b[8..].try_into().unwrap_or_default()),
+                ]
+            }
+        };
         Ok(Server {
             poll,
             endpoints,
             engine,
+            limiter: RateLimiter::new(cfg.rate_limit, limiter_seed),
+            metrics,
             batch: cfg.batch,
             stats_interval: cfg.stats_interval,
             start: Instant::now(),
             stop: Arc::new(AtomicBool::new(false)),
             waker,
+            metrics_deadline: None,
         })
     }
 
     /// The bound addresses (with the real port when 0 was asked for).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.endpoints.iter().map(|e| e.local).collect()
+    }
+
+    /// The metrics endpoint's address, when `--metrics` was given.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        Snapshot {
+            counters: self.counters(),
+            capacity: self.engine.capacity(),
+            replay_entries: self.engine.replay_entries(),
+            wait: self.engine.wait,
+            uptime: self.start.elapsed().as_secs_f64(),
+        }
     }
 
     /// A handle to stop [`Server::run`] from another thread or a signal thread.
@@ -267,6 +323,10 @@ impl Server {
                     let e = next_expiry.saturating_duration_since(now);
                     t = Some(t.map_or(e, |t| t.min(e)));
                 }
+                if let Some(d) = self.metrics_deadline {
+                    let m = d.saturating_duration_since(now);
+                    t = Some(t.map_or(m, |t| t.min(m)));
+                }
                 t
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -276,7 +336,13 @@ impl Server {
                 return Err(e);
             }
             for event in events.iter() {
-                if let Some(ep) = self.endpoints.get_mut(event.token().0) {
+                let token = event.token();
+                if Metrics::owns(token) {
+                    let snapshot = self.snapshot();
+                    if let Some(m) = self.metrics.as_mut() {
+                        m.ready(self.poll.registry(), token, Instant::now(), &snapshot);
+                    }
+                } else if let Some(ep) = self.endpoints.get_mut(token.0) {
                     if event.is_readable() {
                         ep.readable = true;
                     }
@@ -293,6 +359,9 @@ impl Server {
             if now >= next_expiry || expiry_owed {
                 expiry_owed = self.engine.expire(self.now_ms());
                 next_expiry = now + EXPIRY_TICK;
+                if let Some(m) = self.metrics.as_mut() {
+                    self.metrics_deadline = m.expire(self.poll.registry(), now);
+                }
             }
             if let Some(due) = next_stats {
                 if now >= due {
@@ -316,7 +385,10 @@ impl Server {
     fn service(&mut self, i: usize, now_ms: u64) {
         let batch = self.batch;
         let Server {
-            endpoints, engine, ..
+            endpoints,
+            engine,
+            limiter,
+            ..
         } = self;
         let ep = &mut endpoints[i];
         flush(ep, engine);
@@ -343,6 +415,13 @@ impl Server {
                     engine.counters.recv_errors += 1;
                     continue;
                 };
+                if let Some(l) = limiter {
+                    if !l.allow(d.from.ip(), now_ms as u32) {
+                        engine.counters.received += 1;
+                        engine.counters.rate_limited += 1;
+                        continue;
+                    }
+                }
                 let outcome = engine.handle(d.data, d.from, now_ms);
                 trace!(
                     "{} {} bytes from {}: {:?}",

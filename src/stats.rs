@@ -31,6 +31,10 @@ pub struct Counters {
     pub table_full: u64,
     /// Matches that could not be remembered for replay (replay cache full).
     pub replay_full: u64,
+    /// Dropped: the source exceeded its rate limit.
+    pub rate_limited: u64,
+    /// Dropped: the source already holds `--max-pending-per-ip` registrations.
+    pub per_ip_limit: u64,
     /// Replies handed to the kernel.
     pub sent: u64,
     /// Replies the kernel refused with an error other than "try again".
@@ -45,7 +49,7 @@ pub struct Counters {
 
 impl Counters {
     /// Every counter with its name, in a stable order (for printing and metrics).
-    pub fn fields(&self) -> [(&'static str, u64); 16] {
+    pub fn fields(&self) -> [(&'static str, u64); 18] {
         [
             ("received", self.received),
             ("bad_size", self.bad_size),
@@ -58,6 +62,8 @@ impl Counters {
             ("expired", self.expired),
             ("table_full", self.table_full),
             ("replay_full", self.replay_full),
+            ("rate_limited", self.rate_limited),
+            ("per_ip_limit", self.per_ip_limit),
             ("sent", self.sent),
             ("send_errors", self.send_errors),
             ("send_dropped", self.send_dropped),
@@ -77,5 +83,69 @@ impl fmt::Display for Counters {
             write!(f, "{name}={value}")?;
         }
         Ok(())
+    }
+}
+
+/// Upper bounds (ms) of the pair-wait histogram's buckets; one more bucket
+/// holds everything longer.
+pub const WAIT_BUCKETS_MS: [u32; 13] = [
+    1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000,
+];
+
+/// How long the first peer of each pair waited for the second: a fixed
+/// bucket histogram, recorded without allocation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WaitHistogram {
+    counts: [u64; WAIT_BUCKETS_MS.len() + 1],
+    sum_ms: u64,
+}
+
+impl WaitHistogram {
+    /// Records one wait of `ms` milliseconds.
+    #[inline]
+    pub fn record(&mut self, ms: u32) {
+        let i = WAIT_BUCKETS_MS.partition_point(|&le| le < ms);
+        self.counts[i] += 1;
+        self.sum_ms += u64::from(ms);
+    }
+
+    /// `(upper bound in ms, count)` per bucket, not cumulative; the last
+    /// bucket's bound is `None` (infinity).
+    pub fn buckets(&self) -> impl Iterator<Item = (Option<u32>, u64)> + '_ {
+        WAIT_BUCKETS_MS
+            .iter()
+            .map(|&le| Some(le))
+            .chain(std::iter::once(None))
+            .zip(self.counts.iter().copied())
+    }
+
+    /// Total of all recorded waits, in ms.
+    pub fn sum_ms(&self) -> u64 {
+        self.sum_ms
+    }
+
+    /// Waits recorded.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_buckets_are_upper_bounds() {
+        let mut h = WaitHistogram::default();
+        for ms in [0, 1, 2, 60_000, 60_001] {
+            h.record(ms);
+        }
+        let b: Vec<_> = h.buckets().collect();
+        assert_eq!(b[0], (Some(1), 2));
+        assert_eq!(b[1], (Some(5), 1));
+        assert_eq!(b[12], (Some(60_000), 1));
+        assert_eq!(b[13], (None, 1));
+        assert_eq!(h.count(), 5);
+        assert_eq!(h.sum_ms(), 120_004);
     }
 }

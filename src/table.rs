@@ -48,12 +48,18 @@ struct Slot<V> {
 
 /// What [`Table::insert`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Inserted {
+pub enum Inserted<V> {
     /// A new entry.
     New,
     /// A live entry with this key existed; its value and expiry were replaced.
-    Replaced,
-    /// The table holds `capacity` entries and none on the probe path had expired.
+    Replaced {
+        /// The value it held.
+        old: V,
+        /// When it would have expired.
+        old_expires: Millis,
+    },
+    /// Not added: the table holds `capacity` entries and none on the probe
+    /// path had expired, or the caller did not allow a new entry.
     Full,
 }
 
@@ -199,6 +205,12 @@ impl<V: Copy> Table<V> {
     /// Removes and returns the live value under `key`.
     #[inline]
     pub fn remove(&mut self, key: u64, now: Millis) -> Option<V> {
+        self.take(key, now).map(|(v, _)| v)
+    }
+
+    /// Removes the live entry under `key`, returning its value and expiry.
+    #[inline]
+    pub fn take(&mut self, key: u64, now: Millis) -> Option<(V, Millis)> {
         let i = self.find(key).ok()?;
         let slot = self.slots[i];
         self.remove_at(i);
@@ -206,12 +218,26 @@ impl<V: Copy> Table<V> {
             self.expired += 1;
             return None;
         }
-        Some(slot.value)
+        Some((slot.value, slot.expires))
     }
 
     /// Inserts `value` under `key` until `expires`, replacing a live entry.
     #[inline]
-    pub fn insert(&mut self, key: u64, value: V, expires: Millis, now: Millis) -> Inserted {
+    pub fn insert(&mut self, key: u64, value: V, expires: Millis, now: Millis) -> Inserted<V> {
+        self.upsert(key, value, expires, now, true)
+    }
+
+    /// Replaces the live entry under `key`; adds a new one only if `may_add`
+    /// (and there is room). One probe either way.
+    #[inline]
+    pub fn upsert(
+        &mut self,
+        key: u64,
+        value: V,
+        expires: Millis,
+        now: Millis,
+        may_add: bool,
+    ) -> Inserted<V> {
         let slot = Slot {
             key: split(key),
             expires,
@@ -219,15 +245,22 @@ impl<V: Copy> Table<V> {
         };
         match self.find(key) {
             Ok(i) => {
-                let was_live = !is_expired(self.slots[i].expires, now);
-                self.slots[i] = slot;
-                if was_live {
-                    Inserted::Replaced
-                } else {
+                let old = self.slots[i];
+                if !is_expired(old.expires, now) {
+                    self.slots[i] = slot;
+                    Inserted::Replaced {
+                        old: old.value,
+                        old_expires: old.expires,
+                    }
+                } else if may_add {
+                    self.slots[i] = slot;
                     self.expired += 1;
                     Inserted::New
+                } else {
+                    Inserted::Full
                 }
             }
+            Err(_) if !may_add => Inserted::Full,
             Err(_) if self.len >= self.capacity => match self.expired_on_path(key, now) {
                 Some(i) => {
                     self.ctrl[i] = fingerprint(self.hash(key));
@@ -390,7 +423,14 @@ mod tests {
     fn insert_get_remove() {
         let mut t = table(4);
         assert_eq!(t.insert(1, 10, 100, 0), Inserted::New);
-        assert_eq!(t.insert(1, 11, 100, 0), Inserted::Replaced);
+        assert_eq!(
+            t.insert(1, 11, 100, 0),
+            Inserted::Replaced {
+                old: 10,
+                old_expires: 100
+            }
+        );
+        assert_eq!(t.upsert(2, 0, 100, 0, false), Inserted::Full);
         assert_eq!(t.get(1, 0), Some(&11));
         assert_eq!(t.remove(1, 0), Some(11));
         assert_eq!(t.get(1, 0), None);
@@ -487,8 +527,8 @@ mod tests {
                     Op::Insert(k, v) => {
                         let k = u64::from(k % 48) * 0x1_0000_0001;
                         let got = t.insert(k, v, now.wrapping_add(ttl), now);
-                        let want = if model.contains_key(&k) {
-                            Inserted::Replaced
+                        let want = if let Some(&(old, old_expires)) = model.get(&k) {
+                            Inserted::Replaced { old, old_expires }
                         } else if model.len() >= cap {
                             Inserted::Full
                         } else {

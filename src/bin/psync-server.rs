@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 use log::LevelFilter;
+use psync::limit::RateLimit;
 use psync::{EngineConfig, Server, ServerConfig, ServerError};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -72,6 +73,26 @@ struct Args {
     /// Seconds between stats lines at -v (0: never).
     #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     stats_interval: Duration,
+
+    /// Datagrams per second allowed from one source (IPv4 address or IPv6 /64); 0: no limit.
+    #[arg(long, default_value_t = 100, value_name = "PPS")]
+    rate_limit: u32,
+
+    /// Datagrams a source may send at once before --rate-limit applies.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    burst: u32,
+
+    /// Sources the rate limiter tracks at once (memory: 24 bytes each).
+    #[arg(long, default_value_t = 1 << 16, value_name = "N")]
+    rate_limit_sources: usize,
+
+    /// Most pending registrations one source may hold (at most 65535); 0: no limit.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    max_pending_per_ip: u32,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 
     /// Seed for port choice and hashing, for reproducible runs (default: from the OS).
     #[arg(long, value_name = "N")]
@@ -153,6 +174,12 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
     if args.capacity == 0 {
         return Err("--capacity must be at least 1".into());
     }
+    if args.rate_limit > 0 && (args.burst == 0 || args.rate_limit_sources == 0) {
+        return Err("--burst and --rate-limit-sources must be at least 1 when --rate-limit is on".into());
+    }
+    if args.max_pending_per_ip > u32::from(u16::MAX) {
+        return Err("--max-pending-per-ip must be at most 65535 (0 turns the limit off)".into());
+    }
     if args.replay_capacity == 0 {
         return Err("--replay-capacity must be at least 1".into());
     }
@@ -167,12 +194,19 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
             seed: args.seed,
             ipv4: true,
             ipv6: true,
+            max_pending_per_source: args.max_pending_per_ip,
         },
         bind,
         batch: args.batch,
         rcvbuf: args.rcvbuf,
         sndbuf: args.sndbuf,
         stats_interval: (!args.stats_interval.is_zero()).then_some(args.stats_interval),
+        rate_limit: RateLimit {
+            per_second: args.rate_limit,
+            burst: args.burst,
+            sources: args.rate_limit_sources,
+        },
+        metrics: args.metrics,
     })
 }
 
@@ -220,6 +254,9 @@ fn main() -> ExitCode {
     };
     for addr in server.local_addrs() {
         eprintln!("psync-server: listening on udp {addr}");
+    }
+    if let Some(addr) = server.metrics_addr() {
+        eprintln!("psync-server: metrics on http://{addr}/metrics");
     }
     log::info!(
         "capacity {} pending, ttl {:?}, replay ttl {:?}, ports {}-{}, batch {}, tables {} MiB",

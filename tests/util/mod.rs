@@ -57,9 +57,13 @@ impl Drop for TestServer {
     }
 }
 
-/// A config for tests: small tables, fixed seed, no periodic stats.
+/// A config for tests: small tables, fixed seed, no periodic stats, and the
+/// per-source limits off (every test client is 127.0.0.1; the limit tests
+/// turn them on).
 pub fn config() -> ServerConfig {
     let mut cfg = ServerConfig::default();
+    cfg.rate_limit = psync::limit::RateLimit::OFF;
+    cfg.engine.max_pending_per_source = 0;
     cfg.engine.capacity = 1 << 14;
     cfg.engine.replay_capacity = 1 << 14;
     cfg.engine.seed = Some(7);
