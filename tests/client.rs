@@ -1,0 +1,440 @@
+//! `psync-client` and `psync::client` over loopback against an in-process
+//! server: both strategies, `--pipe`, lost replies, bad replies, no server,
+//! failed punches with re-registration, bad usage.
+
+mod util;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use psync::client::{connect, ClientConfig, Strategy};
+use psync::PeerId;
+use util::TestServer;
+
+/// Kills a client that is still running after this long: a hang guard, not a
+/// timing assertion (every run below has a much smaller --timeout).
+const HANG_GUARD: Duration = Duration::from_secs(40);
+
+fn client(server: SocketAddr, self_id: &str, peer_id: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_psync-client"));
+    cmd.args([
+        "--server",
+        &server.to_string(),
+        "--self",
+        self_id,
+        "--peer",
+        peer_id,
+    ])
+    .args(extra)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+struct Finished {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Waits for the child (killing it past [`HANG_GUARD`]) and collects its output.
+fn finish(mut child: Child) -> Finished {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        s
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).unwrap();
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > HANG_GUARD {
+            let _ = child.kill();
+            panic!("psync-client hung past {HANG_GUARD:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Finished {
+        code: status.code(),
+        stdout: out_thread.join().unwrap(),
+        stderr: err_thread.join().unwrap(),
+    }
+}
+
+/// A field of the flat JSON object the client prints, as text without quotes.
+fn field(json: &str, key: &str) -> String {
+    let start = json
+        .find(&format!("\"{key}\":"))
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+        + key.len()
+        + 3;
+    let rest = &json[start..];
+    let end = rest.find([',', '}']).unwrap();
+    rest[..end].trim_matches('"').to_string()
+}
+
+fn port(addr: &str) -> u16 {
+    addr.parse::<SocketAddr>().unwrap().port()
+}
+
+/// Runs two clients against `server` with the same extra flags; both must connect.
+fn connect_pair(server: SocketAddr, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["--json", "--timeout", "10"];
+    args.extend_from_slice(extra);
+    let a = client(server, "1", "2", &args).spawn().unwrap();
+    let b = client(server, "0x2", "1", &args).spawn().unwrap();
+    let (a, b) = (finish(a), finish(b));
+    assert_eq!(a.code, Some(0), "client a: {}", a.stderr);
+    assert_eq!(b.code, Some(0), "client b: {}", b.stderr);
+    for side in [&a, &b] {
+        assert!(
+            side.stderr.contains("connected via "),
+            "no connected line: {}",
+            side.stderr
+        );
+    }
+    (a.stdout, b.stdout)
+}
+
+#[test]
+fn two_clients_connect_via_observed() {
+    let server = TestServer::start(util::config());
+    // Openers off here, so the normal-TTL probe path is exercised too.
+    let (a, b) = connect_pair(
+        server.addr(),
+        &["--strategy", "observed", "--opener-ttl", "0"],
+    );
+    assert_eq!(field(&a, "strategy"), "observed");
+    assert_eq!(field(&b, "strategy"), "observed");
+    // No NAT on loopback: each reached the other at the address the server saw.
+    assert_eq!(field(&a, "peer"), field(&b, "local"));
+    assert_eq!(field(&b, "peer"), field(&a, "local"));
+    assert_eq!(field(&a, "peer_public"), field(&a, "peer"));
+    assert_eq!(field(&a, "attempts"), "1");
+    let counters = server.stop();
+    assert_eq!(counters.matched, 1);
+}
+
+#[test]
+fn two_clients_connect_via_seed() {
+    let server = TestServer::start(util::config());
+    let (a, b) = connect_pair(server.addr(), &["--strategy", "seed"]);
+    assert_eq!(field(&a, "strategy"), "seed");
+    assert_eq!(field(&b, "strategy"), "seed");
+    // Each bound the src_port it was given and reached the other's src_port.
+    assert_eq!(port(&field(&a, "local")).to_string(), field(&a, "src_port"));
+    assert_eq!(port(&field(&b, "local")).to_string(), field(&b, "src_port"));
+    assert_eq!(field(&a, "dst_port"), field(&b, "src_port"));
+    assert_eq!(field(&a, "peer"), field(&b, "local"));
+    assert_ne!(field(&a, "peer_public"), field(&a, "peer"));
+}
+
+#[test]
+fn both_strategies_agree_on_one_path() {
+    let server = TestServer::start(util::config());
+    for _ in 0..3 {
+        let (a, b) = connect_pair(server.addr(), &[]);
+        let strategy = field(&a, "strategy");
+        assert_eq!(strategy, field(&b, "strategy"), "a: {a} b: {b}");
+        assert_eq!(field(&a, "peer"), field(&b, "local"));
+        assert_eq!(field(&b, "peer"), field(&a, "local"));
+    }
+}
+
+#[test]
+fn pipe_carries_data_both_ways() {
+    let server = TestServer::start(util::config());
+    let spawn = |me: &str, peer: &str| {
+        client(server.addr(), me, peer, &["--pipe", "--timeout", "10"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut a = spawn("7", "8");
+    let mut b = spawn("8", "7");
+    let from_a = "line one from a\nline two from a\n";
+    let from_b: String = (0..200).map(|i| format!("b says {i}\n")).collect();
+    // Each side's stdin ends after its data; the session ends when both have.
+    let mut a_in = a.stdin.take().unwrap();
+    let mut b_in = b.stdin.take().unwrap();
+    a_in.write_all(from_a.as_bytes()).unwrap();
+    drop(a_in);
+    // Small writes so b's data spans many datagrams.
+    for line in from_b.lines() {
+        b_in.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+    drop(b_in);
+    let (a, b) = (finish(a), finish(b));
+    assert_eq!(a.code, Some(0), "a: {}", a.stderr);
+    assert_eq!(b.code, Some(0), "b: {}", b.stderr);
+    assert_eq!(b.stdout, from_a);
+    assert_eq!(a.stdout, from_b);
+}
+
+#[test]
+fn library_connect_send_recv() {
+    let server = TestServer::start(util::config());
+    let cfg = |me: u32, peer: u32| {
+        let mut c = ClientConfig::new(server.addr(), PeerId::from_u32(me), PeerId::from_u32(peer));
+        c.strategy = Some(Strategy::Observed);
+        c
+    };
+    let (ca, cb) = (cfg(0xdead_beef, 5), cfg(5, 0xdead_beef));
+    let t = std::thread::spawn(move || {
+        let conn = connect(&cb).expect("b connects");
+        let mut buf = [0u8; 64];
+        let n = conn
+            .recv(&mut buf, Duration::from_secs(10))
+            .unwrap()
+            .expect("b hears a");
+        conn.send(&buf[..n]).unwrap();
+        buf[..n].to_vec()
+    });
+    let conn = connect(&ca).expect("a connects");
+    assert_eq!(conn.strategy, Strategy::Observed);
+    assert_eq!(conn.attempts, 1);
+    // b may still be finishing its handshake: send until it echoes.
+    let mut buf = [0u8; 64];
+    let echoed = (0..50).find_map(|_| {
+        conn.send(b"ping").unwrap();
+        conn.recv(&mut buf, Duration::from_millis(200)).unwrap()
+    });
+    assert_eq!(echoed.map(|n| &buf[..n]), Some(&b"ping"[..]));
+    assert_eq!(t.join().unwrap(), b"ping");
+}
+
+/// A UDP relay between clients and the server: each client gets its own
+/// upstream socket (so the server sees distinct sources), only the server's
+/// datagrams are relayed back, and the first `drop_first` replies to each
+/// client are dropped.
+struct Relay {
+    addr: SocketAddr,
+    dropped: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(server: SocketAddr, drop_first: usize) -> Relay {
+        let down = UdpSocket::bind("127.0.0.1:0").unwrap();
+        down.set_nonblocking(true).unwrap();
+        let addr = down.local_addr().unwrap();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (dropped.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut ups: HashMap<SocketAddr, (UdpSocket, usize)> = HashMap::new();
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                let mut idle = true;
+                while let Ok((n, from)) = down.recv_from(&mut buf) {
+                    idle = false;
+                    let (up, _) = ups.entry(from).or_insert_with(|| {
+                        let up = UdpSocket::bind("127.0.0.1:0").unwrap();
+                        up.set_nonblocking(true).unwrap();
+                        (up, 0)
+                    });
+                    up.send_to(&buf[..n], server).unwrap();
+                }
+                for (client, (up, seen)) in ups.iter_mut() {
+                    while let Ok((n, from)) = up.recv_from(&mut buf) {
+                        idle = false;
+                        if from != server {
+                            continue;
+                        }
+                        *seen += 1;
+                        if *seen <= drop_first {
+                            d.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            down.send_to(&buf[..n], client).unwrap();
+                        }
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        Relay {
+            addr,
+            dropped,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn registration_survives_dropped_replies() {
+    let server = TestServer::start(util::config());
+    let relay = Relay::start(server.addr(), 2);
+    // Seed: the relay hides the clients' real addresses, so observed cannot work.
+    let (a, b) = connect_pair(relay.addr, &["--strategy", "seed"]);
+    assert_eq!(field(&a, "attempts"), "1");
+    assert_eq!(field(&b, "attempts"), "1");
+    assert_eq!(relay.dropped.load(Ordering::Relaxed), 4);
+    drop(relay);
+    let counters = server.stop();
+    assert_eq!(counters.matched, 1);
+    // Each client got its reply only by retransmitting: two replays apiece at least.
+    assert!(counters.replayed >= 4, "{counters}");
+}
+
+#[test]
+fn failed_punch_reregisters_then_exits_4() {
+    let server = TestServer::start(util::config());
+    let relay = Relay::start(server.addr(), 0);
+    // Observed through the relay sends to the relay's upstream sockets, which
+    // pass nothing but server replies: the punch cannot work.
+    let args = [
+        "--strategy",
+        "observed",
+        "--attempts",
+        "2",
+        "--punch-window",
+        "1",
+        "--timeout",
+        "8",
+    ];
+    let a = client(relay.addr, "1", "2", &args).spawn().unwrap();
+    let b = client(relay.addr, "2", "1", &args).spawn().unwrap();
+    for side in [finish(a), finish(b)] {
+        assert_eq!(side.code, Some(4), "{}", side.stderr);
+        assert!(
+            side.stderr.contains("after 2 attempt(s)"),
+            "{}",
+            side.stderr
+        );
+        assert!(side.stderr.contains("tried: observed"), "{}", side.stderr);
+        assert!(side.stderr.contains("nothing came back"), "{}", side.stderr);
+    }
+    drop(relay);
+    // The retry came from new sockets, so the server matched afresh, not replayed.
+    assert_eq!(server.stop().matched, 2);
+}
+
+/// A fake server that answers every request with `reply`; returns its address
+/// and a count of requests seen.
+fn fake_server(reply: Vec<u8>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let addr = s.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = s.recv_from(&mut buf) {
+            count.fetch_add(1, Ordering::Relaxed);
+            if !reply.is_empty() {
+                let _ = s.send_to(&reply, from);
+            }
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn bad_replies_exit_1_with_a_message() {
+    let good = psync::Reply {
+        src_port: 2000,
+        dst_port: 3000,
+        peer: "127.0.0.1:4000".parse().unwrap(),
+    };
+    let mut v4 = [0u8; psync::wire::MAX_REPLY_LEN];
+    good.emit(&mut v4);
+    let mut bad_family = v4[..20].to_vec();
+    bad_family[4] = 10;
+    let v6 = psync::Reply {
+        peer: "[::1]:4000".parse().unwrap(),
+        ..good
+    };
+    let mut v6_bytes = [0u8; psync::wire::MAX_REPLY_LEN];
+    v6.emit(&mut v6_bytes);
+    let cases: [(Vec<u8>, &str); 4] = [
+        (v4[..19].to_vec(), "wrong size"),
+        ([&v4[..20], &[0u8; 20][..]].concat(), "wrong size"),
+        (bad_family, "unexpected address family 10"),
+        (v6_bytes.to_vec(), "IPv6 partner address"),
+    ];
+    for (reply, expect) in cases {
+        let (addr, _) = fake_server(reply);
+        let out = finish(client(addr, "1", "2", &["--timeout", "5"]).spawn().unwrap());
+        assert_eq!(out.code, Some(1), "{expect}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("bad reply from the rendezvous server")
+                && out.stderr.contains(expect),
+            "{expect}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn no_server_exits_3_after_retransmitting() {
+    // A socket that never answers: no ICMP, so the client must time out.
+    let (addr, seen) = fake_server(Vec::new());
+    let started = Instant::now();
+    let out = finish(client(addr, "1", "2", &["--timeout", "1"]).spawn().unwrap());
+    assert_eq!(out.code, Some(3), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no reply from the rendezvous server"),
+        "{}",
+        out.stderr
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    // Sent at 0, 250 and 750 ms; allow a slow start to miss one.
+    assert!(
+        seen.load(Ordering::Relaxed) >= 2,
+        "{} requests",
+        seen.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for (me, peer, extra) in [
+        ("1", "1", &[][..]),
+        ("0xZZ", "1", &[][..]),
+        ("4294967296", "1", &[][..]),
+        ("1", "2", &["--strategy", "magic"][..]),
+        ("1", "2", &["--attempts", "0"][..]),
+    ] {
+        let out = finish(client(addr, me, peer, extra).spawn().unwrap());
+        assert_eq!(out.code, Some(2), "{me} {peer} {extra:?}: {}", out.stderr);
+        assert!(!out.stderr.is_empty());
+    }
+    let out = finish(
+        Command::new(env!("CARGO_BIN_EXE_psync-client"))
+            .args(["--server", "no-port-here", "--self", "1", "--peer", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+}
