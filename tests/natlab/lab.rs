@@ -857,28 +857,6 @@ fn drain(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> Joi
     })
 }
 
-/// Extra `psync-server` flags that switch off per-source limits, if this
-/// build has them: every peer behind one NAT shares one address, and the lab
-/// runs many pairs through each NAT at once.
-pub fn server_limit_flags(server_bin: &str) -> &'static [&'static str] {
-    static FLAGS: OnceLock<&'static [&'static str]> = OnceLock::new();
-    FLAGS.get_or_init(|| {
-        let help = Command::new(server_bin)
-            .arg("--help")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let mut flags: Vec<&'static str> = Vec::new();
-        if help.contains("--rate-limit") {
-            flags.extend(["--rate-limit", "0"]);
-        }
-        if help.contains("--max-pending-per-ip") {
-            flags.extend(["--max-pending-per-ip", "0"]);
-        }
-        Vec::leak(flags)
-    })
-}
-
 /// A public address on the lab's internet, for assertions.
 pub fn public(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
