@@ -353,12 +353,18 @@ impl Engine {
             per_source: self.per_source.as_mut(),
         };
         let outcome = match src {
-            SocketAddr::V4(_) if self.v4.pending.capacity() > 0 => {
-                handle_family(&mut self.v4, &mut cx, req, V4::from_socket(src).unwrap_or_default())
-            }
-            SocketAddr::V6(_) if self.v6.pending.capacity() > 0 => {
-                handle_family(&mut self.v6, &mut cx, req, V6::from_socket(src).unwrap_or_default())
-            }
+            SocketAddr::V4(_) if self.v4.pending.capacity() > 0 => handle_family(
+                &mut self.v4,
+                &mut cx,
+                req,
+                V4::from_socket(src).unwrap_or_default(),
+            ),
+            SocketAddr::V6(_) if self.v6.pending.capacity() > 0 => handle_family(
+                &mut self.v6,
+                &mut cx,
+                req,
+                V6::from_socket(src).unwrap_or_default(),
+            ),
             _ => {
                 cx.counters.bad_family += 1;
                 Outcome::Dropped(Drop::Family)
@@ -486,10 +492,16 @@ fn handle_family<A: PeerAddr>(
             src_port: p1,
             dst_port: p2,
         };
-        if matches!(fam.replay.insert(key, mine, replay_until, t.now), Inserted::Full) {
+        if matches!(
+            fam.replay.insert(key, mine, replay_until, t.now),
+            Inserted::Full
+        ) {
             cx.counters.replay_full += 1;
         }
-        if matches!(fam.replay.insert(other, theirs, replay_until, t.now), Inserted::Full) {
+        if matches!(
+            fam.replay.insert(other, theirs, replay_until, t.now),
+            Inserted::Full
+        ) {
             cx.counters.replay_full += 1;
         }
         cx.counters.matched += 1;
@@ -519,7 +531,10 @@ fn handle_family<A: PeerAddr>(
         None => true,
     };
     let expires = t.now.wrapping_add(t.ttl);
-    match fam.pending.upsert(key, src, expires, t.now, !cx.full && source_ok) {
+    match fam
+        .pending
+        .upsert(key, src, expires, t.now, !cx.full && source_ok)
+    {
         Inserted::New => {
             if let Some(ps) = cx.per_source.as_deref_mut() {
                 ps.add(src.source(), t.now);

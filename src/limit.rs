@@ -17,7 +17,7 @@
 
 use std::net::IpAddr;
 
-use crate::table::{Millis, Table};
+use crate::table::{keyed_hash, Millis, Table};
 
 /// Ways per set: a new source can evict only the least recently seen of these.
 const WAYS: usize = 4;
@@ -103,10 +103,7 @@ impl RateLimiter {
     #[inline]
     pub fn allow(&mut self, ip: IpAddr, now: u32) -> bool {
         let key = source_key(ip) | (1 << 63);
-        let h = {
-            let x = u128::from(key ^ self.seed[0]) * u128::from(self.seed[1]);
-            (x as u64) ^ ((x >> 64) as u64)
-        };
+        let h = keyed_hash(key, self.seed);
         let set = &mut self.sets[((u128::from(h) * self.sets.len() as u128) >> 64) as usize];
         let way = match set.iter().position(|b| b.key == key) {
             Some(w) => w,

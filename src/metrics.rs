@@ -23,7 +23,6 @@ use slab::Slab;
 
 use crate::stats::{Counters, WaitHistogram};
 
-
 /// Most metrics connections open at once; more wait in the listen backlog.
 pub const MAX_CONNS: usize = 16;
 /// Longest request head accepted.
@@ -103,11 +102,8 @@ impl Metrics {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let done = match drive(conn, snapshot) {
-            Ok(done) => done,
-            Err(_) => true,
-        };
-        if done {
+        // An I/O error ends the connection like a finished one.
+        if drive(conn, snapshot).unwrap_or(true) {
             self.close(registry, key);
         }
     }
@@ -333,7 +329,11 @@ pub fn render(s: &Snapshot) -> String {
         "Matched requests remembered for replay.",
         s.replay_entries as f64,
     );
-    gauge("uptime_seconds", "Seconds since the server started.", s.uptime);
+    gauge(
+        "uptime_seconds",
+        "Seconds since the server started.",
+        s.uptime,
+    );
     let _ = write!(
         out,
         "# HELP psync_pair_wait_seconds How long the first peer of a pair waited for the second, \

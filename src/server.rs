@@ -233,10 +233,12 @@ impl Server {
             None => None,
         };
         let limiter_seed = match cfg.engine.seed {
-            Some(seed) => [seed ^ 0x5851_f42d_4c95_7f2d, seed.rotate_left(17)],
+            // Two splitmix64 steps: well-mixed keys even from a seed like 7.
+            Some(seed) => [splitmix64(seed), splitmix64(seed ^ 0x5851_f42d_4c95_7f2d)],
             None => {
                 let mut b = [0u8; 16];
-                getrandom::fill(&mut b).map_err(|e| ServerError::Poll(io::Error::other(e.to_string())))?;
+                getrandom::fill(&mut b)
+                    .map_err(|e| ServerError::Poll(io::Error::other(e.to_string())))?;
                 [
                     u64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
                     u64::from_le_bytes(b[8..].try_into().unwrap_or_default()),
@@ -455,6 +457,13 @@ impl Server {
         }
         flush(ep, engine);
     }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// True when the queue has room for the replies of one more full batch

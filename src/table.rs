@@ -150,10 +150,7 @@ impl<V: Copy> Table<V> {
 
     #[inline]
     fn hash(&self, key: u64) -> u64 {
-        // Two rounds of folded multiply (as in foldhash): cheap, and with a
-        // secret seed an outsider cannot aim keys at one slot.
-        let a = fold_mul(key ^ self.seed[0], 0x9e37_79b9_7f4a_7c15);
-        fold_mul(a, self.seed[1])
+        keyed_hash(key, self.seed)
     }
 
     #[inline]
@@ -373,6 +370,15 @@ impl<V: Copy> Table<V> {
             }
         }
     }
+}
+
+/// A keyed hash of a `u64`: two rounds of folded multiply (as in foldhash).
+/// Cheap, and with a secret seed an outsider cannot aim keys at one slot.
+/// `seed[1]` must be odd.
+#[inline]
+pub(crate) fn keyed_hash(key: u64, seed: [u64; 2]) -> u64 {
+    let a = fold_mul(key ^ seed[0], 0x9e37_79b9_7f4a_7c15);
+    fold_mul(a, seed[1])
 }
 
 #[inline]

@@ -238,7 +238,7 @@ fn thousands_of_pairs_get_exactly_the_right_replies() {
         // round has each socket in exactly one pair.
         let shift = 1 + round % (SOCKETS - 1);
         let mut expect: HashMap<usize, (SocketAddr, u32)> = HashMap::new();
-        let mut used = vec![false; SOCKETS];
+        let mut used = [false; SOCKETS];
         let mut order = Vec::new();
         for i in 0..SOCKETS {
             let j = (i + shift) % SOCKETS;

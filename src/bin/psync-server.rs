@@ -175,7 +175,9 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         return Err("--capacity must be at least 1".into());
     }
     if args.rate_limit > 0 && (args.burst == 0 || args.rate_limit_sources == 0) {
-        return Err("--burst and --rate-limit-sources must be at least 1 when --rate-limit is on".into());
+        return Err(
+            "--burst and --rate-limit-sources must be at least 1 when --rate-limit is on".into(),
+        );
     }
     if args.max_pending_per_ip > u32::from(u16::MAX) {
         return Err("--max-pending-per-ip must be at most 65535 (0 turns the limit off)".into());

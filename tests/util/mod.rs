@@ -12,6 +12,8 @@ use psync::{Counters, PeerId, Request, Server, ServerConfig, ShutdownHandle};
 pub struct TestServer {
     /// Bound addresses, one per family asked for.
     pub addrs: Vec<SocketAddr>,
+    /// The metrics endpoint, when the config asked for one.
+    pub metrics_addr: Option<SocketAddr>,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<Counters>>,
 }
@@ -27,10 +29,12 @@ impl TestServer {
         cfg.bind = binds.iter().map(|b| b.parse().unwrap()).collect();
         let mut server = Server::bind(&cfg).expect("server binds");
         let addrs = server.local_addrs();
+        let metrics_addr = server.metrics_addr();
         let handle = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run().expect("server runs"));
         TestServer {
             addrs,
+            metrics_addr,
             handle,
             thread: Some(thread),
         }
@@ -61,16 +65,21 @@ impl Drop for TestServer {
 /// per-source limits off (every test client is 127.0.0.1; the limit tests
 /// turn them on).
 pub fn config() -> ServerConfig {
-    let mut cfg = ServerConfig::default();
-    cfg.rate_limit = psync::limit::RateLimit::OFF;
-    cfg.engine.max_pending_per_source = 0;
-    cfg.engine.capacity = 1 << 14;
-    cfg.engine.replay_capacity = 1 << 14;
-    cfg.engine.seed = Some(7);
-    cfg.stats_interval = None;
-    cfg.rcvbuf = 1 << 20;
-    cfg.sndbuf = 1 << 20;
-    cfg
+    let engine = psync::EngineConfig {
+        capacity: 1 << 14,
+        replay_capacity: 1 << 14,
+        seed: Some(7),
+        max_pending_per_source: 0,
+        ..Default::default()
+    };
+    ServerConfig {
+        engine,
+        stats_interval: None,
+        rcvbuf: 1 << 20,
+        sndbuf: 1 << 20,
+        rate_limit: psync::limit::RateLimit::OFF,
+        ..Default::default()
+    }
 }
 
 /// A UDP socket on `ip` (port 0) with a read timeout.
