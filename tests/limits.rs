@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use psync::limit::RateLimit;
 use psync::wire::Reply;
-use util::{config, recv, request, socket, TestServer};
+use util::{assert_accounted, config, recv, request, socket, TestServer};
 
 /// Pairs between sources 127.0.0.10+ must all match while 127.0.0.2 floods
 /// at ten times its rate.
@@ -61,6 +61,7 @@ fn a_flood_from_one_source_does_not_stop_the_others() {
     }
     let flooded = flood.join().unwrap();
     let c = server.stop();
+    assert_accounted(&c);
     assert_eq!(c.matched, pairs);
     assert!(flooded >= 1000, "the flood ran ({flooded} sent)");
     // The flood got its burst plus its rate, the rest was dropped.
@@ -96,6 +97,7 @@ fn one_source_cannot_fill_the_table() {
     partner.send_to(&request(1000, 1), server.addr()).unwrap();
     assert!(recv(&partner).is_some());
     let c = server.stop();
+    assert_accounted(&c);
     assert_eq!(c.per_ip_limit, 20);
     assert_eq!(c.refreshed, 1);
     assert_eq!(c.matched, 2);

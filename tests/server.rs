@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use psync::wire::Reply;
-use util::{config, recv, request, socket, TestServer};
+use util::{assert_accounted, config, recv, request, socket, TestServer};
 
 const WAIT: Duration = Duration::from_secs(2);
 /// How long a test waits to be sure no reply comes. Loopback answers in
@@ -122,6 +122,7 @@ fn retransmits_get_the_identical_reply() {
     c.send_to(&request(10, 20), server.addr()).unwrap();
     assert_eq!(recv(&c), None);
     let counters = server.stop();
+    assert_accounted(&counters);
     assert_eq!(counters.replayed, 6);
     assert_eq!(counters.matched, 1);
     assert_eq!(counters.registered, 2);
@@ -187,6 +188,7 @@ fn bad_input_gets_no_reply_and_is_counted() {
     assert_eq!(recv(&s), None);
     assert_eq!(recv(&waiting), None);
     let c = server.stop();
+    assert_accounted(&c);
     assert_eq!(c.bad_size, sizes.len() as u64 + 1);
     assert_eq!(c.self_pair, 1);
     assert_eq!(c.registered, 1);
@@ -218,6 +220,7 @@ fn a_full_table_refuses_new_registrations_only() {
     assert!(recv(&partner).is_some());
     assert!(recv(&waiting[0]).is_some());
     let c = server.stop();
+    assert_accounted(&c);
     assert_eq!(c.table_full, 2);
     assert_eq!(c.matched, 1);
     assert_eq!(c.pending, 3);
@@ -277,6 +280,7 @@ fn thousands_of_pairs_get_exactly_the_right_replies() {
         }
     }
     let c = server.stop();
+    assert_accounted(&c);
     assert_eq!(c.matched, pairs);
     assert_eq!(c.sent, 2 * pairs);
     assert_eq!(c.send_dropped + c.send_errors + c.table_full, 0);

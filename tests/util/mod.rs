@@ -112,3 +112,18 @@ pub fn recv(s: &UdpSocket) -> Option<Vec<u8>> {
         Err(e) => panic!("recv: {e}"),
     }
 }
+
+/// Asserts that every received datagram ended in exactly one outcome counter.
+pub fn assert_accounted(c: &Counters) {
+    let outcomes = c.bad_size
+        + c.self_pair
+        + c.bad_family
+        + c.table_full
+        + c.rate_limited
+        + c.per_ip_limit
+        + c.registered
+        + c.refreshed
+        + c.matched
+        + c.replayed;
+    assert_eq!(c.received, outcomes, "every datagram accounted for: {c}");
+}
