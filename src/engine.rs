@@ -393,9 +393,13 @@ impl Engine {
         let b = self.v6.pending.expire(now);
         let c = self.v4.replay.expire(now);
         let d = self.v6.replay.expire(now);
+        let e = match self.per_source.as_mut() {
+            Some(ps) => ps.expire(now),
+            None => false,
+        };
         self.counters.expired = self.v4.pending.expired_total() + self.v6.pending.expired_total();
         self.counters.pending = self.pending() as u64;
-        a || b || c || d
+        a || b || c || d || e
     }
 
     /// Refreshes the gauges in [`Engine::counters`].

@@ -198,6 +198,17 @@ impl PendingPerSource {
         self.windows.allocated_bytes()
     }
 
+    /// One bounded turn of reclaiming windows whose registrations have all
+    /// expired (see [`Table::expire`]). True when work is still owed.
+    pub fn expire(&mut self, now: Millis) -> bool {
+        self.windows.expire(now)
+    }
+
+    /// Sources with a window held (including stale ones not yet reclaimed).
+    pub fn sources(&self) -> usize {
+        self.windows.len()
+    }
+
     fn slot(&self, t: Millis) -> u32 {
         t / self.slot_ms
     }
@@ -356,6 +367,11 @@ mod tests {
         // at most one slot of 100 ms).
         assert_eq!(p.count(src, 699), 2);
         assert_eq!(p.count(src, 800), 0);
+        // The stale window is reclaimed by the sweep.
+        assert_eq!(p.sources(), 1);
+        p.expire(1000);
+        p.expire(2000);
+        assert_eq!(p.sources(), 0);
     }
 
     #[test]
