@@ -106,3 +106,21 @@ fn idle_connections_are_bounded() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(get(metrics, b"GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
 }
+
+#[test]
+fn a_slow_client_is_cut_off() {
+    let (_server, metrics) = start();
+    let mut slow = TcpStream::connect(metrics).unwrap();
+    // Half a request line, then nothing: the server must not wait forever.
+    slow.write_all(b"GET /metr").unwrap();
+    slow.set_read_timeout(Some(psync::metrics::CONN_DEADLINE * 3))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = slow.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        start.elapsed() < psync::metrics::CONN_DEADLINE * 3,
+        "closed by the deadline, not by the test's own timeout"
+    );
+}
