@@ -438,3 +438,25 @@ fn bad_usage_exits_2() {
     );
     assert_eq!(out.code, Some(2), "{}", out.stderr);
 }
+
+#[test]
+fn pipe_ends_with_exit_1_when_the_peer_goes_silent() {
+    let server = TestServer::start(util::config());
+    // b connects and exits at once; a's session then hears nothing.
+    let mut a = client(
+        server.addr(),
+        "3",
+        "4",
+        &["--pipe", "--keepalive", "0.2", "--silence", "1"],
+    )
+    .stdin(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let a_in = a.stdin.take().unwrap();
+    let b = finish(client(server.addr(), "4", "3", &[]).spawn().unwrap());
+    assert_eq!(b.code, Some(0), "b: {}", b.stderr);
+    let a = finish(a);
+    drop(a_in);
+    assert_eq!(a.code, Some(1), "a: {}", a.stderr);
+    assert!(a.stderr.contains("went silent"), "a: {}", a.stderr);
+}
