@@ -460,3 +460,18 @@ fn pipe_ends_with_exit_1_when_the_peer_goes_silent() {
     assert_eq!(a.code, Some(1), "a: {}", a.stderr);
     assert!(a.stderr.contains("went silent"), "a: {}", a.stderr);
 }
+
+#[test]
+fn two_clients_connect_over_ipv6() {
+    if let Err(e) = UdpSocket::bind("[::1]:0") {
+        eprintln!("skipped: no IPv6 loopback here ({e})");
+        return;
+    }
+    let server = TestServer::start_on(util::config(), &["[::1]:0"]);
+    for strategy in ["seed", "observed"] {
+        let (a, b) = connect_pair(server.addr(), &["--strategy", strategy]);
+        assert_eq!(field(&a, "strategy"), strategy);
+        assert!(field(&a, "peer").starts_with("[::1]:"), "{a}");
+        assert_eq!(field(&a, "peer"), field(&b, "local"));
+    }
+}
