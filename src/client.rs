@@ -481,6 +481,7 @@ pub fn connect(cfg: &ClientConfig) -> Result<Connection, ClientError> {
     let epoch = Instant::now();
     let deadline = epoch + cfg.timeout;
     let mut reports: Vec<String> = Vec::new();
+    let mut likely: Option<Likely> = None;
     let mut tried = Vec::new();
     let mut made = 0;
     for attempt in 1..=cfg.attempts {
@@ -531,6 +532,7 @@ pub fn connect(cfg: &ClientConfig) -> Result<Connection, ClientError> {
                     }
                 }
                 log::info!("attempt {attempt} failed: {}", report.describe());
+                likely = likely.max(report.likely);
                 reports.push(format!("attempt {attempt}: {}", report.describe()));
                 if Instant::now() >= deadline {
                     break;
@@ -544,6 +546,9 @@ pub fn connect(cfg: &ClientConfig) -> Result<Connection, ClientError> {
     } else {
         tried_names
     };
+    if let Some(l) = likely {
+        reports.push(format!("likely cause: {}", l.explain()));
+    }
     Err(ClientError::Punch {
         attempts: made,
         tried: tried_names.join(", "),
@@ -673,6 +678,7 @@ struct Path {
 struct AttemptReport {
     tried: Vec<Strategy>,
     notes: Vec<String>,
+    likely: Option<Likely>,
 }
 
 impl AttemptReport {
@@ -681,29 +687,53 @@ impl AttemptReport {
     }
 }
 
-fn path_note(p: &Path, decider: bool) -> String {
-    let head = format!(
-        "{} to {} sent {} probes and got {} answers",
-        p.strategy, p.expected, p.sent, p.heard
-    );
-    let why = if p.heard == 0 {
-        "nothing came back: likely a NAT that changes ports per destination (symmetric), or a firewall dropping inbound UDP, on either side".to_string()
-    } else if !p.acked {
-        let moved = if p.target != p.expected {
-            format!(
-                " (the peer answered from {}, not {}: its NAT changes ports per destination)",
-                p.target, p.expected
-            )
+/// The likely cause of a failed punch, from the least to the most telling
+/// evidence: the most telling one seen on any path of any attempt is reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Likely {
+    Silent,
+    NoPeerProbe,
+    OneWay,
+    PeerMoved,
+    Unconfirmed,
+}
+
+impl Likely {
+    fn of(p: &Path, decider: bool) -> Likely {
+        if p.heard == 0 {
+            Likely::Silent
+        } else if p.target != p.expected && !p.acked {
+            Likely::PeerMoved
+        } else if !p.acked {
+            Likely::OneWay
+        } else if !decider {
+            Likely::Unconfirmed
         } else {
-            String::new()
-        };
-        format!("the peer's packets arrive but ours never reached it: likely our NAT changes ports per destination{moved}")
-    } else if !decider {
-        "both directions worked but the deciding peer never confirmed this path: heavy loss, or it gave up".to_string()
+            Likely::NoPeerProbe
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            Likely::Silent => "nothing came back from the peer: likely a NAT that changes ports per destination (symmetric), or a firewall dropping inbound UDP, on either side",
+            Likely::NoPeerProbe => "our probes were answered but the peer's own probes never arrived: heavy loss",
+            Likely::OneWay => "the peer's packets arrived but ours never reached it: likely our NAT changes ports per destination, or a firewall drops our outbound UDP",
+            Likely::PeerMoved => "the peer's packets came from another port than the server saw: its NAT changes ports per destination (symmetric)",
+            Likely::Unconfirmed => "both directions worked but the deciding peer never confirmed a path: heavy loss, or it gave up",
+        }
+    }
+}
+
+fn path_note(p: &Path) -> String {
+    let moved = if p.target != p.expected {
+        format!(" (the peer spoke from {})", p.target)
     } else {
-        "our probes were answered but the peer's own probe never arrived".to_string()
+        String::new()
     };
-    format!("{head}: {why}")
+    format!(
+        "{} to {}{moved}: {} probes sent, {} answers",
+        p.strategy, p.expected, p.sent, p.heard
+    )
 }
 
 /// Opens and punches the paths of one attempt. The outer error is fatal.
@@ -719,6 +749,7 @@ fn punch(
     let mut report = AttemptReport {
         tried: Vec::new(),
         notes: Vec::new(),
+        likely: None,
     };
     let mut paths: Vec<Path> = Vec::with_capacity(2);
     let mut reg = Some(reg);
@@ -808,9 +839,8 @@ fn punch(
                 log::info!("no echo of done from the peer; the path is proven, going ahead");
                 return finish(&mut paths, i, poll, peer_nonce).map(Ok);
             }
-            report
-                .notes
-                .extend(paths.iter().map(|p| path_note(p, decider)));
+            report.notes.extend(paths.iter().map(path_note));
+            report.likely = paths.iter().map(|p| Likely::of(p, decider)).max();
             return Ok(Err(report));
         }
         if now >= next_probe {
