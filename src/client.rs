@@ -1087,11 +1087,17 @@ impl Connection {
             return None;
         }
         match h.kind {
-            // The partner has not seen our answer yet.
+            // The partner is still punching: it has not seen our answer, or,
+            // if we decided, not our done (all of them lost); send both.
             Kind::Probe => {
                 let _ = self
                     .socket
                     .send(&self.session.header(Kind::Reply, h.nonce, h.stamp));
+                if self.decider {
+                    let _ = self
+                        .socket
+                        .send(&self.session.header(Kind::Done, h.nonce, h.stamp));
+                }
             }
             // Our echo of done was lost; only the side that did not decide
             // echoes, so the two never ping-pong.
