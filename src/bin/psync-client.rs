@@ -16,7 +16,7 @@ use psync::PeerId;
 /// Exit status: 0 connected; 2 bad usage; 3 no reply from the server; 4 the
 /// server answered but no path could be punched; 1 any other error.
 #[derive(Parser, Debug)]
-#[command(name = "psync-client", version, about, long_about = None)]
+#[command(name = "psync-client", version)]
 struct Args {
     /// The rendezvous server.
     #[arg(long, value_name = "HOST:PORT")]
@@ -67,7 +67,7 @@ struct Args {
     #[arg(long, default_value = "20", value_name = "SECS", value_parser = parse_secs)]
     silence: Duration,
 
-    /// More output on stderr: -v steps, -vv packets.
+    /// More output on stderr: -v each step, -vv socket-level detail.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
 }
