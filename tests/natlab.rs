@@ -453,6 +453,13 @@ fn ten_percent_loss_still_connects() {
     assert!(ok >= REQUIRED, "only {ok} of {TRIALS} pairs connected");
 }
 
+/// The headline of a client's error: its last line up to the per-attempt
+/// details, which run to a kilobyte.
+fn summary(stderr: &str) -> &str {
+    let last = stderr.trim().lines().last().unwrap_or("");
+    last.split(": attempt 1:").next().unwrap_or(last)
+}
+
 /// Checks that a client failed cleanly: exit 4 with a reason, before the
 /// lab's hang deadline.
 fn failed_cleanly(exit: &lab::Exit) {
@@ -497,7 +504,7 @@ fn random_port_nats_fail_cleanly() {
          (--timeout {FAIL_TIMEOUT_SECS}): {}",
         pairs.len() * 2,
         a.elapsed.as_millis(),
-        a.stderr_text().trim()
+        summary(&a.stderr_text())
     );
 }
 
@@ -544,9 +551,9 @@ fn mixed_nats_end_without_hanging() {
          pair 0: A exit {:?} ({}), B exit {:?} ({})",
         pairs.len(),
         pairs[0].0.code(),
-        pairs[0].0.stderr_text().trim(),
+        summary(&pairs[0].0.stderr_text()),
         pairs[0].1.code(),
-        pairs[0].1.stderr_text().trim()
+        summary(&pairs[0].1.stderr_text())
     );
 }
 

@@ -243,14 +243,43 @@ fn base_check() -> Option<String> {
         return Some("`nft` is not installed (apt-get install -y nftables)".into());
     }
     remove_stale();
-    // Root inside a container may still lack CAP_SYS_ADMIN; find out now,
-    // not halfway through building a lab.
+    // Root inside a container may still lack CAP_SYS_ADMIN, a writable
+    // /proc/sys or the kernel's nftables NAT; find out now, in a throwaway
+    // namespace, not halfway through building a lab.
     let probe = format!("{PREFIX}{}-probe", std::process::id());
     let out = run("ip", &["netns", "add", &probe]);
     if !out.ok {
         return Some(format!("`ip netns add` fails here: {}", out.stderr.trim()));
     }
+    let forwarding = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &probe,
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+        ],
+    );
+    let nat = run_with_input(
+        "ip",
+        &["netns", "exec", &probe, "nft", "-f", "-"],
+        Some(nat_rules(Nat::Random).as_bytes()),
+    );
     let _ = run("ip", &["netns", "del", &probe]);
+    if !forwarding.ok {
+        return Some(format!(
+            "cannot enable forwarding in a namespace: {}",
+            forwarding.stderr.trim()
+        ));
+    }
+    if !nat.ok {
+        return Some(format!(
+            "nftables masquerade does not load: {}",
+            nat.stderr.trim()
+        ));
+    }
     None
 }
 
