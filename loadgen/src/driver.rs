@@ -116,6 +116,8 @@ pub struct Results {
     pub send_failed: u64,
     /// Our CPU time from the start of the window to the end of the drain.
     pub cpu: Duration,
+    /// Our CPU time over the whole run (setup, preload and warmup included).
+    pub cpu_total: Duration,
     /// The first wrong reply.
     pub first_wrong: Option<WrongSample>,
     /// Sockets used.
@@ -189,6 +191,7 @@ struct Peers {
     by_port: Box<[u16]>,
     sender: Sender,
     send_failed: u64,
+    registry: mio::Registry,
 }
 
 impl Peers {
@@ -205,6 +208,7 @@ impl Peers {
             by_port: vec![NO_SOCKET; 1 << 16].into_boxed_slice(),
             sender: Sender::new(cfg.server.into()),
             send_failed: 0,
+            registry: poll.registry().try_clone()?,
         };
         // Each socket has at most one request per socket pair awaiting a
         // reply, plus replays: size the receive buffer for that (the kernel
@@ -235,12 +239,10 @@ impl Peers {
             let std: UdpSocket = s.into();
             let local = std.local_addr().map_err(err)?;
             let mut socket = mio::net::UdpSocket::from_std(std);
+            // Writable interest is added only while a socket is blocked:
+            // on loopback every send would otherwise wake the loop.
             poll.registry()
-                .register(
-                    &mut socket,
-                    Token(index),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
+                .register(&mut socket, Token(index), Interest::READABLE)
                 .map_err(err)?;
             peers.by_port[usize::from(local.port())] = index as u16;
             peers.fds.push(socket.as_raw_fd());
@@ -268,7 +270,29 @@ impl Peers {
     fn flush_one(&mut self, i: usize) {
         let done = self.sender.flush(self.fds[i], &mut self.outboxes[i]);
         self.send_failed += done.errors;
-        self.blocked[i] = done.blocked;
+        if done.blocked && !self.blocked[i] {
+            self.set_blocked(i, true);
+        }
+    }
+
+    /// Marks socket `i` as waiting for room in its send buffer, or not, and
+    /// asks for writable events only while it waits.
+    fn set_blocked(&mut self, i: usize, blocked: bool) {
+        self.blocked[i] = blocked;
+        let interest = if blocked {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if self
+            .registry
+            .reregister(&mut self.sockets[i], Token(i), interest)
+            .is_err()
+        {
+            // Cannot happen for a registered socket; if it did, polling for
+            // writability is lost, so stop waiting for it.
+            self.blocked[i] = false;
+        }
     }
 
     /// Sends every queued datagram the kernel takes now.
@@ -470,7 +494,10 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
             }
         }
 
-        if progress.enabled && now >= progress.next {
+        if now >= progress.next && !progress.enabled {
+            progress.next = now + PROGRESS_EVERY;
+        }
+        if now >= progress.next {
             let dt = (now - progress.last_at) as f64 / 1e9;
             let rate = (pairs.all.completed - progress.last_completed) as f64 / dt.max(1e-9);
             progress.last_at = now;
@@ -545,16 +572,14 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                 continue;
             }
             if event.is_writable() && peers.blocked[i] {
-                peers.blocked[i] = false;
+                peers.set_blocked(i, false);
             }
             if !event.is_readable() {
                 continue;
             }
-            loop {
-                let n = match recv.recv(peers.fds[i]) {
-                    Ok(n) => n,
-                    Err(_) => break, // WouldBlock: drained
-                };
+            // Until WouldBlock (drained); an unconnected UDP socket reports
+            // no other receive error.
+            while let Ok(n) = recv.recv(peers.fds[i]) {
                 let now = clock();
                 for k in 0..n {
                     let (data, len, port) = recv.get(k);
@@ -645,6 +670,7 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
         stray,
         send_failed: peers.send_failed,
         cpu,
+        cpu_total: sys::cpu_time(),
         first_wrong,
         sockets: cfg.sockets,
     })

@@ -263,6 +263,13 @@ pub fn json(r: &Results, server: SocketAddr) -> String {
         Some(c) => json_f64(&mut s, c),
         None => s.push_str("null"),
     }
+    // Whole-run totals, to compare with the server's CPU over its lifetime.
+    let _ = write!(
+        s,
+        ",\"completed_total\":{},\"loadgen_cpu_s_total\":",
+        r.all.completed
+    );
+    json_f64(&mut s, r.cpu_total.as_secs_f64());
     s.push('}');
     s
 }

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Starts a fresh psync-server on 127.0.0.1 (free port, per-source limits off),
+# runs psync-loadgen against it with the arguments given, then stops the
+# server and prints both processes' CPU per completed pair over the whole run.
+#
+#   cargo build --release -p psync -p psync-loadgen
+#   loadgen/measure.sh --rate max --window 256 --duration 10
+#
+# BIN overrides the directory holding the two release binaries
+# (default: $CARGO_TARGET_DIR/release, else target/release).
+set -euo pipefail
+
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
+for b in psync-server psync-loadgen; do
+    [[ -x $BIN/$b ]] || { echo "measure.sh: no $BIN/$b; build with cargo build --release" >&2; exit 2; }
+done
+
+work=$(mktemp -d)
+srv=
+cleanup() {
+    [[ -n $srv ]] && kill "$srv" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$BIN/psync-server" -4 -p 0 --bind 127.0.0.1 --rate-limit 0 --max-pending-per-ip 0 \
+    2>"$work/server.err" &
+srv=$!
+for _ in $(seq 100); do
+    grep -q 'listening on udp' "$work/server.err" && break
+    sleep 0.05
+done
+addr=$(sed -n 's/.*listening on udp \([0-9.]*:[0-9]*\).*/\1/p' "$work/server.err" | head -1)
+[[ -n $addr ]] || { cat "$work/server.err" >&2; exit 2; }
+
+status=0
+"$BIN/psync-loadgen" --server "$addr" --json "$@" >"$work/report.json" || status=$?
+cat "$work/report.json"
+
+ticks=$(getconf CLK_TCK)
+srv_cpu=$(awk -v t="$ticks" '{ printf "%.3f", ($14 + $15) / t }' "/proc/$srv/stat")
+kill -TERM "$srv"
+wait "$srv" || true
+srv=
+matched=$(sed -n 's/.*matched=\([0-9]*\).*/\1/p' "$work/server.err" | tail -1)
+field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p" "$work/report.json"; }
+lg_cpu=$(field loadgen_cpu_s_total)
+lg_pairs=$(field completed_total)
+awk -v sc="$srv_cpu" -v m="${matched:-0}" -v lc="$lg_cpu" -v lp="$lg_pairs" 'BEGIN {
+    printf "server : %.3f s CPU, %d pairs matched, %.2f us CPU per pair\n", sc, m, (m > 0 ? sc * 1e6 / m : 0)
+    printf "loadgen: %.3f s CPU, %d pairs completed, %.2f us CPU per pair\n", lc, lp, (lp > 0 ? lc * 1e6 / lp : 0)
+}'
+exit "$status"
