@@ -478,6 +478,9 @@ pub fn connect(cfg: &ClientConfig) -> Result<Connection, ClientError> {
     if cfg.timeout.is_zero() {
         return Err(ClientError::Config("--timeout must be above 0".into()));
     }
+    if cfg.punch_window.is_zero() {
+        return Err(ClientError::Config("--punch-window must be above 0".into()));
+    }
     let epoch = Instant::now();
     let deadline = epoch + cfg.timeout;
     let mut reports: Vec<String> = Vec::new();
