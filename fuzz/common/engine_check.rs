@@ -15,7 +15,7 @@
 #![allow(dead_code)] // each driver uses a different part of it
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use psync::engine::{Drop, Send};
 use psync::wire::{WireError, REQUEST_LEN};
@@ -79,6 +79,21 @@ fn family(a: SocketAddr) -> bool {
     a.is_ipv6()
 }
 
+/// What `max_pending_per_source` counts against: the IPv4 address, or the
+/// IPv6 /64 (written here from the documented rule, not from the engine).
+fn source_of(a: SocketAddr) -> (bool, u64) {
+    match a.ip() {
+        IpAddr::V4(ip) => (false, u64::from(u32::from(ip))),
+        IpAddr::V6(ip) => {
+            let o = ip.octets();
+            (
+                true,
+                u64::from_be_bytes([o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]),
+            )
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     addr: SocketAddr,
@@ -111,6 +126,7 @@ struct Tally {
     matched: u64,
     replayed: u64,
     table_full: u64,
+    per_ip_limit: u64,
 }
 
 /// The engine under test and the reference model beside it.
@@ -126,6 +142,8 @@ pub struct Checker {
     tally: Tally,
     /// Every address that has sent a valid request from a served family.
     valid_senders: Vec<SocketAddr>,
+    /// Every registration and refresh: its source and time.
+    counted: Vec<((bool, u64), u64)>,
     /// How many times a retransmit was checked to get the identical reply
     /// (lets a driver see that the property was exercised).
     pub replays_checked: u64,
@@ -146,6 +164,7 @@ impl Checker {
             last_match: None,
             tally: Tally::default(),
             valid_senders: Vec::new(),
+            counted: Vec::new(),
             replays_checked: 0,
             matches: 0,
         }
@@ -370,7 +389,9 @@ impl Checker {
                 self.tally.matched += 1;
                 self.matches += 1;
             }
-            Outcome::Registered | Outcome::Refreshed | Outcome::Dropped(Drop::TableFull) => {
+            Outcome::Registered
+            | Outcome::Refreshed
+            | Outcome::Dropped(Drop::TableFull | Drop::PerSourceLimit) => {
                 if !replay_ever_full {
                     assert!(
                         remembered.is_none(),
@@ -381,6 +402,9 @@ impl Checker {
                     waiting.is_none(),
                     "{outcome:?} although the counterpart was live: {waiting:?}"
                 );
+                let full = pending_before >= self.engine.capacity();
+                let max = self.cfg.max_pending_per_source;
+                let source = source_of(src);
                 match outcome {
                     Outcome::Refreshed => {
                         assert!(mine.is_some(), "refreshed with nothing live");
@@ -388,23 +412,45 @@ impl Checker {
                     }
                     Outcome::Registered => {
                         assert!(mine.is_none(), "registered over a live entry");
+                        assert!(!full, "registered when full");
+                        // The engine may overcount a source, never undercount.
+                        let held = self.live_held(source);
                         assert!(
-                            pending_before < self.engine.capacity(),
-                            "registered when full"
+                            max == 0 || held < max as usize,
+                            "registered from {src} which already holds {held} of {max}"
                         );
                         self.tally.registered += 1;
                     }
-                    _ => {
+                    Outcome::Dropped(Drop::TableFull) => {
                         assert!(mine.is_none(), "a refresh was refused for room");
                         assert!(
-                            pending_before >= self.engine.capacity(),
+                            full,
                             "table_full with {pending_before} of {} pending",
                             self.engine.capacity()
                         );
                         self.tally.table_full += 1;
                     }
+                    _ => {
+                        assert!(mine.is_none(), "a refresh was refused by the source limit");
+                        assert!(!full, "per-source limit reported for a full table");
+                        assert!(max > 0, "per-source limit while it is off");
+                        // Overcounting is bounded: only registrations made
+                        // within about one lifetime (plus a slot) may count.
+                        let horizon = 2 * u64::from(self.cfg.ttl_ms) + 16;
+                        let recent = self
+                            .counted
+                            .iter()
+                            .filter(|&&(s, t)| s == source && now - t < horizon)
+                            .count();
+                        assert!(
+                            recent >= max as usize,
+                            "{src} refused at limit {max} after {recent} recent registrations"
+                        );
+                        self.tally.per_ip_limit += 1;
+                    }
                 }
-                if outcome != Outcome::Dropped(Drop::TableFull) {
+                if matches!(outcome, Outcome::Registered | Outcome::Refreshed) {
+                    self.counted.push((source, now));
                     self.pending.insert(
                         key,
                         Pending {
@@ -420,6 +466,14 @@ impl Checker {
         outcome
     }
 
+    /// Live registrations held by addresses of `source`, per the model.
+    fn live_held(&self, source: (bool, u64)) -> usize {
+        self.pending
+            .values()
+            .filter(|p| source_of(p.addr) == source && self.live(p.since, self.cfg.ttl_ms))
+            .count()
+    }
+
     fn check_tally(&self) {
         let c = &self.engine.counters;
         let got = Tally {
@@ -432,6 +486,7 @@ impl Checker {
             matched: c.matched,
             replayed: c.replayed,
             table_full: c.table_full,
+            per_ip_limit: c.per_ip_limit,
         };
         assert_eq!(got, self.tally, "counters disagree with the outcomes");
     }

@@ -64,6 +64,7 @@ fn config(u: &mut Unstructured) -> Result<(EngineConfig, u64)> {
         seed: Some(u.arbitrary()?),
         ipv4,
         ipv6,
+        max_pending_per_source: u.int_in_range(0..=4)?,
     };
     // Any start, including just below the engine's 32-bit clock wrap.
     let start = match u.int_in_range(0..=2)? {
