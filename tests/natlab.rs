@@ -22,6 +22,7 @@
 //!
 //! Run: `sudo PSYNC_NAT_LAB=require cargo test --test natlab -- --nocapture`
 //! (`--nocapture` shows the measured success rates).
+//! `PSYNC_NAT_LAB_CLIENT_ARGS` adds arguments to every `psync-client`.
 
 #[path = "natlab/lab.rs"]
 mod lab;
@@ -280,7 +281,10 @@ fn netcat_flow_across_nats() {
     );
 }
 
-/// Starts `psync-client` in `node` with `--json` and `--timeout secs`.
+/// Starts `psync-client` in `node` with `--json` and `--timeout secs`, plus
+/// any arguments in `PSYNC_NAT_LAB_CLIENT_ARGS` (for experiments: with
+/// `--opener-ttl 0 --attempts 1` case 1 shows the conntrack race the opener
+/// defeats).
 fn client(lab: &Lab, node: Node, self_id: u32, peer_id: u32, timeout_secs: u64) -> Proc {
     let server = format!("{SERVER_IP}:{SERVER_PORT}");
     let (self_id, peer_id, timeout) = (
@@ -299,6 +303,8 @@ fn client(lab: &Lab, node: Node, self_id: u32, peer_id: u32, timeout_secs: u64) 
         &timeout,
         "--json",
     ];
+    let extra = std::env::var("PSYNC_NAT_LAB_CLIENT_ARGS").unwrap_or_default();
+    let args: Vec<&str> = args.into_iter().chain(extra.split_whitespace()).collect();
     let deadline = Duration::from_secs(timeout_secs) + HANG_GRACE;
     lab.spawn(node, CLIENT_BIN, &args, None, deadline)
 }
