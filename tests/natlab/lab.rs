@@ -113,63 +113,15 @@ type Link = (
     &'static str,
 );
 
+#[rustfmt::skip]
 const LINKS: [Link; 7] = [
-    (
-        Node::ClientA,
-        "lan",
-        "10.1.0.2/24",
-        Node::NatA,
-        "lan",
-        "10.1.0.1/24",
-    ),
-    (
-        Node::NatA,
-        "wan",
-        "198.18.11.2/24",
-        Node::IspA,
-        "downlink",
-        "198.18.11.1/24",
-    ),
-    (
-        Node::IspA,
-        "uplink",
-        "198.18.10.2/24",
-        Node::Core,
-        "to-ia",
-        "198.18.10.1/24",
-    ),
-    (
-        Node::ClientB,
-        "lan",
-        "10.2.0.2/24",
-        Node::NatB,
-        "lan",
-        "10.2.0.1/24",
-    ),
-    (
-        Node::NatB,
-        "wan",
-        "198.18.21.2/24",
-        Node::IspB,
-        "downlink",
-        "198.18.21.1/24",
-    ),
-    (
-        Node::IspB,
-        "uplink",
-        "198.18.20.2/24",
-        Node::Core,
-        "to-ib",
-        "198.18.20.1/24",
-    ),
-    (
-        Node::Server,
-        "eth0",
-        "198.18.0.2/24",
-        Node::Core,
-        "to-srv",
-        "198.18.0.1/24",
-    ),
+    (Node::ClientA, "lan",    "10.1.0.2/24",    Node::NatA, "lan",      "10.1.0.1/24"),
+    (Node::NatA,    "wan",    "198.18.11.2/24", Node::IspA, "downlink", "198.18.11.1/24"),
+    (Node::IspA,    "uplink", "198.18.10.2/24", Node::Core, "to-ia",    "198.18.10.1/24"),
+    (Node::ClientB, "lan",    "10.2.0.2/24",    Node::NatB, "lan",      "10.2.0.1/24"),
+    (Node::NatB,    "wan",    "198.18.21.2/24", Node::IspB, "downlink", "198.18.21.1/24"),
+    (Node::IspB,    "uplink", "198.18.20.2/24", Node::Core, "to-ib",    "198.18.20.1/24"),
+    (Node::Server,  "eth0",   "198.18.0.2/24",  Node::Core, "to-srv",   "198.18.0.1/24"),
 ];
 
 /// Routes as `ip route add` arguments, per node.
