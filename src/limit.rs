@@ -155,6 +155,10 @@ pub fn source_key(ip: IpAddr) -> u64 {
 
 /// Slots in a source's sliding window; the window spans the lifetime.
 const WINDOW_SLOTS: usize = 8;
+/// Windows beyond twice the capacity, so tiny tables have room to turn over.
+const WINDOW_SLACK: usize = 64;
+/// Most window slots one refused registration may sweep to make room.
+const ROOM_SWEEP: usize = 4096;
 
 /// Registrations a source made in each slice of the last lifetime.
 #[derive(Clone, Copy, Default)]
@@ -170,26 +174,44 @@ struct Window {
 /// A registration is counted in the time slot of its (last) registration;
 /// slots older than the lifetime fall out of the window, which is how expired
 /// registrations stop counting without any work at expiry. A match or a
-/// refresh takes its registration out of its slot. The count is exact except
-/// that an expired registration still counts until its slot leaves the
-/// window: at most one slot (lifetime / 7) late, erring on the safe side.
+/// refresh takes its registration out of its slot, and a window whose counts
+/// are all zero is dropped. The count is exact except that an expired
+/// registration still counts until its slot leaves the window: at most two
+/// slots (a slot is lifetime / 7 rounded up to a power of two milliseconds)
+/// late, erring on the safe side.
+///
+/// The window table holds twice the pending capacity (plus a little): every
+/// window counts at least one registration that is pending or expired less
+/// than two slots ago, and at most `capacity` registrations are pending, so
+/// even a table turning over at full speed needs about 1.6 times capacity.
+/// Should it still fill, a bounded sweep makes room, and failing that a new
+/// source is refused rather than left uncounted: the limit fails closed.
 pub struct PendingPerSource {
     windows: Table<Window>,
     max: u16,
     ttl: u32,
-    slot_ms: u32,
+    /// A slot is `1 << shift` ms: a power of two, so that slot numbers stay
+    /// continuous when the 32-bit clock wraps (mod `mask + 1`).
+    shift: u32,
+    mask: u32,
 }
 
 impl PendingPerSource {
     /// Room for `sources` sources (the pending capacity: every registration
     /// has one source), `max` registrations each, lifetime `ttl_ms`.
     pub fn new(sources: usize, max: u16, ttl_ms: u32, seed: [u64; 2]) -> PendingPerSource {
-        let slot_ms = ttl_ms.div_ceil(WINDOW_SLOTS as u32 - 1).max(1);
+        // The newest slot plus seven older ones must span the lifetime.
+        let shift = ttl_ms
+            .div_ceil(WINDOW_SLOTS as u32 - 1)
+            .max(1)
+            .next_power_of_two()
+            .trailing_zeros();
         PendingPerSource {
-            windows: Table::new(sources, seed, (ttl_ms / 4).max(1)),
+            windows: Table::new(2 * sources + WINDOW_SLACK, seed, (ttl_ms / 4).max(1)),
             max,
             ttl: ttl_ms,
-            slot_ms,
+            shift,
+            mask: u32::MAX >> shift,
         }
     }
 
@@ -210,33 +232,57 @@ impl PendingPerSource {
     }
 
     fn slot(&self, t: Millis) -> u32 {
-        t / self.slot_ms
+        t >> self.shift
+    }
+
+    /// Slots from `older` to `newer`, across the clock's wrap.
+    fn age(&self, newer: u32, older: u32) -> u32 {
+        newer.wrapping_sub(older) & self.mask
+    }
+
+    /// How long a window must be kept after its newest registration.
+    fn keep(&self) -> u32 {
+        self.ttl + (1 << self.shift)
+    }
+
+    /// Registrations `source` holds now (never less than the truth), or
+    /// `None` when it has no window.
+    fn held(&mut self, source: u64, now: Millis) -> Option<u32> {
+        let slot = self.slot(now);
+        let mask = self.mask;
+        let w = self.windows.get(source, now)?;
+        Some(live(w, slot, mask).iter().map(|&c| u32::from(c)).sum())
     }
 
     /// Registrations `source` holds now (never less than the truth).
     pub fn count(&mut self, source: u64, now: Millis) -> u32 {
-        let slot = self.slot(now);
-        match self.windows.get(source, now) {
-            Some(w) => live(w, slot).iter().map(|&c| u32::from(c)).sum(),
-            None => 0,
-        }
+        self.held(source, now).unwrap_or(0)
     }
 
-    /// True when `source` may add one more registration.
+    /// True when `source` may add one more registration: it is under the
+    /// limit, and its registration can be counted.
     pub fn allows(&mut self, source: u64, now: Millis) -> bool {
-        self.count(source, now) < u32::from(self.max)
+        match self.held(source, now) {
+            Some(n) => n < u32::from(self.max),
+            None => {
+                if self.windows.len() >= self.windows.capacity() {
+                    self.windows.sweep(now, ROOM_SWEEP);
+                }
+                self.windows.len() < self.windows.capacity()
+            }
+        }
     }
 
     /// Counts a registration made by `source` at `now`.
     pub fn add(&mut self, source: u64, now: Millis) {
         let slot = self.slot(now);
         let mut w = self.windows.get(source, now).copied().unwrap_or_default();
-        w.counts = live(&w, slot);
+        w.counts = live(&w, slot, self.mask);
         w.head = slot;
         let c = &mut w.counts[slot as usize % WINDOW_SLOTS];
         *c = c.saturating_add(1);
         // Keep the window as long as its newest registration can live.
-        let expires = now.wrapping_add(self.ttl).wrapping_add(self.slot_ms);
+        let expires = now.wrapping_add(self.keep());
         self.windows.insert(source, w, expires, now);
     }
 
@@ -250,28 +296,35 @@ impl PendingPerSource {
         };
         let mut w = Window {
             head: slot,
-            counts: live(&old, slot),
+            counts: live(&old, slot, self.mask),
         };
-        if (slot.wrapping_sub(reg_slot) as usize) < WINDOW_SLOTS {
+        if (self.age(slot, reg_slot) as usize) < WINDOW_SLOTS {
             let c = &mut w.counts[reg_slot as usize % WINDOW_SLOTS];
             *c = c.saturating_sub(1);
         }
+        if w.counts.iter().all(|&c| c == 0) {
+            // Nothing left to count: free the window for another source.
+            self.windows.remove(source, now);
+            return;
+        }
         // A live key is replaced in place, never refused. Extending the
         // window's life by a little is harmless: it only ever overcounts.
-        let expires = now.wrapping_add(self.ttl).wrapping_add(self.slot_ms);
+        let expires = now.wrapping_add(self.keep());
         self.windows.insert(source, w, expires, now);
     }
 }
 
 /// The window's counts as of `slot`: slots that left the window are zeroed.
-fn live(w: &Window, slot: u32) -> [u16; WINDOW_SLOTS] {
+/// Slot numbers live modulo `mask + 1`, a multiple of `WINDOW_SLOTS`, so the
+/// ring index stays right across the clock's wrap.
+fn live(w: &Window, slot: u32, mask: u32) -> [u16; WINDOW_SLOTS] {
     let mut counts = w.counts;
-    let advance = slot.wrapping_sub(w.head);
+    let advance = slot.wrapping_sub(w.head) & mask;
     if advance as usize >= WINDOW_SLOTS {
         return [0; WINDOW_SLOTS];
     }
     for k in 1..=advance {
-        counts[(w.head.wrapping_add(k)) as usize % WINDOW_SLOTS] = 0;
+        counts[(w.head.wrapping_add(k) & mask) as usize % WINDOW_SLOTS] = 0;
     }
     counts
 }
@@ -363,12 +416,12 @@ mod tests {
         p.remove(src, 10, 40);
         assert_eq!(p.count(src, 40), 2);
         assert!(p.allows(src, 40));
-        // Unmatched ones stop counting once their lifetime has passed (plus
-        // at most one slot of 100 ms).
+        // Unmatched ones stop counting once their lifetime has passed, plus
+        // at most two slots (a slot is 700 / 7 rounded up to 128 ms).
         assert_eq!(p.count(src, 699), 2);
-        assert_eq!(p.count(src, 800), 0);
-        // The stale window is reclaimed by the sweep.
         assert_eq!(p.sources(), 1);
+        assert_eq!(p.count(src, 700 + 2 * 128), 0);
+        // The window is dropped once nothing in it can be alive.
         p.expire(1000);
         p.expire(2000);
         assert_eq!(p.sources(), 0);
@@ -384,6 +437,26 @@ mod tests {
         p.remove(src, 0, 650);
         p.add(src, 650);
         assert_eq!(p.count(src, 1000), 1);
-        assert_eq!(p.count(src, 1500), 0);
+        assert_eq!(p.count(src, 650 + 700 + 2 * 128), 0);
+    }
+
+    #[test]
+    fn empty_windows_are_freed_and_a_full_table_fails_closed() {
+        // Room for 0 * 2 + 64 windows.
+        let mut p = PendingPerSource::new(0, 1, 700, [3, 4]);
+        let key = |i: u8| source_key(IpAddr::from([192, 0, 2, i]));
+        p.add(key(1), 0);
+        p.remove(key(1), 0, 1);
+        assert_eq!(p.sources(), 0, "a window counting nothing is dropped");
+        for i in 1..=64 {
+            assert!(p.allows(key(i), 2));
+            p.add(key(i), 2);
+        }
+        assert!(!p.allows(key(65), 2), "no room to count another source");
+        assert!(!p.allows(key(1), 2), "and the first is at its limit");
+        p.remove(key(2), 2, 3);
+        assert!(p.allows(key(65), 3));
+        // Once the registrations are surely dead, the sweep makes room.
+        assert!(p.allows(key(66), 2000));
     }
 }

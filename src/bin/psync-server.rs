@@ -15,7 +15,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 /// public address. Each peer sends {self_id, peer_id} (8 bytes); when both
 /// halves of a pair have arrived, each gets the other's address and two ports.
 #[derive(Parser, Debug)]
-#[command(name = "psync-server", version, about, long_about = None)]
+#[command(name = "psync-server", version)]
 struct Args {
     /// Serve IPv4 only.
     #[arg(short = '4', conflicts_with = "ipv6_only")]
