@@ -509,11 +509,9 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                     cfg.pending
                 )),
                 Some((ref sched, warm_end, _)) => {
-                    let (h, phase) = if now < warm_end {
-                        (&hist_all, " (warmup)")
-                    } else {
-                        (&hist, "")
-                    };
+                    // Until a measured pair completes, show the warmup's p99.
+                    let h = if hist.is_empty() { &hist_all } else { &hist };
+                    let phase = if now < warm_end { " (warmup)" } else { "" };
                     let since = now.saturating_sub(sched.start()) as f64 / 1e9;
                     progress.line(format_args!(
                         "{since:6.1}s  {rate:9.0} pairs/s  p99 {:9.1} us  lost {}  wrong {}{phase}",
@@ -563,7 +561,8 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
         for event in events.iter() {
             let token = event.token();
             if token == TIMER {
-                timer.clear();
+                // No read needed: re-arming resets the expiry count, and the
+                // edge-triggered registration reports every new expiry.
                 timer_target = None;
                 continue;
             }

@@ -310,11 +310,14 @@ pub fn write_hgrm(h: &Histogram<u64>, out: &mut dyn Write) -> io::Result<()> {
         h.max() as f64 / TO_MS,
         h.len()
     )?;
+    // HdrHistogram's sub-bucket count: the power of two that resolves
+    // 2 * 10^sigfig distinct values (2048 for 3 significant digits).
+    let sub_buckets = (2 * 10u64.pow(u32::from(h.sigfig()))).next_power_of_two();
     writeln!(
         out,
         "#[Buckets = {:12}, SubBuckets     = {:12}]",
         h.buckets(),
-        h.distinct_values()
+        sub_buckets
     )?;
     Ok(())
 }
@@ -405,6 +408,7 @@ mod tests {
         assert_eq!(cols[1], "1.000000000000");
         assert_eq!(cols[2], "1000");
         assert!(text.contains("Total count    =         1000"));
+        assert!(text.contains("SubBuckets     =         2048"));
     }
 
     #[test]

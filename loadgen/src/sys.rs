@@ -324,14 +324,6 @@ impl Timer {
         syscall!(unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, ptr::null_mut()) })?;
         Ok(())
     }
-
-    /// Consumes an expiry so the descriptor stops being readable.
-    pub fn clear(&mut self) {
-        let mut ticks = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live 8-byte buffer. The
-        // result is ignored: EAGAIN only means it was already clear.
-        let _ = unsafe { libc::read(self.fd.as_raw_fd(), ticks.as_mut_ptr().cast(), 8) };
-    }
 }
 
 impl AsRawFd for Timer {
