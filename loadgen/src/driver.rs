@@ -96,14 +96,20 @@ pub struct Results {
     pub scheduled: Option<u64>,
     /// Counts over pairs scheduled in the window.
     pub measured: Tally,
+    /// Pairs, whenever scheduled, whose second reply arrived in the window:
+    /// the throughput, even when an overloaded schedule runs behind.
+    pub window_completed: u64,
     /// Counts over every pair.
     pub all: Tally,
     /// Wrong replies by kind, warmup included.
     pub wrong: WrongCounts,
     /// Pair-completion latency of measured pairs, in nanoseconds.
     pub histogram: Histogram<u64>,
-    /// Open loop: scheduled pairs never sent because no socket pair was free.
+    /// Open loop: pairs scheduled in the window never sent because no
+    /// socket pair was free before it ended.
     pub unsent: u64,
+    /// Open loop: warmup pairs still unsent when the warmup ended, dropped.
+    pub warmup_skipped: u64,
     /// Pairs that had to wait for a free socket pair.
     pub slot_waits: u64,
     /// Malformed datagrams sent.
@@ -114,7 +120,7 @@ pub struct Results {
     pub stray: u64,
     /// Datagrams the kernel refused, or that found the outbox full.
     pub send_failed: u64,
-    /// Our CPU time from the start of the window to the end of the drain.
+    /// Our CPU time during the measured window.
     pub cpu: Duration,
     /// Our CPU time over the whole run (setup, preload and warmup included).
     pub cpu_total: Duration,
@@ -410,6 +416,8 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
     // Set when the preload is over: the schedule and its window.
     let mut schedule: Option<(Scheduler, Nanos, Nanos)> = None;
     let mut cpu_start: Option<Duration> = None;
+    let mut cpu_end: Option<Duration> = None;
+    let mut warmup_skipped = 0u64;
     let mut slot_waits = 0u64;
     let mut last_wait: Option<u64> = None;
     let mut bad_sent = 0u64;
@@ -417,6 +425,9 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
     let mut first_wrong: Option<WrongSample> = None;
     let mut timer_target: Option<Nanos> = None;
     let mut bad_buf = [0u8; sys::MAX_SEND];
+    // The measured window, and the pairs (of any schedule time) completed in it.
+    let mut window: (Nanos, Nanos) = (Nanos::MAX, Nanos::MAX);
+    let mut window_completed = 0u64;
 
     loop {
         let now = clock();
@@ -445,6 +456,7 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                 let warm_end = now + cfg.warmup.as_nanos() as Nanos;
                 let end = warm_end + cfg.duration.as_nanos() as Nanos;
                 schedule = Some((Scheduler::new(cfg.load, now, end), warm_end, end));
+                window = (warm_end, end);
                 progress.next = now + PROGRESS_EVERY;
                 progress.last_at = now;
             }
@@ -456,10 +468,17 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
             if stop && now < *end {
                 // Interrupted: end the window here and report what we have.
                 *end = now.max(*warm_end);
+                window.1 = *end;
                 sched.stop_at(*end);
             }
             if cpu_start.is_none() && now >= *warm_end {
                 cpu_start = Some(sys::cpu_time());
+                // Warmup pairs still unsent are dropped (they are not
+                // measured): the window starts on its own schedule.
+                warmup_skipped = sched.skip_to(*warm_end);
+            }
+            if cpu_end.is_none() && now >= *end {
+                cpu_end = Some(sys::cpu_time());
             }
             while let Some(at) = sched.due(now, pairs.outstanding()) {
                 let measured = at >= *warm_end;
@@ -616,6 +635,9 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                     };
                     match outcome {
                         Outcome::Completed { latency, measured } => {
+                            if now >= window.0 && now < window.1 {
+                                window_completed += 1;
+                            }
                             hist_all.saturating_record(latency.max(1));
                             if measured {
                                 hist.saturating_record(latency.max(1));
@@ -643,26 +665,33 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
     peers.flush();
     progress.finish();
 
-    let cpu = cpu_start.map_or(Duration::ZERO, |c| sys::cpu_time().saturating_sub(c));
-    let (window, scheduled, unsent) = match &schedule {
+    let cpu = match (cpu_start, cpu_end) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        (Some(a), None) => sys::cpu_time().saturating_sub(a),
+        _ => Duration::ZERO,
+    };
+    let (window, scheduled, unsent, warmup_skipped) = match &schedule {
         Some((sched, warm_end, end)) => (
             Duration::from_nanos(end.saturating_sub(*warm_end)),
             sched.scheduled_between(*warm_end, *end),
             sched
                 .scheduled_between(sched.start(), *end)
                 .map_or(0, |n| n.saturating_sub(sched.issued())),
+            warmup_skipped,
         ),
-        None => (Duration::ZERO, None, 0),
+        None => (Duration::ZERO, None, 0, 0),
     };
     Ok(Results {
         load: cfg.load,
         window,
         scheduled,
         measured: pairs.measured,
+        window_completed,
         all: pairs.all,
         wrong: pairs.wrong,
         histogram: hist,
         unsent,
+        warmup_skipped,
         slot_waits,
         bad_sent,
         pending_sent,

@@ -31,11 +31,11 @@ fn us(ns: u64) -> f64 {
 }
 
 impl Results {
-    /// Completed pairs per second of the measured window.
+    /// Pairs completed per second during the measured window.
     pub fn pairs_per_sec(&self) -> f64 {
         let secs = self.window.as_secs_f64();
         if secs > 0.0 {
-            self.measured.completed as f64 / secs
+            self.window_completed as f64 / secs
         } else {
             0.0
         }
@@ -49,10 +49,10 @@ impl Results {
             .map(|n| n as f64 / secs)
     }
 
-    /// Our CPU time per completed measured pair, in microseconds.
+    /// Our CPU time in the window per pair completed in it, in microseconds.
     pub fn cpu_us_per_pair(&self) -> Option<f64> {
-        (self.measured.completed > 0)
-            .then(|| self.cpu.as_secs_f64() * 1e6 / self.measured.completed as f64)
+        (self.window_completed > 0)
+            .then(|| self.cpu.as_secs_f64() * 1e6 / self.window_completed as f64)
     }
 
     /// True when a reply failed a check: the run fails.
@@ -119,7 +119,7 @@ pub fn text(r: &Results, server: SocketAddr) -> String {
         "pair-completion latency, from the scheduled send of the second request (us):"
     );
     if h.is_empty() {
-        let _ = writeln!(s, "  (no pair completed in the measured window)");
+        let _ = writeln!(s, "  (no pair scheduled in the measured window completed)");
     } else {
         for (name, q) in QUANTILES {
             let _ = writeln!(s, "  {name:7} {:10.1}", us(h.value_at_quantile(q)));
@@ -157,9 +157,17 @@ pub fn text(r: &Results, server: SocketAddr) -> String {
 /// Things that make the numbers less than they seem.
 fn warnings(r: &Results) -> Vec<String> {
     let mut w = Vec::new();
+    if r.warmup_skipped > 0 {
+        w.push(format!(
+            "the warmup fell {} pairs behind its schedule (dropped, not measured): \
+             the offered rate is above what the server (or this machine) sustains",
+            r.warmup_skipped
+        ));
+    }
     if r.unsent > 0 {
         w.push(format!(
-            "{} scheduled pairs were never sent: all socket pairs were busy (raise --sockets)",
+            "{} scheduled pairs were never sent: every socket pair stayed busy until the \
+             window ended (the server is slower than the offered rate, or raise --sockets)",
             r.unsent
         ));
     } else if r.slot_waits > 0 && matches!(r.load, Load::Rate(_)) {
@@ -176,6 +184,13 @@ fn warnings(r: &Results) -> Vec<String> {
             "{} datagrams came from a port other than the server's and were ignored",
             r.stray
         ));
+    }
+    if r.wrong.get(Wrong::NotOurs) > 0 {
+        w.push(
+            "replies named partners that are not our sockets' addresses: if a NAT sits \
+             between the load generator and the server, run them without it"
+                .into(),
+        );
     }
     if r.all.issued > 0 && r.all.completed == 0 && r.wrong.total() == 0 {
         w.push("no pair completed: is the server running at that address and family?".into());
@@ -217,7 +232,8 @@ pub fn json(r: &Results, server: SocketAddr) -> String {
         s,
         ",\"issued\":{},\"completed\":{},\"lost\":{},\"wrong\":{},\"late\":{},\
          \"replayed\":{},\"replay_missing\":{},\"unsent\":{},\"bad_sent\":{},\
-         \"pending_sent\":{},\"stray\":{},\"send_failed\":{}",
+         \"pending_sent\":{},\"stray\":{},\"send_failed\":{},\"warmup_skipped\":{},\
+         \"window_completed\":{}",
         m.issued,
         m.completed,
         m.lost,
@@ -229,7 +245,9 @@ pub fn json(r: &Results, server: SocketAddr) -> String {
         r.bad_sent,
         r.pending_sent,
         r.stray,
-        r.send_failed
+        r.send_failed,
+        r.warmup_skipped,
+        r.window_completed
     );
     s.push_str(",\"wrong_by_kind\":{");
     for (k, w) in Wrong::ALL.iter().enumerate() {

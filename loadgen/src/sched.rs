@@ -59,8 +59,11 @@ impl Scheduler {
     pub fn due(&self, now: Nanos, outstanding: usize) -> Option<Nanos> {
         match self.load {
             Load::Rate(rate) => {
+                // Nothing goes out after the end, however far behind we are:
+                // the backlog is reported as unsent, not stretched into a
+                // longer run that would overstate the achieved rate.
                 let t = self.at(self.issued, rate);
-                (t <= now && t < self.end).then_some(t)
+                (t <= now && now < self.end).then_some(t)
             }
             Load::Window(w) => {
                 (now >= self.start && now < self.end && outstanding < w).then_some(now)
@@ -110,6 +113,20 @@ impl Scheduler {
     /// Pairs handed out so far.
     pub fn issued(&self) -> u64 {
         self.issued
+    }
+
+    /// Open loop: drops the pairs due before `t` that are not sent yet, and
+    /// returns how many. Called when the warmup ends, so an overloaded warmup's
+    /// backlog does not eat the measured window.
+    pub fn skip_to(&mut self, t: Nanos) -> u64 {
+        let Load::Rate(rate) = self.load else {
+            return 0;
+        };
+        let start = self.issued;
+        while self.at(self.issued, rate) < t.min(self.end) {
+            self.issued += 1;
+        }
+        self.issued - start
     }
 
     /// When the schedule began.
@@ -163,7 +180,7 @@ mod tests {
     #[test]
     fn open_loop_stops_at_the_end_and_counts_its_schedule() {
         let mut s = Scheduler::new(Load::Rate(1000.0), 0, S);
-        assert_eq!(drain(&mut s, 10 * S, 0).len(), 1000);
+        assert_eq!(drain(&mut s, S - 1, 0).len(), 1000);
         assert_eq!(s.next_due(), None);
         assert_eq!(s.scheduled_between(0, S), Some(1000));
         assert_eq!(s.scheduled_between(0, S / 2), Some(500));
@@ -175,10 +192,30 @@ mod tests {
     }
 
     #[test]
+    fn open_loop_sends_no_backlog_after_the_end() {
+        let mut s = Scheduler::new(Load::Rate(1000.0), 0, S);
+        assert_eq!(drain(&mut s, S / 2, 0).len(), 501);
+        // Stalled until past the end: the other 499 are never sent.
+        assert_eq!(drain(&mut s, S, 0).len(), 0);
+        assert_eq!(s.scheduled_between(0, S).unwrap() - s.issued(), 499);
+    }
+
+    #[test]
+    fn the_warmup_backlog_is_dropped() {
+        let mut s = Scheduler::new(Load::Rate(1000.0), 0, S);
+        assert_eq!(drain(&mut s, 0, 0).len(), 1);
+        assert_eq!(s.skip_to(100 * MS), 99);
+        assert_eq!(drain(&mut s, 100 * MS, 0), vec![100 * MS]);
+        assert_eq!(s.skip_to(100 * MS), 0);
+        let mut closed = Scheduler::new(Load::Window(1), 0, S);
+        assert_eq!(closed.skip_to(S), 0);
+    }
+
+    #[test]
     fn fractional_rates_work() {
         let mut s = Scheduler::new(Load::Rate(0.5), 0, 10 * S);
         assert_eq!(
-            drain(&mut s, 10 * S, 0),
+            drain(&mut s, 10 * S - 1, 0),
             vec![0, 2 * S, 4 * S, 6 * S, 8 * S]
         );
     }
