@@ -17,18 +17,21 @@
 //! - [`wire`]: request and reply encode/decode; no I/O.
 //! - [`table`]: the open-addressed table of expiring entries; no I/O, no clock.
 //! - [`engine`]: matching, replay and port choice over the tables; pure.
-//! - [`stats`]: the counters.
+//! - [`stats`]: the counters and the pair-wait histogram.
+//! - [`limit`]: per-source rate limits and pending counts.
 //! - [`server`]: the single-threaded `mio` loop that owns the sockets.
+//! - [`metrics`]: the Prometheus endpoint, served from that loop.
+//! - [`client`]: the peer side: register, punch, prove the path.
 //! - `sys`: the only `unsafe`: `recvmmsg`/`sendmmsg` and socket options.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod engine;
-pub mod server;
-pub mod stats;
 pub mod limit;
 pub mod metrics;
+pub mod server;
+pub mod stats;
 mod sys;
 pub mod table;
 pub mod wire;
