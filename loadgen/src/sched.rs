@@ -15,6 +15,9 @@
 
 use crate::pairs::Nanos;
 
+/// How late after the end of the schedule its last pairs may still be sent.
+pub const LATE_SEND_LIMIT: Nanos = 50_000_000;
+
 /// The load model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Load {
@@ -59,11 +62,13 @@ impl Scheduler {
     pub fn due(&self, now: Nanos, outstanding: usize) -> Option<Nanos> {
         match self.load {
             Load::Rate(rate) => {
-                // Nothing goes out after the end, however far behind we are:
-                // the backlog is reported as unsent, not stretched into a
-                // longer run that would overstate the achieved rate.
+                // Pairs due before the end may go out a little after it (a
+                // busy machine wakes us late), but no later than
+                // LATE_SEND_LIMIT: a backlog is reported as unsent, not
+                // stretched into a longer run.
                 let t = self.at(self.issued, rate);
-                (t <= now && now < self.end).then_some(t)
+                (t <= now && t < self.end && now < self.end.saturating_add(LATE_SEND_LIMIT))
+                    .then_some(t)
             }
             Load::Window(w) => {
                 (now >= self.start && now < self.end && outstanding < w).then_some(now)
@@ -195,9 +200,16 @@ mod tests {
     fn open_loop_sends_no_backlog_after_the_end() {
         let mut s = Scheduler::new(Load::Rate(1000.0), 0, S);
         assert_eq!(drain(&mut s, S / 2, 0).len(), 501);
-        // Stalled until past the end: the other 499 are never sent.
-        assert_eq!(drain(&mut s, S, 0).len(), 0);
+        // Stalled until well past the end: the other 499 are never sent.
+        assert_eq!(drain(&mut s, S + LATE_SEND_LIMIT, 0).len(), 0);
         assert_eq!(s.scheduled_between(0, S).unwrap() - s.issued(), 499);
+    }
+
+    #[test]
+    fn the_last_pairs_may_go_out_slightly_late() {
+        let mut s = Scheduler::new(Load::Rate(1000.0), 0, S);
+        assert_eq!(drain(&mut s, S - 3 * MS, 0).len(), 998);
+        assert_eq!(drain(&mut s, S + 10 * MS, 0), vec![S - 2 * MS, S - MS]);
     }
 
     #[test]
