@@ -15,7 +15,8 @@
 //! - a live counterpart is never missed, a live registration is refreshed and
 //!   never refused for room, a new one is refused only at capacity or when
 //!   its source (IPv4 address, IPv6 /64) made at least `max_pending_per_source`
-//!   registrations within about a lifetime, and is never accepted from a
+//!   registrations within the last two lifetimes (so an expired registration
+//!   stops counting within one more lifetime), and is never accepted from a
 //!   source that already holds that many live ones;
 //! - a retransmit from the same source within the replay lifetime gets the
 //!   identical reply;
@@ -263,4 +264,28 @@ fn per_source_limit_holds_across_the_clock_wrap() {
         checker.handle(&request(0, 1), a),
         Outcome::Dropped(psync::engine::Drop::PerSourceLimit)
     );
+}
+
+/// Regression: an expired registration stops counting against its source
+/// within one more lifetime. With power-of-two slots the eight-slot window
+/// could span more than twice the lifetime, and a window kept alive by a
+/// newer registration went on counting one that had expired a lifetime ago.
+#[test]
+fn per_source_limit_forgets_expired_registrations() {
+    let cfg = EngineConfig {
+        capacity: 16,
+        max_pending_per_source: 2,
+        seed: Some(1),
+        ..EngineConfig::default()
+    };
+    let ttl = u64::from(cfg.ttl_ms);
+    let mut checker = Checker::new(&cfg, 0);
+    let a = source(0);
+    assert_eq!(checker.handle(&request(1, 2), a), Outcome::Registered);
+    checker.step(&Op::Expire { dt: ttl });
+    assert_eq!(checker.handle(&request(3, 4), a), Outcome::Registered);
+    // The first expired a whole lifetime ago (plus a second): `a` holds one
+    // live registration of its two.
+    checker.step(&Op::Expire { dt: ttl + 1000 });
+    assert_eq!(checker.handle(&request(5, 6), a), Outcome::Registered);
 }

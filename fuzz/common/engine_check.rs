@@ -434,8 +434,9 @@ impl Checker {
                         assert!(mine.is_none(), "a refresh was refused by the source limit");
                         assert!(!full, "per-source limit reported for a full table");
                         assert!(max > 0, "per-source limit while it is off");
-                        // Overcounting is bounded: only registrations made
-                        // within about one lifetime (plus a slot) may count.
+                        // Overcounting is bounded: an expired registration
+                        // may go on counting, but for at most one more
+                        // lifetime (16 ms of slack for rounding).
                         let horizon = 2 * u64::from(self.cfg.ttl_ms) + 16;
                         let recent = self
                             .counted
