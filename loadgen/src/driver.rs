@@ -466,9 +466,11 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
 
         if let Some((sched, warm_end, end)) = schedule.as_mut() {
             if stop && now < *end {
-                // Interrupted: end the window here and report what we have.
-                *end = now.max(*warm_end);
-                window.1 = *end;
+                // Interrupted: end the window here and report what we have
+                // (nothing measured, if still warming up).
+                *end = now;
+                *warm_end = (*warm_end).min(now);
+                window = (*warm_end, *end);
                 sched.stop_at(*end);
             }
             if cpu_start.is_none() && now >= *warm_end {

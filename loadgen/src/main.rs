@@ -231,8 +231,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // Ctrl-C ends the run early, with a report of what was measured.
-        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+        // The first Ctrl-C ends the run early, with a report of what was
+        // measured; a second one (flag already set) exits at once.
+        let registered = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
+            .and_then(|_| signal_hook::flag::register(sig, stop.clone()));
+        if let Err(e) = registered {
             eprintln!("psync-loadgen: cannot handle signals: {e}");
         }
     }

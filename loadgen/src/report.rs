@@ -43,10 +43,10 @@ impl Results {
 
     /// Offered pairs per second: the schedule's rate (open loop only).
     pub fn offered_per_sec(&self) -> Option<f64> {
-        let secs = self.window.as_secs_f64();
-        self.scheduled
-            .filter(|_| secs > 0.0)
-            .map(|n| n as f64 / secs)
+        match self.load {
+            Load::Rate(rate) => Some(rate),
+            Load::Window(_) => None,
+        }
     }
 
     /// Our CPU time in the window per pair completed in it, in microseconds.
