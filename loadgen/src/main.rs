@@ -52,7 +52,8 @@ struct Args {
     #[arg(short, long, default_value = "10000", value_name = "N|max", value_parser = parse_rate)]
     rate: Rate,
 
-    /// Closed loop (--rate max): pairs outstanding at once.
+    /// Closed loop (--rate max): pairs outstanding at once [default: 256, at most
+    /// the n(n-1)/2 socket pairs of --sockets n].
     #[arg(short, long, value_name = "W")]
     window: Option<usize>,
 
