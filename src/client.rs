@@ -14,12 +14,27 @@
 //!    [`OPENER_LEAD`] before punching. This defeats the Linux conntrack race in
 //!    which the partner's first packet reaches our NAT before our own first
 //!    packet has left it, and our NAT gives our flow a different port.
-//! 3. **Punch.** Probe every path every [`PROBE_INTERVAL`]. Two paths
-//!    ([`Strategy`]) are tried together unless one is picked:
+//! 3. **Punch.** Two paths ([`Strategy`]) are tried together unless one is
+//!    picked:
 //!    - `seed`, the original psync's: bind the `src_port` the server chose and
 //!      send to the partner's public IP at `dst_port`;
 //!    - `observed`: keep the registration socket and send to the partner's public
 //!      address and port exactly as the server saw them.
+//!
+//!    On each path one side *leads*: it probes every [`PROBE_INTERVAL`] from
+//!    [`OPENER_LEAD`] on. The other side *holds*: it sends only openers until
+//!    it hears anything from the partner, then probes every path normally.
+//!    The deciding peer (below) leads `observed` and holds `seed`; the other
+//!    peer the reverse; with one strategy the deciding peer leads it. Why:
+//!    when one side's server reply is lost, that side gets the replay only at
+//!    its next registration retransmit, 0.25 to 2 s late. The early side's
+//!    probes on the path it leads then reach the late side's NAT before the
+//!    late side's opener, which loses that path to the race of step 2. The
+//!    path the early side holds stays clean: the late side leads it, and its
+//!    probes find the early side's mapping already open. Hearing the partner
+//!    proves it has its reply and its openers have left, so probing can no
+//!    longer race them. A side that has heard nothing after [`HOLD_LIMIT`]
+//!    (at most two thirds of the punch window) probes every path anyway.
 //! 4. **Prove.** A probe is answered at once by a reply that echoes its nonce.
 //!    A side has completed a path when it has received the partner's probe and
 //!    seen its own nonce echoed. The peer with the lower ID (bytewise) decides:
@@ -100,6 +115,13 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// between the moments the two peers get their replies (the server sends both
 /// at once; only the two one-way delays differ).
 pub const OPENER_LEAD: Duration = Duration::from_millis(100);
+/// Longest time a side holds a path (sends only openers on it) while it has
+/// heard nothing from the partner; see step 3 of the module docs. 2 s is the
+/// longest registration backoff, so it covers a partner whose server reply
+/// was lost and who gets the replay at its next retransmit. It matters only
+/// when the partner reaches us on no path at all; probing normally is then
+/// the last resort (for example behind a double NAT the opener cannot open).
+pub const HOLD_LIMIT: Duration = Duration::from_secs(2);
 
 /// First registration retransmit delay; doubled after each send.
 const REGISTER_BACKOFF_START: Duration = Duration::from_millis(250);
@@ -135,6 +157,18 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Whether this side probes this path at once (*leads* it) or holds it,
+    /// sending only openers until it hears from the partner. With both
+    /// strategies each peer leads one path: the deciding peer `observed`, the
+    /// other `seed`. With one strategy the deciding peer leads it.
+    fn leads(self, both: bool, decider: bool) -> bool {
+        if both {
+            (self == Strategy::Observed) == decider
+        } else {
+            decider
+        }
+    }
+
     /// The name used on the command line and in output.
     pub fn name(self) -> &'static str {
         match self {
@@ -670,6 +704,8 @@ struct Path {
     /// answers from another one (its NAT changed the port).
     target: SocketAddr,
     expected: SocketAddr,
+    /// Sends only openers until the partner is heard (or [`HOLD_LIMIT`]).
+    held: bool,
     sent: u32,
     heard: u32,
     heard_probe: bool,
@@ -756,6 +792,8 @@ fn punch(
     };
     let mut paths: Vec<Path> = Vec::with_capacity(2);
     let mut reg = Some(reg);
+    let decider = cfg.self_id < cfg.peer_id;
+    let both = cfg.strategies().len() > 1;
     for &strategy in cfg.strategies() {
         report.tried.push(strategy);
         let (socket, target) = match strategy {
@@ -784,6 +822,9 @@ fn punch(
             socket,
             target,
             expected: target,
+            // Holding needs openers: without them the partner's probes could
+            // never get in, and the hold would only cost time.
+            held: cfg.opener_ttl > 0 && !strategy.leads(both, decider),
             sent: 0,
             heard: 0,
             heard_probe: false,
@@ -818,7 +859,10 @@ fn punch(
             Duration::ZERO
         };
     let mut next_probe = punch_start;
-    let decider = cfg.self_id < cfg.peer_id;
+    // Past this, a path still held starts probing normally. Capped so that a
+    // short punch window still leaves a third of itself for normal probing.
+    let mut hold_until = Some(Instant::now() + HOLD_LIMIT.min(cfg.punch_window * 2 / 3))
+        .filter(|_| paths.iter().any(|p| p.held));
     let mut peer_nonce = 0u64;
     // The deciding side's winner and when it stops waiting for the echo of done.
     let mut won: Option<(usize, Instant)> = None;
@@ -846,6 +890,11 @@ fn punch(
             report.likely = paths.iter().map(|p| Likely::of(p, decider)).max();
             return Ok(Err(report));
         }
+        if hold_until.is_some_and(|t| now >= t) {
+            log::info!("nothing heard from the peer while holding; probing every path");
+            release(&mut paths);
+            hold_until = None;
+        }
         if now >= next_probe {
             match won {
                 Some((i, _)) => {
@@ -855,14 +904,26 @@ fn punch(
                 None => {
                     let probe = session.header(Kind::Probe, peer_nonce, 0);
                     for p in &mut paths {
-                        p.sent += 1;
-                        let _ = p.socket.send_to(&probe, p.target);
+                        if p.held {
+                            // Keeps (or, if the first was lost, makes) our
+                            // mapping without touching the partner's NAT.
+                            send_opener(&p.socket, &probe, p.target, cfg.opener_ttl);
+                        } else {
+                            p.sent += 1;
+                            let _ = p.socket.send_to(&probe, p.target);
+                        }
                     }
                 }
             }
             next_probe = now + PROBE_INTERVAL;
         }
-        wait(poll, &mut events, next_probe.min(end) - now)?;
+        let wake = hold_until.map_or(next_probe, |t| t.min(next_probe));
+        wait(
+            poll,
+            &mut events,
+            wake.min(end).saturating_duration_since(now),
+        )?;
+        let mut heard_peer = false;
         for event in events.iter() {
             let Some(i) = path_of(event.token(), &paths) else {
                 continue;
@@ -881,6 +942,7 @@ fn punch(
                 if from.ip() != p.target.ip() {
                     continue;
                 }
+                heard_peer = true;
                 if from != p.target {
                     log::info!(
                         "{}: the peer answers from {from}, not {}; following it",
@@ -938,6 +1000,22 @@ fn punch(
                 }
             }
         }
+        // Anything from the partner (a normal-TTL packet: openers die on the
+        // way) means it has its reply and its openers have left its NAT, on
+        // every path at once: probing normally can no longer race them.
+        if heard_peer && hold_until.is_some() {
+            log::info!("heard the peer; probing every path");
+            release(&mut paths);
+            hold_until = None;
+            next_probe = Instant::now().min(next_probe);
+        }
+    }
+}
+
+/// Ends the hold: every path probes normally from the next probe round.
+fn release(paths: &mut [Path]) {
+    for p in paths {
+        p.held = false;
     }
 }
 
@@ -1339,6 +1417,22 @@ mod tests {
         let mut swapped = PROBE_FIXTURE;
         swapped[8..16].copy_from_slice(&[2, 0, 0, 0, 1, 0, 0, 0]);
         assert!(me.accept(&swapped).is_none());
+    }
+
+    #[test]
+    fn exactly_one_peer_leads_each_path() {
+        for both in [true, false] {
+            for s in [Strategy::Seed, Strategy::Observed] {
+                assert_ne!(s.leads(both, true), s.leads(both, false), "{s} both={both}");
+            }
+        }
+        // With both strategies, each peer leads one path.
+        for decider in [true, false] {
+            assert_ne!(
+                Strategy::Seed.leads(true, decider),
+                Strategy::Observed.leads(true, decider)
+            );
+        }
     }
 
     #[test]

@@ -475,3 +475,242 @@ fn two_clients_connect_over_ipv6() {
         assert_eq!(field(&a, "peer"), field(&b, "local"));
     }
 }
+
+// ---------------------------------------------------------------------------
+// Holding a path: the side that does not lead a path sends only openers on it
+// until it hears the partner. Seen from a test socket that plays the partner
+// and reads each datagram's TTL (IP_RECVTTL), since on loopback an opener
+// arrives like any other datagram.
+
+/// The TTL the tests give openers; loopback's default is 64.
+const OPENER_TTL: i32 = 3;
+
+/// A socket that plays the partner and reports the TTL of what it receives.
+fn ttl_socket() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let on: libc::c_int = 1;
+    // SAFETY: the fd is a live UDP socket owned by `s`; the option value is a
+    // c_int on the stack whose size is passed alongside it.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::IPPROTO_IP,
+            libc::IP_RECVTTL,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IP_RECVTTL: {}", std::io::Error::last_os_error());
+    s
+}
+
+/// One datagram seen by the partner socket.
+struct Seen {
+    kind: u8,
+    ttl: i32,
+    nonce: [u8; 8],
+    echo: [u8; 8],
+    from: SocketAddr,
+}
+
+/// Receives one psync datagram and its TTL, or `None` after `timeout`.
+fn recv_seen(s: &UdpSocket, timeout: Duration) -> Option<Seen> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 2048];
+    let mut control = [0u64; 8];
+    let mut from: libc::sockaddr_in = libc::sockaddr_in {
+        sin_family: 0,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_zero: [0; 8],
+    };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below refers to a local
+    // that outlives the recvmsg call, with its true length. The cmsg walk uses
+    // the libc macros over the control buffer the kernel just filled, and
+    // reads the TTL only from a header of type IP_TTL (an int, per ip(7)).
+    #[allow(unsafe_code)]
+    let (n, ttl) = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&mut from as *mut libc::sockaddr_in).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(s), &mut msg, 0);
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "recvmsg: {e}"
+            );
+            return None;
+        }
+        let mut ttl = -1;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_TTL {
+                ttl = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        (n as usize, ttl)
+    };
+    assert_eq!(n, 40, "only 40-byte handshake datagrams expected");
+    assert_eq!(&buf[..4], b"psHP");
+    let ip = std::net::Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr));
+    Some(Seen {
+        kind: buf[5],
+        ttl,
+        nonce: buf[16..24].try_into().unwrap(),
+        echo: buf[24..32].try_into().unwrap(),
+        from: SocketAddr::from((ip, u16::from_be(from.sin_port))),
+    })
+}
+
+/// A handshake datagram from peer 1 to peer 2 (the layout in src/client.rs).
+fn from_peer_1(kind: u8, nonce: [u8; 8], echo: [u8; 8]) -> [u8; 40] {
+    let mut d = [0u8; 40];
+    d[..4].copy_from_slice(b"psHP");
+    d[4] = 1;
+    d[5] = kind;
+    d[8..12].copy_from_slice(&1u32.to_le_bytes());
+    d[12..16].copy_from_slice(&2u32.to_le_bytes());
+    d[16..24].copy_from_slice(&nonce);
+    d[24..32].copy_from_slice(&echo);
+    d
+}
+
+/// A fake server whose reply sends the client's observed path to `partner`.
+fn server_pointing_at(partner: &UdpSocket) -> SocketAddr {
+    let reply = psync::Reply {
+        // Unused with --strategy observed, but the reply must be valid.
+        src_port: 9,
+        dst_port: 10,
+        peer: partner.local_addr().unwrap(),
+    };
+    let mut bytes = [0u8; psync::wire::MAX_REPLY_LEN];
+    let n = reply.emit(&mut bytes);
+    fake_server(bytes[..n].to_vec()).0
+}
+
+const PROBE: u8 = 1;
+const REPLY: u8 = 2;
+const DONE: u8 = 3;
+
+#[test]
+fn held_path_sends_only_openers_until_the_peer_is_heard() {
+    let partner = ttl_socket();
+    let server = server_pointing_at(&partner);
+    // Peer 2 does not decide, so with one strategy it holds the path. The hold
+    // lasts 2 s; the test speaks well before that.
+    let ttl = OPENER_TTL.to_string();
+    let args = [
+        "--json",
+        "--strategy",
+        "observed",
+        "--opener-ttl",
+        &ttl,
+        "--attempts",
+        "1",
+        "--punch-window",
+        "9",
+        "--timeout",
+        "10",
+    ];
+    let mut child = client(server, "2", "1", &args).spawn().unwrap();
+    let Some(first) = recv_seen(&partner, Duration::from_secs(20)) else {
+        let _ = child.kill();
+        panic!("no opener arrived: {}", finish(child).stderr);
+    };
+    let mut openers = 1;
+    let quiet_until = Instant::now() + Duration::from_millis(400);
+    while let Some(seen) = recv_seen(
+        &partner,
+        quiet_until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1)),
+    ) {
+        assert_eq!(
+            (seen.kind, seen.ttl),
+            (PROBE, OPENER_TTL),
+            "the holding side sent a normal datagram before hearing the peer"
+        );
+        openers += 1;
+        if Instant::now() >= quiet_until {
+            break;
+        }
+    }
+    assert_eq!(first.ttl, OPENER_TTL);
+    assert!(
+        openers >= 2,
+        "openers are repeated while holding: {openers}"
+    );
+    // Now the partner speaks: the client must answer and probe normally.
+    let nonce = 0x5eed_u64.to_le_bytes();
+    partner
+        .send_to(&from_peer_1(PROBE, nonce, [0; 8]), first.from)
+        .unwrap();
+    let (mut replied, mut probed) = (false, false);
+    while !(replied && probed) {
+        let seen = recv_seen(&partner, Duration::from_secs(5)).expect("no answer to the probe");
+        match seen.kind {
+            REPLY if seen.echo == nonce => {
+                assert_ne!(seen.ttl, OPENER_TTL, "a reply goes out at the normal TTL");
+                replied = true;
+            }
+            PROBE if seen.ttl != OPENER_TTL => probed = true,
+            _ => {}
+        }
+    }
+    // Decide for the client, as peer 1 would; it echoes done and connects.
+    partner
+        .send_to(&from_peer_1(DONE, nonce, first.nonce), first.from)
+        .unwrap();
+    let done = finish(child);
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert_eq!(field(&done.stdout, "strategy"), "observed");
+}
+
+#[test]
+fn a_hold_with_no_word_from_the_peer_ends_in_normal_probes() {
+    let partner = ttl_socket();
+    let server = server_pointing_at(&partner);
+    let ttl = OPENER_TTL.to_string();
+    // A 0.6 s window caps the hold at 0.4 s; the partner never answers.
+    let args = [
+        "--strategy",
+        "observed",
+        "--opener-ttl",
+        &ttl,
+        "--attempts",
+        "1",
+        "--punch-window",
+        "0.6",
+        "--timeout",
+        "3",
+    ];
+    let mut child = client(server, "2", "1", &args).spawn().unwrap();
+    let Some(first) = recv_seen(&partner, Duration::from_secs(20)) else {
+        let _ = child.kill();
+        panic!("no opener arrived: {}", finish(child).stderr);
+    };
+    assert_eq!((first.kind, first.ttl), (PROBE, OPENER_TTL));
+    let mut normal = 0;
+    while let Some(seen) = recv_seen(&partner, Duration::from_secs(2)) {
+        if seen.ttl != OPENER_TTL {
+            normal += 1;
+        }
+    }
+    let done = finish(child);
+    assert_eq!(done.code, Some(4), "{}", done.stderr);
+    assert!(normal > 0, "the hold never ended: {}", done.stderr);
+}
