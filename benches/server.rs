@@ -1,0 +1,190 @@
+//! End to end over loopback: pairs matched per second by an in-process
+//! [`psync::Server`] at `--batch` 1, 8, 32 and 64.
+//!
+//! The server runs on its own thread, bound to 127.0.0.1:0. One client
+//! thread drives [`SOCKETS`] nonblocking sockets; each keeps up to
+//! [`WINDOW`] pairs in flight, sending both halves of a pair (`(a, b)` then
+//! `(b, a)`, each ID pair used once) and counting the two replies that come
+//! back. A pair counts when both replies have arrived. The window keeps the
+//! server's receive queue non-empty, so the server's batch size decides how
+//! many datagrams each `recvmmsg`/`sendmmsg` moves.
+//!
+//! Per-source limits are off (every client shares 127.0.0.1); the rest is
+//! `ServerConfig::default()` but for a 1 s replay lifetime with room for
+//! 2^20 replay entries, sized for this rate.
+//!
+//! The client uses plain `send`/`recv` (one syscall per datagram: batching
+//! the client would need `unsafe`, which lives only in the library's `sys`
+//! module), so on a 2-core machine the client's syscalls share the limit
+//! with the server's; the batch-1 to batch-64 difference is the server's.
+//!
+//! Run with `cargo bench --bench server`.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use psync::limit::RateLimit;
+use psync::{Counters, PeerId, Request, Server, ServerConfig, ShutdownHandle};
+
+/// Client sockets, each its own source address (port) to the server.
+const SOCKETS: usize = 4;
+/// Pairs in flight per socket: 2 * SOCKETS * WINDOW = 512 datagrams queued
+/// at most, far below what the 4 MiB socket buffers hold, so nothing is
+/// lost and the server always has a full batch waiting.
+const WINDOW: usize = 64;
+/// No reply for this long means datagrams were lost: give up on them.
+const STALL: Duration = Duration::from_millis(500);
+
+struct Running {
+    addr: SocketAddr,
+    handle: ShutdownHandle,
+    thread: JoinHandle<io::Result<Counters>>,
+}
+
+fn start(batch: usize) -> Running {
+    let mut cfg = ServerConfig {
+        bind: vec!["127.0.0.1:0".parse().unwrap()],
+        batch,
+        stats_interval: None,
+        // Every client here shares 127.0.0.1: a per-source limit would
+        // measure the limiter, not the server.
+        rate_limit: RateLimit::OFF,
+        ..ServerConfig::default()
+    };
+    cfg.engine.capacity = 1 << 16;
+    // Sized for the rate: ~150k pairs/s leave 300k replay entries per second.
+    cfg.engine.replay_capacity = 1 << 20;
+    cfg.engine.replay_ttl_ms = 1_000;
+    cfg.engine.max_pending_per_source = 0;
+    cfg.engine.seed = Some(5);
+    let mut server = Server::bind(&cfg).expect("server binds");
+    let addr = server.local_addrs()[0];
+    let handle = server.shutdown_handle();
+    let thread = std::thread::spawn(move || server.run());
+    Running {
+        addr,
+        handle,
+        thread,
+    }
+}
+
+fn request(self_id: u32, peer_id: u32) -> [u8; 8] {
+    Request {
+        self_id: PeerId::from_u32(self_id),
+        peer_id: PeerId::from_u32(peer_id),
+    }
+    .emit()
+}
+
+struct Client {
+    sockets: Vec<UdpSocket>,
+    next_id: u32,
+    lost: u64,
+}
+
+impl Client {
+    fn new(server: SocketAddr) -> Client {
+        let sockets = (0..SOCKETS)
+            .map(|_| {
+                let s = UdpSocket::bind("127.0.0.1:0").expect("client socket");
+                s.connect(server).expect("connect");
+                s.set_nonblocking(true).expect("nonblocking");
+                s
+            })
+            .collect();
+        Client {
+            sockets,
+            next_id: 1,
+            lost: 0,
+        }
+    }
+
+    /// Matches `pairs` pairs and returns how long it took.
+    fn run(&mut self, pairs: u64) -> Duration {
+        let mut to_start = pairs;
+        // Replies still expected, per socket.
+        let mut waiting = [0u64; SOCKETS];
+        let mut buf = [0u8; 64];
+        let start = Instant::now();
+        let mut progress = start;
+        loop {
+            let mut moved = false;
+            for (s, owed) in self.sockets.iter().zip(waiting.iter_mut()) {
+                while to_start > 0 && *owed < 2 * WINDOW as u64 {
+                    let (a, b) = (self.next_id, self.next_id.wrapping_add(1));
+                    self.next_id = self.next_id.wrapping_add(2) | 1;
+                    // A full socket buffer would be a client problem;
+                    // count the pair as lost rather than retry.
+                    if s.send(&request(a, b)).is_err() || s.send(&request(b, a)).is_err() {
+                        self.lost += 1;
+                    } else {
+                        *owed += 2;
+                    }
+                    to_start -= 1;
+                }
+                loop {
+                    match s.recv(&mut buf) {
+                        Ok(_) => {
+                            *owed = owed.saturating_sub(1);
+                            moved = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("client recv: {e}"),
+                    }
+                }
+            }
+            if to_start == 0 && waiting.iter().all(|&w| w == 0) {
+                break;
+            }
+            let now = Instant::now();
+            if moved {
+                progress = now;
+            } else if now - progress > STALL {
+                self.lost += waiting.iter().sum::<u64>() / 2;
+                waiting = [0; SOCKETS];
+                if to_start == 0 {
+                    break;
+                }
+            }
+        }
+        start.elapsed()
+    }
+}
+
+fn server(c: &mut Criterion) {
+    let mut group = c.benchmark_group("server");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    for batch in [1, 8, 32, 64] {
+        let server = start(batch);
+        let mut client = Client::new(server.addr);
+        group.bench_function(BenchmarkId::new("pairs", format!("batch_{batch}")), |b| {
+            b.iter_custom(|pairs| client.run(pairs))
+        });
+        server.handle.shutdown();
+        let counters = server
+            .thread
+            .join()
+            .expect("server thread")
+            .expect("server run");
+        println!(
+            "server/pairs/batch_{batch}: {} received, {} matched, {} sent, {} send_dropped, \
+             {} replay_full; client lost {} pairs",
+            counters.received,
+            counters.matched,
+            counters.sent,
+            counters.send_dropped,
+            counters.replay_full,
+            client.lost
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, server);
+criterion_main!(benches);
