@@ -55,7 +55,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             capacity: 1 << 20,
-            replay_capacity: 1 << 18,
+            replay_capacity: 1 << 20,
             ttl_ms: 30_000,
             replay_ttl_ms: 10_000,
             port_lo: 1024,

@@ -194,6 +194,9 @@ pub struct PendingPerSource {
     /// continuous when the 32-bit clock wraps (mod `mask + 1`).
     shift: u32,
     mask: u32,
+    /// Slots that can hold a live registration: the newest plus enough older
+    /// ones to cover the lifetime (at most `WINDOW_SLOTS`).
+    span: u32,
 }
 
 impl PendingPerSource {
@@ -212,6 +215,7 @@ impl PendingPerSource {
             ttl: ttl_ms,
             shift,
             mask: u32::MAX >> shift,
+            span: ttl_ms.div_ceil(1 << shift) + 1,
         }
     }
 
@@ -249,9 +253,14 @@ impl PendingPerSource {
     /// `None` when it has no window.
     fn held(&mut self, source: u64, now: Millis) -> Option<u32> {
         let slot = self.slot(now);
-        let mask = self.mask;
+        let (mask, span) = (self.mask, self.span);
         let w = self.windows.get(source, now)?;
-        Some(live(w, slot, mask).iter().map(|&c| u32::from(c)).sum())
+        Some(
+            live(w, slot, mask, span)
+                .iter()
+                .map(|&c| u32::from(c))
+                .sum(),
+        )
     }
 
     /// Registrations `source` holds now (never less than the truth).
@@ -277,7 +286,7 @@ impl PendingPerSource {
     pub fn add(&mut self, source: u64, now: Millis) {
         let slot = self.slot(now);
         let mut w = self.windows.get(source, now).copied().unwrap_or_default();
-        w.counts = live(&w, slot, self.mask);
+        w.counts = live(&w, slot, self.mask, self.span);
         w.head = slot;
         let c = &mut w.counts[slot as usize % WINDOW_SLOTS];
         *c = c.saturating_add(1);
@@ -296,9 +305,9 @@ impl PendingPerSource {
         };
         let mut w = Window {
             head: slot,
-            counts: live(&old, slot, self.mask),
+            counts: live(&old, slot, self.mask, self.span),
         };
-        if (self.age(slot, reg_slot) as usize) < WINDOW_SLOTS {
+        if self.age(slot, reg_slot) < self.span {
             let c = &mut w.counts[reg_slot as usize % WINDOW_SLOTS];
             *c = c.saturating_sub(1);
         }
@@ -314,17 +323,23 @@ impl PendingPerSource {
     }
 }
 
-/// The window's counts as of `slot`: slots that left the window are zeroed.
-/// Slot numbers live modulo `mask + 1`, a multiple of `WINDOW_SLOTS`, so the
-/// ring index stays right across the clock's wrap.
-fn live(w: &Window, slot: u32, mask: u32) -> [u16; WINDOW_SLOTS] {
+/// The window's counts as of `slot`: only the `span` newest slots can hold
+/// live registrations, the others are zeroed. Slot numbers live modulo
+/// `mask + 1`, a multiple of `WINDOW_SLOTS`, so the ring index stays right
+/// across the clock's wrap.
+fn live(w: &Window, slot: u32, mask: u32, span: u32) -> [u16; WINDOW_SLOTS] {
     let mut counts = w.counts;
     let advance = slot.wrapping_sub(w.head) & mask;
-    if advance as usize >= WINDOW_SLOTS {
+    if advance >= span {
         return [0; WINDOW_SLOTS];
     }
+    // Slots from the head up to now start empty; slots older than the span
+    // hold only dead registrations.
     for k in 1..=advance {
         counts[(w.head.wrapping_add(k) & mask) as usize % WINDOW_SLOTS] = 0;
+    }
+    for age in span..WINDOW_SLOTS as u32 {
+        counts[(slot.wrapping_sub(age) & mask) as usize % WINDOW_SLOTS] = 0;
     }
     counts
 }
@@ -458,5 +473,17 @@ mod tests {
         assert!(p.allows(key(65), 3));
         // Once the registrations are surely dead, the sweep makes room.
         assert!(p.allows(key(66), 2000));
+    }
+
+    #[test]
+    fn expired_registrations_stop_counting_within_two_slots() {
+        // ttl 30 s: slots of 8192 ms, five of them can hold live entries.
+        let mut p = PendingPerSource::new(16, 2, 30_000, [3, 4]);
+        let src = source_key("192.0.2.1".parse().unwrap());
+        p.add(src, 0);
+        p.add(src, 30_000);
+        // The first expired at 30 000: by 30 000 + 2 slots it no longer counts.
+        assert_eq!(p.count(src, 30_000 + 2 * 8192), 1);
+        assert!(p.allows(src, 61_000));
     }
 }

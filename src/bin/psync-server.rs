@@ -51,7 +51,7 @@ struct Args {
     capacity: usize,
 
     /// Most matches remembered for replay, per address family.
-    #[arg(long, default_value_t = 1 << 18, value_name = "N")]
+    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
     replay_capacity: usize,
 
     /// Ports handed to peers, inclusive.
