@@ -42,8 +42,9 @@ struct Args {
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     attempts: u32,
 
-    /// TTL of the opener packets sent before punching (0: none). 2 leaves one
-    /// NAT router and dies at the next hop; raise it behind double NAT.
+    /// TTL of the opener packets sent before punching (0: none, and no path is
+    /// held until the peer is heard). 2 leaves one NAT router and dies at the
+    /// next hop; raise it behind double NAT.
     #[arg(long, default_value_t = DEFAULT_OPENER_TTL, value_name = "N")]
     opener_ttl: u8,
 
