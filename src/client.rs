@@ -706,6 +706,8 @@ struct Path {
     expected: SocketAddr,
     /// Sends only openers until the partner is heard (or [`HOLD_LIMIT`]).
     held: bool,
+    /// Openers repeated while holding (the first one is not counted).
+    held_openers: u32,
     sent: u32,
     heard: u32,
     heard_probe: bool,
@@ -769,8 +771,13 @@ fn path_note(p: &Path) -> String {
     } else {
         String::new()
     };
+    let held = if p.held_openers > 0 {
+        format!(" after {} openers while holding", p.held_openers)
+    } else {
+        String::new()
+    };
     format!(
-        "{} to {}{moved}: {} probes sent, {} answers",
+        "{} to {}{moved}: {} probes sent{held}, {} answers",
         p.strategy, p.expected, p.sent, p.heard
     )
 }
@@ -825,6 +832,7 @@ fn punch(
             // Holding needs openers: without them the partner's probes could
             // never get in, and the hold would only cost time.
             held: cfg.opener_ttl > 0 && !strategy.leads(both, decider),
+            held_openers: 0,
             sent: 0,
             heard: 0,
             heard_probe: false,
@@ -908,6 +916,7 @@ fn punch(
                             // Keeps (or, if the first was lost, makes) our
                             // mapping without touching the partner's NAT.
                             send_opener(&p.socket, &probe, p.target, cfg.opener_ttl);
+                            p.held_openers += 1;
                         } else {
                             p.sent += 1;
                             let _ = p.socket.send_to(&probe, p.target);

@@ -713,4 +713,9 @@ fn a_hold_with_no_word_from_the_peer_ends_in_normal_probes() {
     let done = finish(child);
     assert_eq!(done.code, Some(4), "{}", done.stderr);
     assert!(normal > 0, "the hold never ended: {}", done.stderr);
+    assert!(
+        done.stderr.contains("openers while holding"),
+        "{}",
+        done.stderr
+    );
 }
