@@ -3,7 +3,8 @@
 //! This is the only module allowed `unsafe`. It offers one API, [`RecvBatch`]
 //! and [`SendQueue`], backed by `recvmmsg`/`sendmmsg` on Linux
 //! (`sys/linux.rs`) and by plain `recv_from`/`send_to` elsewhere
-//! (`sys/fallback.rs`). Buffers are allocated once, in `new`; `recv` and
+//! (`sys/fallback.rs`; the `portable-io` feature selects it on Linux too, so
+//! CI tests it). Buffers are allocated once, in `new`; `recv` and
 //! `flush` never allocate. Errors are `io::Error`; `WouldBlock` means the
 //! socket has nothing more (or no room) right now.
 #![allow(unsafe_code)]
@@ -13,11 +14,11 @@ use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(feature = "portable-io")))]
 #[path = "linux.rs"]
 mod imp;
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(any(not(target_os = "linux"), feature = "portable-io"))]
 #[path = "fallback.rs"]
 mod imp;
 
