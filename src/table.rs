@@ -5,12 +5,18 @@
 //! each with an expiry time, inserted and removed at high rates.
 //!
 //! Design, and why:
-//! - Linear probing over a slot array sized for a 7/8 load factor at capacity,
+//! - Linear probing over a slot array sized for a 2/3 load factor at capacity,
 //!   with a separate byte array of control bytes (0 = empty, else a 7-bit
 //!   fingerprint with the top bit set). A miss scans control bytes, 64 to a cache
-//!   line, and touches a slot only on a fingerprint hit.
-//! - Slot index by multiply-shift range reduction, so the slot count need not be
-//!   a power of two: memory per entry stays near `(slot + 1) * 8 / 7` bytes.
+//!   line, and touches a slot only on a fingerprint hit. Not a higher load:
+//!   expiry frees slots only where the sweep passes, so just ahead of it the
+//!   local load runs about a tenth above the average, and linear probing
+//!   degrades steeply past 3/4 (7/8 made clusters of thousands of slots in
+//!   a full replay cache).
+//! - Slots are packed byte arrays (alignment 1 for address values), and the
+//!   slot index comes by multiply-shift range reduction, so the slot count
+//!   need not be a power of two: memory per entry stays near
+//!   `(slot + 1) * 3 / 2` bytes, 28.5 for an IPv4 entry.
 //! - Deletion by backward shift: no tombstones, so heavy churn never degrades
 //!   probing and never needs a rehash.
 //! - Keys are hashed with a keyed mixer seeded at start, so a client cannot
@@ -18,8 +24,10 @@
 //! - Expiry is lazy and incremental: a lookup treats an expired entry as absent
 //!   (and reclaims it); [`Table::expire`] walks a cursor over a bounded number of
 //!   slots per call, so a million entries expiring at once never stall the loop.
-//!   When the table is full, an insertion reuses an expired slot on its probe
-//!   path before it gives up.
+//!   The cursor's pace counts slots passed, not entries reclaimed, so the sweep
+//!   never falls behind its period when many entries expire.
+//!   When the table is full, an insertion first sweeps a few slots on, then
+//!   reuses an expired slot on its probe path, before it gives up.
 //!
 //! The table takes `now` from the caller and never reads a clock. Nothing
 //! allocates after [`Table::new`]. Times are `u32` milliseconds compared with
@@ -30,20 +38,34 @@
 pub type Millis = u32;
 
 /// Load factor at capacity, as a fraction `LOAD_NUM / LOAD_DEN`.
-const LOAD_NUM: usize = 7;
-const LOAD_DEN: usize = 8;
+const LOAD_NUM: usize = 2;
+const LOAD_DEN: usize = 3;
 /// Control byte of an empty slot.
 const EMPTY: u8 = 0;
 /// Most slots one `expire` call examines, so one loop turn stays short.
 pub const MAX_SWEEP_PER_CALL: usize = 2048;
+/// Slots a full table sweeps before an insertion falls back to reusing an
+/// expired slot on its own probe path. Why sweep first: reuse admits only
+/// keys whose probe path crosses an expired entry, which favours the longest
+/// clusters just ahead of the sweep; fed that way, a full replay cache grew
+/// one cluster over a third of its slots. Sweeping keeps expired entries
+/// rare, and the room it makes goes to keys hashed anywhere.
+const FULL_SWEEP: usize = 64;
 
 #[derive(Clone, Copy)]
 struct Slot<V> {
-    // Two halves rather than a u64 so that a slot aligns to 4 bytes: an IPv4
-    // pending entry is then 20 bytes instead of 24.
-    key: [u32; 2],
-    expires: Millis,
+    // Byte arrays rather than integers so that a slot has the alignment of
+    // its value: an IPv4 pending entry is then 18 bytes instead of 24.
+    key: [u8; 8],
+    expires: [u8; 4],
     value: V,
+}
+
+impl<V> Slot<V> {
+    #[inline]
+    fn expires(&self) -> Millis {
+        Millis::from_ne_bytes(self.expires)
+    }
 }
 
 /// What [`Table::insert`] did.
@@ -100,8 +122,8 @@ impl<V: Copy + Default> Table<V> {
     pub fn new(capacity: usize, seed: [u64; 2], sweep_period_ms: u32) -> Table<V> {
         let slots = capacity + capacity.div_ceil(LOAD_NUM) * (LOAD_DEN - LOAD_NUM) + 1;
         let empty = Slot {
-            key: [0; 2],
-            expires: 0,
+            key: [0; 8],
+            expires: [0; 4],
             value: V::default(),
         };
         let period = u64::from(sweep_period_ms.max(1));
@@ -191,7 +213,7 @@ impl<V: Copy> Table<V> {
     #[inline]
     pub fn get(&mut self, key: u64, now: Millis) -> Option<&V> {
         let i = self.find(key).ok()?;
-        if is_expired(self.slots[i].expires, now) {
+        if is_expired(self.slots[i].expires(), now) {
             self.remove_at(i);
             self.expired += 1;
             return None;
@@ -211,11 +233,11 @@ impl<V: Copy> Table<V> {
         let i = self.find(key).ok()?;
         let slot = self.slots[i];
         self.remove_at(i);
-        if is_expired(slot.expires, now) {
+        if is_expired(slot.expires(), now) {
             self.expired += 1;
             return None;
         }
-        Some((slot.value, slot.expires))
+        Some((slot.value, slot.expires()))
     }
 
     /// Inserts `value` under `key` until `expires`, replacing a live entry.
@@ -237,17 +259,17 @@ impl<V: Copy> Table<V> {
     ) -> Inserted<V> {
         let slot = Slot {
             key: split(key),
-            expires,
+            expires: expires.to_ne_bytes(),
             value,
         };
         match self.find(key) {
             Ok(i) => {
                 let old = self.slots[i];
-                if !is_expired(old.expires, now) {
+                if !is_expired(old.expires(), now) {
                     self.slots[i] = slot;
                     Inserted::Replaced {
                         old: old.value,
-                        old_expires: old.expires,
+                        old_expires: old.expires(),
                     }
                 } else if may_add {
                     self.slots[i] = slot;
@@ -258,6 +280,15 @@ impl<V: Copy> Table<V> {
                 }
             }
             Err(_) if !may_add => Inserted::Full,
+            Err(_) if self.len >= self.capacity && self.sweep(now, FULL_SWEEP) > 0 => {
+                // The sweep made room (and moved entries): probe again. The
+                // key is still absent, as a sweep only removes.
+                let i = self.find(key).err().unwrap_or_else(|| unreachable!());
+                self.ctrl[i] = fingerprint(self.hash(key));
+                self.slots[i] = slot;
+                self.len += 1;
+                Inserted::New
+            }
             Err(_) if self.len >= self.capacity => match self.expired_on_path(key, now) {
                 Some(i) => {
                     self.ctrl[i] = fingerprint(self.hash(key));
@@ -281,7 +312,7 @@ impl<V: Copy> Table<V> {
     fn expired_on_path(&self, key: u64, now: Millis) -> Option<usize> {
         let mut i = self.home(self.hash(key));
         while self.ctrl[i] != EMPTY {
-            if is_expired(self.slots[i].expires, now) {
+            if is_expired(self.slots[i].expires(), now) {
                 return Some(i);
             }
             i = self.next(i);
@@ -316,22 +347,27 @@ impl<V: Copy> Table<V> {
         self.len -= 1;
     }
 
-    /// Reclaims expired entries, examining at most `max_slots` slots from
-    /// where the last call stopped. Returns the number reclaimed.
+    /// Reclaims expired entries, moving the cursor at most `max_slots` slots
+    /// on from where the last call stopped and reclaiming at most `max_slots`
+    /// entries. Returns the number reclaimed.
     pub fn sweep(&mut self, now: Millis, max_slots: usize) -> usize {
         let mut reclaimed = 0;
         let mut cursor = self.sweep.cursor;
-        // One pass at most per call; a removal counts as one slot of work.
-        for _ in 0..max_slots.min(self.ctrl.len()) {
-            if self.len == 0 {
-                break;
-            }
-            if self.ctrl[cursor] != EMPTY && is_expired(self.slots[cursor].expires, now) {
+        // One pass at most per call. Reclaiming does not move the cursor, and
+        // must not use up its budget either: if it did, a region thick with
+        // expired entries would slow the cursor below one pass per period,
+        // more expired entries would pile up ahead of it, and it would fall
+        // further behind (seen: a full replay cache grew one cluster over a
+        // third of its slots).
+        let mut moves = max_slots.min(self.ctrl.len());
+        while moves > 0 && reclaimed < max_slots && self.len > 0 {
+            if self.ctrl[cursor] != EMPTY && is_expired(self.slots[cursor].expires(), now) {
                 // An entry from further on may shift into `cursor`: look again.
                 self.remove_at(cursor);
                 reclaimed += 1;
             } else {
                 cursor = self.next(cursor);
+                moves -= 1;
             }
         }
         self.sweep.cursor = cursor;
@@ -365,8 +401,8 @@ impl<V: Copy> Table<V> {
     /// Visits every live entry (for tests and diagnostics; not for the hot path).
     pub fn for_each_live(&self, now: Millis, mut f: impl FnMut(u64, &V, Millis)) {
         for (c, s) in self.ctrl.iter().zip(self.slots.iter()) {
-            if *c != EMPTY && !is_expired(s.expires, now) {
-                f(join(s.key), &s.value, s.expires);
+            if *c != EMPTY && !is_expired(s.expires(), now) {
+                f(join(s.key), &s.value, s.expires());
             }
         }
     }
@@ -394,13 +430,13 @@ fn fingerprint(hash: u64) -> u8 {
 }
 
 #[inline]
-fn split(key: u64) -> [u32; 2] {
-    [key as u32, (key >> 32) as u32]
+fn split(key: u64) -> [u8; 8] {
+    key.to_ne_bytes()
 }
 
 #[inline]
-fn join(key: [u32; 2]) -> u64 {
-    u64::from(key[0]) | (u64::from(key[1]) << 32)
+fn join(key: [u8; 8]) -> u64 {
+    u64::from_ne_bytes(key)
 }
 
 #[cfg(test)]
