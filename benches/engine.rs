@@ -9,19 +9,20 @@
 //! [`Engine::handle`] does in the server, including the replay lookup that
 //! comes first and the `full` check.
 //!
-//! Time is simulated: the clock advances 1 ms per 10 requests and
+//! Time is simulated: the clock advances 1 ms per 40 requests and
 //! [`Engine::expire`] runs every 10 ms of it (every 1 ms while it owes work),
 //! as the server's expiry tick does. Each request leaves one replay entry on
 //! average (a match remembers two), alive for the 10 s replay lifetime plus
-//! up to a sweep period, so the replay cache churns through about 125k
-//! entries, half its default capacity of 2^18, as it would at 10k requests/s.
+//! up to a sweep period, so the replay cache churns through about 500k
+//! entries, half its default capacity of 2^20, as it would at 40k requests/s.
 //! The registration lifetime is 24 h so that the 10^6 background entries
 //! stay pending however long Criterion runs; all other settings are
 //! `EngineConfig::default()` (capacity 2^20, at most 1000 pending per source).
 //!
-//! A third case, `replay_full`, runs the clock at 40 requests per ms: twice
-//! what the default replay cache holds, so it stays full and refuses entries
-//! (counted in `replay_full`); the engine must not slow down for it.
+//! A third case, `replay_full`, gives the replay cache the 2^18 entries that
+//! were its default before: half of what this rate needs, so it stays full
+//! and refuses entries (counted in `replay_full`). The engine must not slow
+//! down for that.
 //!
 //! Run with `cargo bench --bench engine`.
 
@@ -40,6 +41,7 @@ const WINDOW: usize = 1024;
 /// simulated ms a cycle lasts 26 s, well past the 10 s replay lifetime, so a
 /// repeated pair registers afresh.
 const CYCLE_PAIRS: usize = 1 << 19;
+const REQUESTS_PER_MS: u32 = 40;
 const EXPIRY_TICK_MS: u64 = 10;
 const BACKGROUND: usize = 1_000_000;
 
@@ -87,9 +89,10 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(background: usize, requests_per_ms: u32) -> Driver {
+    fn new(background: usize, replay_capacity: usize) -> Driver {
         let mut engine = Engine::new(&EngineConfig {
             ttl_ms: MAX_LIFETIME_MS,
+            replay_capacity,
             seed: Some(1),
             ..EngineConfig::default()
         })
@@ -106,7 +109,7 @@ impl Driver {
             pos: 0,
             now: 0,
             in_this_ms: 0,
-            requests_per_ms,
+            requests_per_ms: REQUESTS_PER_MS,
             next_expiry: 0,
             out: [0; MAX_REPLY_LEN],
         }
@@ -153,17 +156,19 @@ impl Driver {
 }
 
 fn engine(c: &mut Criterion) {
+    const REPLAY_DEFAULT: usize = 1 << 20;
+    assert_eq!(EngineConfig::default().replay_capacity, REPLAY_DEFAULT);
     let mut group = c.benchmark_group("engine");
     group.throughput(Throughput::Elements(2 * WINDOW as u64));
     group.sample_size(50);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
-    for (name, background, rate) in [
-        ("empty", 0, 10),
-        ("pending_1e6", BACKGROUND, 10),
-        ("replay_full", 0, 40),
+    for (name, background, replay) in [
+        ("empty", 0, REPLAY_DEFAULT),
+        ("pending_1e6", BACKGROUND, REPLAY_DEFAULT),
+        ("replay_full", 0, 1 << 18),
     ] {
-        let mut d = Driver::new(background, rate);
+        let mut d = Driver::new(background, replay);
         group.bench_function(BenchmarkId::new("requests", name), |b| {
             b.iter(|| d.window())
         });

@@ -7,7 +7,8 @@
 //! been calling [`Table::expire`] every 10 ms (as the server's expiry tick
 //! does) while they lived, and then all of them expire together. Each turn
 //! is timed on its own with `Instant`; Criterion reports the mean, and the
-//! bench prints the worst turn it saw and a percentile or two.
+//! bench prints the worst turn (see [`worst_turn`] for how preemption by
+//! other processes is kept out of it) and a percentile or two.
 //!
 //! Two cadences:
 //! - `tick`: the server's: the next turn 10 ms later, or 1 ms later when
@@ -123,34 +124,49 @@ impl Expiring {
     }
 }
 
-/// Expires one full million from start to finish, timing every turn.
-fn one_pass(e: &mut Expiring, cadence: Cadence) {
-    if e.table.len() != ENTRIES {
-        // Start from a full million: expire what is left, untimed.
-        let later = e.now.wrapping_add(TTL);
+/// Passes behind the worst-turn figure: the machine is shared, so any
+/// single turn may lose a scheduler slice (milliseconds) to another process.
+const PASSES: usize = 5;
+
+/// Expires one full million from start to finish on a fresh table, timing
+/// every turn; repeats that [`PASSES`] times from the same start. The passes
+/// do identical work turn by turn, so each turn's fastest time is its cost
+/// without preemption; the worst of those is the worst turn.
+fn worst_turn(cadence: Cadence) {
+    let mut best: Vec<Duration> = Vec::new();
+    let mut raw_worst = Duration::ZERO;
+    for pass in 0..PASSES {
+        let mut e = Expiring::new();
+        let mut turns = Vec::with_capacity(4096);
         while !e.table.is_empty() {
-            e.table.sweep(later, usize::MAX);
+            turns.push(e.turn(cadence));
         }
-        e.now = later;
-        e.refill();
+        raw_worst = raw_worst.max(turns.iter().copied().max().unwrap_or_default());
+        if pass == 0 {
+            best = turns;
+        } else {
+            assert_eq!(turns.len(), best.len(), "passes must do the same work");
+            for (b, t) in best.iter_mut().zip(turns) {
+                *b = (*b).min(t);
+            }
+        }
     }
-    let mut turns = Vec::with_capacity(4096);
-    while !e.table.is_empty() {
-        turns.push(e.turn(cadence));
-    }
-    let total: Duration = turns.iter().sum();
-    turns.sort_unstable();
-    let pct = |p: f64| turns[((turns.len() - 1) as f64 * p) as usize];
+    let total: Duration = best.iter().sum();
+    let n = best.len();
+    let mut sorted = best.clone();
+    sorted.sort_unstable();
+    let pct = |p: f64| sorted[((n - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
     println!(
-        "expiry/{}: 10^6 entries expired in {} turns, {:.1} ms of work; per turn \
-         mean {:.1} us, p50 {:.1} us, p99 {:.1} us, worst {:.1} us",
+        "expiry/{}: 10^6 entries expired in {n} turns, {:.1} ms of work; per turn (fastest of \
+         {PASSES} passes) mean {:.1} us, p50 {:.1} us, p99 {:.1} us, worst {:.1} us \
+         (worst raw, preemption included: {:.1} us)",
         cadence.name(),
-        turns.len(),
         total.as_secs_f64() * 1e3,
-        total.as_secs_f64() * 1e6 / turns.len() as f64,
-        pct(0.5).as_secs_f64() * 1e6,
-        pct(0.99).as_secs_f64() * 1e6,
-        turns[turns.len() - 1].as_secs_f64() * 1e6,
+        total.as_secs_f64() * 1e6 / n as f64,
+        pct(0.5),
+        pct(0.99),
+        pct(1.0),
+        raw_worst.as_secs_f64() * 1e6,
     );
 }
 
@@ -167,7 +183,7 @@ fn expiry(c: &mut Criterion) {
     group.warm_up_time(Duration::from_millis(500));
     group.measurement_time(Duration::from_secs(2));
     for cadence in [Cadence::Tick, Cadence::Budget] {
-        one_pass(&mut e, cadence);
+        worst_turn(cadence);
         let worst = Cell::new(Duration::ZERO);
         group.bench_function(BenchmarkId::new("turn", cadence.name()), |b| {
             b.iter_custom(|iters| {
@@ -181,7 +197,8 @@ fn expiry(c: &mut Criterion) {
             })
         });
         println!(
-            "expiry/turn/{}: worst single turn during the Criterion run: {:.1} us",
+            "expiry/turn/{}: worst single turn during the Criterion run \
+             (preemption included): {:.1} us",
             cadence.name(),
             worst.get().as_secs_f64() * 1e6
         );
