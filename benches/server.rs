@@ -16,7 +16,10 @@
 //! The client uses plain `send`/`recv` (one syscall per datagram: batching
 //! the client would need `unsafe`, which lives only in the library's `sys`
 //! module), so on a 2-core machine the client's syscalls share the limit
-//! with the server's; the batch-1 to batch-64 difference is the server's.
+//! with the server's, and pairs/s shows the client's limit as much as the
+//! server's. So the bench also prints the server thread's own CPU time per
+//! pair (from `/proc/self/task/*/stat`, 10 ms resolution over seconds of
+//! run): that is what batching changes.
 //!
 //! Run with `cargo bench --bench server`.
 
@@ -37,6 +40,29 @@ const SOCKETS: usize = 4;
 const WINDOW: usize = 64;
 /// No reply for this long means datagrams were lost: give up on them.
 const STALL: Duration = Duration::from_millis(500);
+
+/// The server thread's name, to find its CPU time in /proc.
+const SERVER_THREAD: &str = "psync-bench-srv";
+
+/// CPU time (user + system) the server thread has used, from
+/// `/proc/self/task/*/stat`; `None` where there is no procfs.
+fn server_cpu() -> Option<Duration> {
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim_end() != SERVER_THREAD {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        // USER_HZ is 100 on every Linux configuration that matters here.
+        return Some(Duration::from_millis(ticks * 10));
+    }
+    None
+}
 
 struct Running {
     addr: SocketAddr,
@@ -63,7 +89,10 @@ fn start(batch: usize) -> Running {
     let mut server = Server::bind(&cfg).expect("server binds");
     let addr = server.local_addrs()[0];
     let handle = server.shutdown_handle();
-    let thread = std::thread::spawn(move || server.run());
+    let thread = std::thread::Builder::new()
+        .name(SERVER_THREAD.into())
+        .spawn(move || server.run())
+        .expect("spawn server thread");
     Running {
         addr,
         handle,
@@ -166,6 +195,7 @@ fn server(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("pairs", format!("batch_{batch}")), |b| {
             b.iter_custom(|pairs| client.run(pairs))
         });
+        let cpu = server_cpu();
         server.handle.shutdown();
         let counters = server
             .thread
@@ -182,6 +212,17 @@ fn server(c: &mut Criterion) {
             counters.replay_full,
             client.lost
         );
+        if let Some(cpu) = cpu {
+            let per_pair = cpu.as_secs_f64() / counters.matched.max(1) as f64;
+            println!(
+                "server/pairs/batch_{batch}: server thread CPU {:.2} s for {} pairs: \
+                 {:.2} us per pair, so {:.0}k pairs/s per server core if clients kept up",
+                cpu.as_secs_f64(),
+                counters.matched,
+                per_pair * 1e6,
+                1e-3 / per_pair,
+            );
+        }
     }
     group.finish();
 }
