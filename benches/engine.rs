@@ -22,7 +22,8 @@
 //! A third case, `replay_full`, gives the replay cache the 2^18 entries that
 //! were its default before: half of what this rate needs, so it stays full
 //! and refuses entries (counted in `replay_full`). The engine must not slow
-//! down for that.
+//! down for that. A fourth, `empty_no_per_source_limit`, turns the
+//! per-source pending limit off, to show what its bookkeeping costs.
 //!
 //! Run with `cargo bench --bench engine`.
 
@@ -89,10 +90,11 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(background: usize, replay_capacity: usize) -> Driver {
+    fn new(background: usize, replay_capacity: usize, per_source: u32) -> Driver {
         let mut engine = Engine::new(&EngineConfig {
             ttl_ms: MAX_LIFETIME_MS,
             replay_capacity,
+            max_pending_per_source: per_source,
             seed: Some(1),
             ..EngineConfig::default()
         })
@@ -158,17 +160,24 @@ impl Driver {
 fn engine(c: &mut Criterion) {
     const REPLAY_DEFAULT: usize = 1 << 20;
     assert_eq!(EngineConfig::default().replay_capacity, REPLAY_DEFAULT);
+    let per_source_default = EngineConfig::default().max_pending_per_source;
     let mut group = c.benchmark_group("engine");
     group.throughput(Throughput::Elements(2 * WINDOW as u64));
     group.sample_size(50);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
-    for (name, background, replay) in [
-        ("empty", 0, REPLAY_DEFAULT),
-        ("pending_1e6", BACKGROUND, REPLAY_DEFAULT),
-        ("replay_full", 0, 1 << 18),
+    for (name, background, replay, per_source) in [
+        ("empty", 0, REPLAY_DEFAULT, per_source_default),
+        (
+            "pending_1e6",
+            BACKGROUND,
+            REPLAY_DEFAULT,
+            per_source_default,
+        ),
+        ("replay_full", 0, 1 << 18, per_source_default),
+        ("empty_no_per_source_limit", 0, REPLAY_DEFAULT, 0),
     ] {
-        let mut d = Driver::new(background, replay);
+        let mut d = Driver::new(background, replay, per_source);
         group.bench_function(BenchmarkId::new("requests", name), |b| {
             b.iter(|| d.window())
         });
