@@ -22,7 +22,7 @@
 //! - [`server`]: the single-threaded `mio` loop that owns the sockets.
 //! - [`metrics`]: the Prometheus endpoint, served from that loop.
 //! - [`client`]: the peer side: register, punch, prove the path.
-//! - `sys`: the only `unsafe`: `recvmmsg`/`sendmmsg` and socket options.
+//! - [`sys`]: the only `unsafe`: `recvmmsg`/`sendmmsg` and socket options.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -32,7 +32,7 @@ pub mod limit;
 pub mod metrics;
 pub mod server;
 pub mod stats;
-mod sys;
+pub mod sys;
 pub mod table;
 pub mod wire;
 

@@ -27,7 +27,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::pairs::{Nanos, Outcome, Pairs, PairsConfig, Ports, Tally, Wrong, WrongCounts};
 use crate::sched::{Load, Scheduler};
-use crate::sys::{self, Outbox, Receiver, Sender, BATCH, RECV_LEN};
+use crate::sys::{self, Outbox, Sender, BATCH, RECV_LEN};
+use psync::sys::RecvBatch;
 
 /// Everything a run needs, validated by the front end.
 #[derive(Clone, Debug)]
@@ -382,7 +383,7 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
     let mut timer = sys::Timer::new()?;
     poll.registry()
         .register(&mut SourceFd(&timer.as_raw_fd()), TIMER, Interest::READABLE)?;
-    let mut recv = Receiver::default();
+    let mut recv = RecvBatch::with_buf_len(BATCH, RECV_LEN);
     let mut events = Events::with_capacity(cfg.sockets + 1);
     let mut dice = Dice::seeded();
     let timeout = cfg.timeout.as_nanos() as Nanos;
@@ -599,10 +600,14 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
             }
             // Until WouldBlock (drained); an unconnected UDP socket reports
             // no other receive error.
-            while let Ok(n) = recv.recv(peers.fds[i]) {
+            while let Ok(n) = recv.recv(&peers.sockets[i]) {
                 let now = clock();
                 for k in 0..n {
-                    let (data, len, port) = recv.get(k);
+                    // No address (a family other than IPv4/IPv6) reads as stray.
+                    let (data, len, port) = match recv.get(k) {
+                        Some(d) => (d.data, d.len, Some(d.from.port())),
+                        None => (&[][..], 0, None),
+                    };
                     if port != Some(server_port) {
                         stray += 1;
                         continue;

@@ -1,13 +1,14 @@
 //! The operating-system layer, and the only `unsafe` in the load generator:
-//! `sendmmsg`/`recvmmsg` over preallocated arrays, a `timerfd` for waits
-//! shorter than the millisecond `epoll_wait` offers, and `getrusage`.
+//! `sendmmsg` over preallocated arrays, a `timerfd` for waits shorter than
+//! the millisecond `epoll_wait` offers, and `getrusage`. Receiving uses the
+//! server's own batch, `psync::sys::RecvBatch`.
 //!
 //! Linux only: the load generator exists to push a Linux server hard, and
 //! these calls are what make that cheap.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::mem::{size_of, zeroed};
+use std::mem::zeroed;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::time::Duration;
@@ -180,108 +181,6 @@ impl Sender {
     }
 }
 
-/// Receives batches with `recvmmsg` into buffers allocated once.
-pub struct Receiver {
-    bufs: Box<[[u8; RECV_LEN]]>,
-    addrs: Box<[libc::sockaddr_storage]>,
-    iovs: Box<[libc::iovec]>,
-    hdrs: Box<[libc::mmsghdr]>,
-    count: usize,
-}
-
-// SAFETY: the raw pointers in `iovs` and `hdrs` point into the heap blocks
-// of `bufs`, `addrs` and `iovs`, which this value owns and which move with it.
-unsafe impl Send for Receiver {}
-
-impl Default for Receiver {
-    fn default() -> Self {
-        let mut bufs = vec![[0u8; RECV_LEN]; BATCH].into_boxed_slice();
-        // SAFETY: all-zero bytes are a valid sockaddr_storage.
-        let mut addrs =
-            vec![unsafe { zeroed::<libc::sockaddr_storage>() }; BATCH].into_boxed_slice();
-        let mut iovs: Box<[libc::iovec]> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: RECV_LEN,
-            })
-            .collect();
-        // SAFETY: all-zero bytes are a valid mmsghdr.
-        let mut hdrs = vec![unsafe { zeroed::<libc::mmsghdr>() }; BATCH].into_boxed_slice();
-        for ((h, iov), addr) in hdrs.iter_mut().zip(iovs.iter_mut()).zip(addrs.iter_mut()) {
-            h.msg_hdr.msg_name = ptr::from_mut(addr).cast();
-            h.msg_hdr.msg_iov = ptr::from_mut(iov);
-            h.msg_hdr.msg_iovlen = 1;
-        }
-        Receiver {
-            bufs,
-            addrs,
-            iovs,
-            hdrs,
-            count: 0,
-        }
-    }
-}
-
-impl Receiver {
-    /// Receives up to [`BATCH`] datagrams from `fd`; `Err(WouldBlock)` when
-    /// none is queued. Fewer than a batch means the queue is now empty.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.count = 0;
-        for h in self.hdrs.iter_mut() {
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
-        }
-        debug_assert_eq!(self.iovs.len(), self.hdrs.len());
-        loop {
-            // SAFETY: every header points at a live RECV_LEN buffer and a
-            // sockaddr_storage owned by self, and the count is the header
-            // array's length. MSG_TRUNC makes msg_len the real length.
-            let ret = syscall!(unsafe {
-                libc::recvmmsg(
-                    fd,
-                    self.hdrs.as_mut_ptr(),
-                    self.hdrs.len() as _,
-                    libc::MSG_TRUNC as _,
-                    ptr::null_mut(),
-                )
-            });
-            match ret {
-                Ok(n) => {
-                    self.count = n as usize;
-                    return Ok(self.count);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Datagram `i` of the last batch: its first bytes (at most
-    /// [`RECV_LEN`]), its real length, and the sender's port (`None` for a
-    /// sender that is not IPv4 or IPv6).
-    pub fn get(&self, i: usize) -> (&[u8], usize, Option<u16>) {
-        let len = self.hdrs[i].msg_len as usize;
-        let ss = &self.addrs[i];
-        let port = match i32::from(ss.ss_family) {
-            libc::AF_INET => {
-                // SAFETY: the family says the storage holds a sockaddr_in,
-                // which is smaller and no more aligned than sockaddr_storage.
-                let a = unsafe { &*ptr::from_ref(ss).cast::<libc::sockaddr_in>() };
-                Some(u16::from_be(a.sin_port))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: as above, for sockaddr_in6.
-                let a = unsafe { &*ptr::from_ref(ss).cast::<libc::sockaddr_in6>() };
-                Some(u16::from_be(a.sin6_port))
-            }
-            _ => None,
-        };
-        (&self.bufs[i][..len.min(RECV_LEN)], len, port)
-    }
-}
-
 /// A one-shot monotonic timer with nanosecond resolution, pollable by mio
 /// (edge-triggered: every expiry after a re-arm is a new event).
 pub struct Timer {
@@ -349,12 +248,19 @@ pub fn cpu_time() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use psync::sys::RecvBatch;
     use std::net::UdpSocket;
+
+    /// A nonblocking mio socket on loopback, as the driver uses.
+    fn mio_socket() -> mio::net::UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_nonblocking(true).unwrap();
+        mio::net::UdpSocket::from_std(s)
+    }
 
     #[test]
     fn sends_and_receives_batches_over_loopback() {
-        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        rx.set_nonblocking(true).unwrap();
+        let rx = mio_socket();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut sender = Sender::new(rx.local_addr().unwrap().into());
         let mut outbox = Outbox::default();
@@ -367,18 +273,18 @@ mod tests {
         assert_eq!(done.sent, 101);
         assert!(outbox.is_empty());
 
-        let mut recv = Receiver::default();
+        let mut recv = RecvBatch::with_buf_len(BATCH, RECV_LEN);
         let mut got = Vec::new();
         let tx_port = tx.local_addr().unwrap().port();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while got.len() < 101 && std::time::Instant::now() < deadline {
-            match recv.recv(rx.as_raw_fd()) {
+            match recv.recv(&rx) {
                 Ok(n) => {
                     for i in 0..n {
-                        let (data, len, port) = recv.get(i);
-                        assert_eq!(port, Some(tx_port));
-                        assert_eq!(data.len(), len);
-                        got.push(data.to_vec());
+                        let d = recv.get(i).expect("an IPv4 sender");
+                        assert_eq!(d.from.port(), tx_port);
+                        assert_eq!(d.data.len(), d.len);
+                        got.push(d.data.to_vec());
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -391,21 +297,20 @@ mod tests {
         assert_eq!(got[7], vec![7u8; 8]);
         assert_eq!(got[100], vec![9u8; MAX_SEND]);
         assert_eq!(
-            recv.recv(rx.as_raw_fd()).unwrap_err().kind(),
+            recv.recv(&rx).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
     }
 
     #[test]
     fn an_oversized_datagram_shows_its_real_length() {
-        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        rx.set_nonblocking(true).unwrap();
+        let rx = mio_socket();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         tx.send_to(&[1u8; 200], rx.local_addr().unwrap()).unwrap();
-        let mut recv = Receiver::default();
+        let mut recv = RecvBatch::with_buf_len(BATCH, RECV_LEN);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            match recv.recv(rx.as_raw_fd()) {
+            match recv.recv(&rx) {
                 Ok(1) => break,
                 Ok(n) => panic!("{n} datagrams"),
                 Err(_) if std::time::Instant::now() < deadline => {
@@ -414,8 +319,8 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        let (data, len, _) = recv.get(0);
-        assert_eq!((data.len(), len), (RECV_LEN, 200));
+        let d = recv.get(0).expect("an IPv4 sender");
+        assert_eq!((d.data.len(), d.len), (RECV_LEN, 200));
     }
 
     #[test]

@@ -11,17 +11,26 @@ use crate::wire::MAX_REPLY_LEN;
 
 /// Received datagrams, read one system call each.
 pub struct RecvBatch {
-    bufs: Box<[[u8; RECV_BUF_LEN]]>,
+    /// `batch` buffers of `buf_len` bytes, end to end.
+    bufs: Box<[u8]>,
+    buf_len: usize,
     meta: Box<[(usize, SocketAddr)]>,
     count: usize,
 }
 
 impl RecvBatch {
-    /// Room for `batch` datagrams per call.
+    /// Room for `batch` datagrams per call, keeping [`RECV_BUF_LEN`] bytes of each.
     pub fn new(batch: usize) -> RecvBatch {
+        RecvBatch::with_buf_len(batch, RECV_BUF_LEN)
+    }
+
+    /// Room for `batch` datagrams per call, keeping `buf_len` bytes of each.
+    pub fn with_buf_len(batch: usize, buf_len: usize) -> RecvBatch {
         let batch = batch.max(1);
+        let buf_len = buf_len.max(1);
         RecvBatch {
-            bufs: vec![[0u8; RECV_BUF_LEN]; batch].into_boxed_slice(),
+            bufs: vec![0u8; batch * buf_len].into_boxed_slice(),
+            buf_len,
             meta: vec![(0, SocketAddr::from(([0, 0, 0, 0], 0))); batch].into_boxed_slice(),
             count: 0,
         }
@@ -30,10 +39,11 @@ impl RecvBatch {
     /// Receives up to a batch; `Err(WouldBlock)` when none is queued.
     pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         self.count = 0;
-        while self.count < self.bufs.len() {
-            match socket.recv_from(&mut self.bufs[self.count]) {
+        while self.count < self.meta.len() {
+            let start = self.count * self.buf_len;
+            match socket.recv_from(&mut self.bufs[start..start + self.buf_len]) {
                 // A longer datagram is cut to the buffer: its length then
-                // reads as RECV_BUF_LEN, which is invalid all the same.
+                // reads as the buffer's, which is invalid all the same.
                 Ok((n, from)) => {
                     self.meta[self.count] = (n, from);
                     self.count += 1;
@@ -52,8 +62,9 @@ impl RecvBatch {
             return None;
         }
         let (len, from) = self.meta[i];
+        let start = i * self.buf_len;
         Some(Datagram {
-            data: &self.bufs[i][..len.min(RECV_BUF_LEN)],
+            data: &self.bufs[start..start + len.min(self.buf_len)],
             len,
             from,
         })

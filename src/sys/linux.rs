@@ -25,7 +25,9 @@ macro_rules! syscall {
 
 /// Received datagrams of one `recvmmsg` call, in buffers allocated once.
 pub struct RecvBatch {
-    bufs: Box<[[u8; RECV_BUF_LEN]]>,
+    /// `batch` buffers of `buf_len` bytes, end to end.
+    bufs: Box<[u8]>,
+    buf_len: usize,
     addrs: Box<[libc::sockaddr_storage]>,
     iovs: Box<[libc::iovec]>,
     hdrs: Box<[libc::mmsghdr]>,
@@ -38,19 +40,27 @@ pub struct RecvBatch {
 unsafe impl Send for RecvBatch {}
 
 impl RecvBatch {
-    /// Room for `batch` datagrams per call.
+    /// Room for `batch` datagrams per call, keeping [`RECV_BUF_LEN`] bytes
+    /// of each (enough to judge a request).
     pub fn new(batch: usize) -> RecvBatch {
+        RecvBatch::with_buf_len(batch, RECV_BUF_LEN)
+    }
+
+    /// Room for `batch` datagrams per call, keeping `buf_len` bytes of each
+    /// (a client reading 20- or 32-byte replies needs more than a server).
+    pub fn with_buf_len(batch: usize, buf_len: usize) -> RecvBatch {
         let batch = batch.max(1);
-        let mut bufs = vec![[0u8; RECV_BUF_LEN]; batch].into_boxed_slice();
+        let buf_len = buf_len.max(1);
+        let mut bufs = vec![0u8; batch * buf_len].into_boxed_slice();
         // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for
         // which all-zero bytes are a valid value.
         let mut addrs =
             vec![unsafe { zeroed::<libc::sockaddr_storage>() }; batch].into_boxed_slice();
         let mut iovs: Box<[libc::iovec]> = bufs
-            .iter_mut()
+            .chunks_exact_mut(buf_len)
             .map(|b| libc::iovec {
                 iov_base: b.as_mut_ptr().cast(),
-                iov_len: RECV_BUF_LEN,
+                iov_len: buf_len,
             })
             .collect();
         // SAFETY: as above.
@@ -62,6 +72,7 @@ impl RecvBatch {
         }
         RecvBatch {
             bufs,
+            buf_len,
             addrs,
             iovs,
             hdrs,
@@ -79,7 +90,7 @@ impl RecvBatch {
         }
         debug_assert_eq!(self.iovs.len(), self.hdrs.len());
         loop {
-            // SAFETY: every header points at a live buffer of RECV_BUF_LEN bytes
+            // SAFETY: every header points at a live buffer of buf_len bytes
             // and a sockaddr_storage, all owned by self, and the count passed is
             // the header array's length. MSG_TRUNC makes msg_len the datagram's
             // real length, so oversized datagrams are seen as such.
@@ -111,8 +122,9 @@ impl RecvBatch {
         }
         let len = self.hdrs[i].msg_len as usize;
         let from = from_storage(&self.addrs[i])?;
+        let start = i * self.buf_len;
         Some(Datagram {
-            data: &self.bufs[i][..len.min(RECV_BUF_LEN)],
+            data: &self.bufs[start..start + len.min(self.buf_len)],
             len,
             from,
         })

@@ -1,6 +1,7 @@
 //! The operating-system layer: batched UDP I/O and socket setup.
 //!
-//! This is the only module allowed `unsafe`. It offers one API, [`RecvBatch`]
+//! This is the only module allowed `unsafe`; the load generator uses its
+//! [`RecvBatch`] too, so there is one batched receive path. It offers one API, [`RecvBatch`]
 //! and [`SendQueue`], backed by `recvmmsg`/`sendmmsg` on Linux
 //! (`sys/linux.rs`) and by plain `recv_from`/`send_to` elsewhere
 //! (`sys/fallback.rs`; the `portable-io` feature selects it on Linux too, so
@@ -24,16 +25,19 @@ mod imp;
 
 pub use imp::{RecvBatch, SendQueue};
 
-/// Bytes kept of each received datagram. A request is 8 bytes; anything
-/// longer is invalid, and 16 bytes are enough to see that it is longer.
+/// Bytes a server keeps of each received datagram. A request is 8 bytes;
+/// anything longer is invalid, and 16 bytes are enough to see that it is
+/// longer. (The fallback reads at most the buffer, so a longer datagram shows
+/// as exactly this length: still not 8.)
 pub const RECV_BUF_LEN: usize = 16;
 
 /// One datagram of a received batch.
 #[derive(Clone, Copy, Debug)]
 pub struct Datagram<'a> {
-    /// The first bytes of the payload, at most [`RECV_BUF_LEN`].
+    /// The first bytes of the payload, at most the batch's buffer length.
     pub data: &'a [u8],
-    /// The datagram's real length, which may exceed `data.len()`.
+    /// The datagram's real length, which may exceed `data.len()` (with the
+    /// fallback, it is capped at the buffer length).
     pub len: usize,
     /// Where it came from.
     pub from: SocketAddr,
