@@ -68,6 +68,26 @@ impl Default for EngineConfig {
     }
 }
 
+/// Parses a port range written `LO-HI` (inclusive), as `--port-range` takes
+/// it: at least two ports, none of them 0. The error says what is wrong.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("'{s}' is not LO-HI"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("'{p}' is not a port number"))
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo == 0 || hi <= lo {
+        return Err(format!(
+            "{lo}-{hi} must hold at least two ports, none of them 0"
+        ));
+    }
+    Ok((lo, hi))
+}
+
 /// Longest lifetime the engine accepts: the table's clock compares with
 /// wrapping 32-bit milliseconds and needs lifetimes far below 2^31 ms.
 pub const MAX_LIFETIME_MS: u32 = 24 * 3600 * 1000;

@@ -86,7 +86,7 @@ struct Args {
     bad_ratio: f64,
 
     /// Check that every port handed out lies in LO-HI (the server's --port-range).
-    #[arg(long, value_name = "LO-HI", value_parser = parse_range)]
+    #[arg(long, value_name = "LO-HI", value_parser = psync::engine::parse_port_range)]
     port_range: Option<(u16, u16)>,
 
     /// Local address for the peer sockets (default: the route's source address).
@@ -142,24 +142,6 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
         Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
         _ => Err(format!("'{s}' is not a fraction between 0 and 1")),
     }
-}
-
-fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = s
-        .split_once('-')
-        .ok_or_else(|| format!("'{s}' is not LO-HI"))?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .map_err(|_| format!("'{p}' is not a port number"))
-    };
-    let (lo, hi) = (port(lo)?, port(hi)?);
-    if lo == 0 || hi <= lo {
-        return Err(format!(
-            "{lo}-{hi} must hold at least two ports, none of them 0"
-        ));
-    }
-    Ok((lo, hi))
 }
 
 fn resolve(server: &str) -> Result<SocketAddr, String> {

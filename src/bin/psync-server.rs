@@ -55,7 +55,7 @@ struct Args {
     replay_capacity: usize,
 
     /// Ports handed to peers, inclusive.
-    #[arg(long, default_value = "1024-65535", value_name = "LO-HI", value_parser = parse_range)]
+    #[arg(long, default_value = "1024-65535", value_name = "LO-HI", value_parser = psync::engine::parse_port_range)]
     port_range: (u16, u16),
 
     /// Datagrams per recvmmsg/sendmmsg call.
@@ -107,24 +107,6 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("{s} is outside 0 to 86400 seconds"));
     }
     Ok(Duration::from_secs_f64(secs))
-}
-
-fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = s
-        .split_once('-')
-        .ok_or_else(|| format!("'{s}' is not LO-HI"))?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .map_err(|_| format!("'{p}' is not a port number"))
-    };
-    let (lo, hi) = (port(lo)?, port(hi)?);
-    if lo == 0 || hi <= lo {
-        return Err(format!(
-            "{lo}-{hi} must hold at least two ports, none of them 0"
-        ));
-    }
-    Ok((lo, hi))
 }
 
 fn parse_bytes(s: &str) -> Result<usize, String> {
