@@ -14,7 +14,7 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,8 +27,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::pairs::{Nanos, Outcome, Pairs, PairsConfig, Ports, Tally, Wrong, WrongCounts};
 use crate::sched::{Load, Scheduler};
-use crate::sys::{self, Outbox, Sender, BATCH, RECV_LEN};
-use psync::sys::RecvBatch;
+use crate::sys::{self, BATCH, OUTBOX_LEN, RECV_LEN};
+use psync::sys::{RecvBatch, SendQueue};
 
 /// Everything a run needs, validated by the front end.
 #[derive(Clone, Debug)]
@@ -188,15 +188,14 @@ pub fn local_ip_for(server: SocketAddr) -> io::Result<IpAddr> {
 
 struct Peers {
     sockets: Vec<mio::net::UdpSocket>,
-    fds: Vec<RawFd>,
     addrs: Vec<SocketAddr>,
-    outboxes: Vec<Outbox>,
+    outboxes: Vec<SendQueue>,
     dirty: Vec<u16>,
     is_dirty: Vec<bool>,
     blocked: Vec<bool>,
     /// Our socket index by local port.
     by_port: Box<[u16]>,
-    sender: Sender,
+    server: SocketAddr,
     send_failed: u64,
     registry: mio::Registry,
 }
@@ -206,14 +205,13 @@ impl Peers {
         let n = cfg.sockets;
         let mut peers = Peers {
             sockets: Vec::with_capacity(n),
-            fds: Vec::with_capacity(n),
             addrs: Vec::with_capacity(n),
-            outboxes: (0..n).map(|_| Outbox::default()).collect(),
+            outboxes: (0..n).map(|_| SendQueue::new(OUTBOX_LEN, BATCH)).collect(),
             dirty: Vec::with_capacity(n),
             is_dirty: vec![false; n],
             blocked: vec![false; n],
             by_port: vec![NO_SOCKET; 1 << 16].into_boxed_slice(),
-            sender: Sender::new(cfg.server.into()),
+            server: cfg.server,
             send_failed: 0,
             registry: poll.registry().try_clone()?,
         };
@@ -252,7 +250,6 @@ impl Peers {
                 .register(&mut socket, Token(index), Interest::READABLE)
                 .map_err(err)?;
             peers.by_port[usize::from(local.port())] = index as u16;
-            peers.fds.push(socket.as_raw_fd());
             peers.addrs.push(local);
             peers.sockets.push(socket);
         }
@@ -261,7 +258,7 @@ impl Peers {
 
     /// Queues `payload` on socket `i`, sending a full batch at once.
     fn queue(&mut self, i: usize, payload: &[u8]) {
-        if !self.outboxes[i].push(payload) {
+        if !self.outboxes[i].push(self.server, payload) {
             self.send_failed += 1;
             return;
         }
@@ -275,7 +272,7 @@ impl Peers {
     }
 
     fn flush_one(&mut self, i: usize) {
-        let done = self.sender.flush(self.fds[i], &mut self.outboxes[i]);
+        let done = self.outboxes[i].flush(&self.sockets[i]);
         self.send_failed += done.errors;
         if done.blocked && !self.blocked[i] {
             self.set_blocked(i, true);

@@ -1,7 +1,8 @@
 //! The operating-system layer, and the only `unsafe` in the load generator:
-//! `sendmmsg` over preallocated arrays, a `timerfd` for waits shorter than
-//! the millisecond `epoll_wait` offers, and `getrusage`. Receiving uses the
-//! server's own batch, `psync::sys::RecvBatch`.
+//! a `timerfd` for waits shorter than the millisecond `epoll_wait` offers,
+//! and `getrusage`. Batched sending and receiving use the server's own
+//! `psync::sys::SendQueue` and `psync::sys::RecvBatch`: one copy of the
+//! `sendmmsg`/`recvmmsg` code for the whole workspace.
 //!
 //! Linux only: the load generator exists to push a Linux server hard, and
 //! these calls are what make that cheap.
@@ -13,8 +14,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::time::Duration;
 
-use socket2::SockAddr;
-
 /// Datagrams per `sendmmsg`/`recvmmsg` call.
 pub const BATCH: usize = 64;
 /// Longest datagram we send: requests are 8 bytes, malformed ones up to a
@@ -23,8 +22,8 @@ pub const MAX_SEND: usize = 32;
 /// Bytes kept of a received datagram: more than any reply, so that with
 /// `MSG_TRUNC` a longer datagram is seen at its real length.
 pub const RECV_LEN: usize = 64;
-/// Datagrams one socket can hold unsent. Callers flush at [`BATCH`], so this
-/// only fills while the kernel refuses to take more.
+/// Datagrams one socket can hold unsent (its `SendQueue`). Callers flush at
+/// [`BATCH`], so this only fills while the kernel refuses to take more.
 pub const OUTBOX_LEN: usize = 4 * BATCH;
 
 /// Turns a `-1` return into the `errno` error.
@@ -37,148 +36,6 @@ macro_rules! syscall {
             Ok(ret)
         }
     }};
-}
-
-#[derive(Clone, Copy)]
-struct Item {
-    len: u8,
-    bytes: [u8; MAX_SEND],
-}
-
-/// One socket's queue of datagrams to the server.
-pub struct Outbox {
-    items: Box<[Item]>,
-    head: usize,
-    len: usize,
-}
-
-impl Default for Outbox {
-    fn default() -> Self {
-        Outbox {
-            items: vec![
-                Item {
-                    len: 0,
-                    bytes: [0; MAX_SEND]
-                };
-                OUTBOX_LEN
-            ]
-            .into_boxed_slice(),
-            head: 0,
-            len: 0,
-        }
-    }
-}
-
-impl Outbox {
-    /// Datagrams queued.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True when nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Queues `payload` (at most [`MAX_SEND`] bytes); false when full.
-    pub fn push(&mut self, payload: &[u8]) -> bool {
-        if self.len == self.items.len() || payload.len() > MAX_SEND {
-            return false;
-        }
-        let i = (self.head + self.len) % self.items.len();
-        let item = &mut self.items[i];
-        item.bytes[..payload.len()].copy_from_slice(payload);
-        item.len = payload.len() as u8;
-        self.len += 1;
-        true
-    }
-}
-
-/// What a flush did.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Flushed {
-    /// Datagrams the kernel took.
-    pub sent: u64,
-    /// Datagrams refused with a hard error and discarded.
-    pub errors: u64,
-    /// The socket's send buffer is full: wait until it is writable.
-    pub blocked: bool,
-}
-
-/// Sends outboxes to the server with `sendmmsg`, through one set of headers.
-pub struct Sender {
-    dest: SockAddr,
-    iovs: Box<[libc::iovec]>,
-    hdrs: Box<[libc::mmsghdr]>,
-}
-
-// SAFETY: `iovs` and `hdrs` hold raw pointers only during `flush`, into the
-// outbox being flushed and `dest`, which outlive the call.
-unsafe impl Send for Sender {}
-
-impl Sender {
-    /// A sender of datagrams to `dest`.
-    pub fn new(dest: SockAddr) -> Sender {
-        Sender {
-            dest,
-            iovs: vec![
-                libc::iovec {
-                    iov_base: ptr::null_mut(),
-                    iov_len: 0
-                };
-                BATCH
-            ]
-            .into_boxed_slice(),
-            // SAFETY: all-zero bytes are a valid mmsghdr.
-            hdrs: vec![unsafe { zeroed::<libc::mmsghdr>() }; BATCH].into_boxed_slice(),
-        }
-    }
-
-    /// Sends `outbox` from socket `fd` until it is empty or the socket is full.
-    pub fn flush(&mut self, fd: RawFd, outbox: &mut Outbox) -> Flushed {
-        let mut done = Flushed::default();
-        while outbox.len > 0 {
-            let n = outbox.len.min(BATCH);
-            for k in 0..n {
-                let i = (outbox.head + k) % outbox.items.len();
-                let item = &mut outbox.items[i];
-                self.iovs[k] = libc::iovec {
-                    iov_base: item.bytes.as_mut_ptr().cast(),
-                    iov_len: usize::from(item.len),
-                };
-                let h = &mut self.hdrs[k];
-                // sendmmsg only reads the address, whatever the pointer's mutability.
-                h.msg_hdr.msg_name = self.dest.as_ptr().cast_mut().cast();
-                h.msg_hdr.msg_namelen = self.dest.len();
-                h.msg_hdr.msg_iov = ptr::from_mut(&mut self.iovs[k]);
-                h.msg_hdr.msg_iovlen = 1;
-                h.msg_len = 0;
-            }
-            // SAFETY: the first n headers point at n live iovecs, which point
-            // at items of the outbox, and at `self.dest`; all outlive the
-            // call. sendmmsg reads them and writes only msg_len.
-            let ret = syscall!(unsafe { libc::sendmmsg(fd, self.hdrs.as_mut_ptr(), n as _, 0) });
-            let taken = match ret {
-                Ok(sent) => {
-                    done.sent += sent as u64;
-                    sent as usize
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    done.blocked = true;
-                    break;
-                }
-                // The first datagram was refused outright: drop it, go on.
-                Err(_) => {
-                    done.errors += 1;
-                    1
-                }
-            };
-            outbox.head = (outbox.head + taken) % outbox.items.len();
-            outbox.len -= taken;
-        }
-        done
-    }
 }
 
 /// A one-shot monotonic timer with nanosecond resolution, pollable by mio
@@ -248,7 +105,7 @@ pub fn cpu_time() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use psync::sys::RecvBatch;
+    use psync::sys::{RecvBatch, SendQueue};
     use std::net::UdpSocket;
 
     /// A nonblocking mio socket on loopback, as the driver uses.
@@ -261,15 +118,15 @@ mod tests {
     #[test]
     fn sends_and_receives_batches_over_loopback() {
         let rx = mio_socket();
-        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut sender = Sender::new(rx.local_addr().unwrap().into());
-        let mut outbox = Outbox::default();
+        let tx = mio_socket();
+        let to = rx.local_addr().unwrap();
+        let mut outbox = SendQueue::new(OUTBOX_LEN, BATCH);
         for k in 0..100u8 {
-            assert!(outbox.push(&[k; 8]));
+            assert!(outbox.push(to, &[k; 8]));
         }
-        assert!(outbox.push(&[9; MAX_SEND]));
-        assert!(!outbox.push(&[0; MAX_SEND + 1]));
-        let done = sender.flush(tx.as_raw_fd(), &mut outbox);
+        assert!(outbox.push(to, &[9; MAX_SEND]));
+        assert!(!outbox.push(to, &[0; MAX_SEND + 1]));
+        let done = outbox.flush(&tx);
         assert_eq!(done.sent, 101);
         assert!(outbox.is_empty());
 
