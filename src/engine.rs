@@ -353,8 +353,14 @@ impl Engine {
         self.counters.received += 1;
         let req = match Request::parse(datagram) {
             Ok(req) => req,
-            Err(WireError::SelfPair) => return self.drop(Drop::SelfPair),
-            Err(_) => return self.drop(Drop::BadSize),
+            Err(WireError::SelfPair) => {
+                self.counters.self_pair += 1;
+                return Outcome::Dropped(Drop::SelfPair);
+            }
+            Err(_) => {
+                self.counters.bad_size += 1;
+                return Outcome::Dropped(Drop::BadSize);
+            }
         };
         let mut cx = Context {
             full: self.pending() >= self.capacity,
@@ -392,17 +398,6 @@ impl Engine {
         };
         self.counters.expired = self.v4.pending.expired_total() + self.v6.pending.expired_total();
         outcome
-    }
-
-    fn drop(&mut self, why: Drop) -> Outcome {
-        match why {
-            Drop::BadSize => self.counters.bad_size += 1,
-            Drop::SelfPair => self.counters.self_pair += 1,
-            Drop::TableFull => self.counters.table_full += 1,
-            Drop::Family => self.counters.bad_family += 1,
-            Drop::PerSourceLimit => self.counters.per_ip_limit += 1,
-        }
-        Outcome::Dropped(why)
     }
 
     /// One turn of incremental expiry over every table; bounded work. Returns
