@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 
 use psync::wire::{PeerId, Reply, Request, REQUEST_LEN};
 
+mod util;
+
+use util::recv;
+
 /// Datagrams in the measured flood ("a few hundred thousand").
 const FLOOD: u64 = 300_000;
 /// Datagrams in the warm-up round that precedes the first memory sample.
@@ -331,20 +335,6 @@ fn match_pairs(server: SocketAddr, rng: &mut Rng, pairs: usize, sent: &mut Sent)
         matched += 1;
     }
     matched
-}
-
-fn recv(s: &UdpSocket) -> Option<Vec<u8>> {
-    let mut buf = [0u8; 128];
-    match s.recv(&mut buf) {
-        Ok(n) => Some(buf[..n].to_vec()),
-        Err(e)
-            if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::TimedOut =>
-        {
-            None
-        }
-        Err(e) => panic!("recv: {e}"),
-    }
 }
 
 #[test]
