@@ -10,24 +10,11 @@
 # BIN overrides the directory holding the release binaries.
 set -euo pipefail
 
-BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
 CAPACITY=${CAPACITY:-100000}
 FLOOD=${FLOOD:-120000}
-work=$(mktemp -d)
-srv=
-cleanup() {
-    [[ -n $srv ]] && kill "$srv" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-"$BIN/psync-server" -4 -p 0 --bind 127.0.0.1 --capacity "$CAPACITY" "$@" 2>"$work/server.err" &
-srv=$!
-for _ in $(seq 100); do
-    grep -q 'listening on udp' "$work/server.err" && break
-    sleep 0.05
-done
-addr=$(sed -n 's/.*listening on udp \([0-9.]*:[0-9]*\).*/\1/p' "$work/server.err" | head -1)
+# shellcheck source=loadgen/server.sh
+. "$(dirname "$0")/server.sh"
+start_server --capacity "$CAPACITY" "$@"
 
 echo "== attacker 127.0.0.2: $FLOOD one-sided registrations as fast as it can"
 "$BIN/psync-loadgen" --server "$addr" --bind 127.0.0.2 --pending "$FLOOD" \

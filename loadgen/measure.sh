@@ -10,28 +10,9 @@
 # (default: $CARGO_TARGET_DIR/release, else target/release).
 set -euo pipefail
 
-BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
-for b in psync-server psync-loadgen; do
-    [[ -x $BIN/$b ]] || { echo "measure.sh: no $BIN/$b; build with cargo build --release" >&2; exit 2; }
-done
-
-work=$(mktemp -d)
-srv=
-cleanup() {
-    [[ -n $srv ]] && kill "$srv" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-"$BIN/psync-server" -4 -p 0 --bind 127.0.0.1 --rate-limit 0 --max-pending-per-ip 0 \
-    2>"$work/server.err" &
-srv=$!
-for _ in $(seq 100); do
-    grep -q 'listening on udp' "$work/server.err" && break
-    sleep 0.05
-done
-addr=$(sed -n 's/.*listening on udp \([0-9.]*:[0-9]*\).*/\1/p' "$work/server.err" | head -1)
-[[ -n $addr ]] || { cat "$work/server.err" >&2; exit 2; }
+# shellcheck source=loadgen/server.sh
+. "$(dirname "$0")/server.sh"
+start_server --rate-limit 0 --max-pending-per-ip 0
 
 status=0
 "$BIN/psync-loadgen" --server "$addr" --json "$@" >"$work/report.json" || status=$?
