@@ -1,9 +1,5 @@
-//! The psync wire format: requests, replies, and nothing else.
-//!
-//! This module owns the byte layout that the original C psync put on the wire,
-//! and it must stay byte-for-byte compatible with it. It does no I/O, keeps no
-//! state and never allocates. Every parser checks the length before it reads a
-//! byte; nothing here panics on untrusted input.
+//! The seed format: the original C psync's 8-byte request and its 20/32-byte
+//! replies, byte for byte.
 //!
 //! | message | bytes | layout |
 //! |---|---|---|

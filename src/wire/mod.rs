@@ -1,0 +1,14 @@
+//! The psync wire formats: every datagram's bytes, and nothing else.
+//!
+//! This module owns the byte layouts psync puts on the wire. It does no I/O,
+//! keeps no state and never allocates. Every parser checks the length before
+//! it reads a byte; nothing here panics on untrusted input.
+//!
+//! - [`seed`]: the original C psync's request and replies, which must stay
+//!   byte-for-byte compatible with it (re-exported here).
+//!
+//! `PROTOCOL.md` at the repository root has the full byte tables.
+
+pub mod seed;
+
+pub use seed::*;
