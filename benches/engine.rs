@@ -1,29 +1,31 @@
 //! The engine alone: requests per second from datagram to encoded replies,
-//! with no socket, against an empty pending table and against 10^6 pending
-//! entries.
+//! with no socket, against an empty table, against 10^6 pending
+//! registrations, and against a table kept full.
 //!
 //! The stream is peer pairs: a window of 1024 first halves `(a, b)`, each
 //! from its own IPv4 address, then the 1024 second halves `(b, a)`, each of
 //! which matches and has its two replies encoded into a buffer, as the
-//! server would before `sendmmsg`. Every request is handled exactly as
-//! [`Engine::handle`] does in the server, including the replay lookup that
-//! comes first and the `full` check.
+//! server would before `sendmmsg`. Requests go to [`Engine::handle_batch`] in
+//! batches of 64, the server's default `--batch`, exactly as the server hands
+//! them over.
 //!
 //! Time is simulated: the clock advances 1 ms per 40 requests and
 //! [`Engine::expire`] runs every 10 ms of it (every 1 ms while it owes work),
-//! as the server's expiry tick does. Each request leaves one replay entry on
-//! average (a match remembers two), alive for the 10 s replay lifetime plus
-//! up to a sweep period, so the replay cache churns through about 500k
-//! entries, half its default capacity of 2^20, as it would at 40k requests/s.
-//! The registration lifetime is 24 h so that the 10^6 background entries
-//! stay pending however long Criterion runs; all other settings are
-//! `EngineConfig::default()` (capacity 2^20, at most 1000 pending per source).
+//! as the server's expiry tick does. Each match is remembered for the 5 s
+//! replay lifetime, so about 100k remembered matches churn in the table, as
+//! they would at 40k requests/s. The registration lifetime is 24 h so that
+//! the 10^6 background registrations stay pending however long Criterion
+//! runs; all other settings are `EngineConfig::default()` (capacity 2^20,
+//! the default per-source limits).
 //!
-//! A third case, `replay_full`, gives the replay cache the 2^18 entries that
-//! were its default before: half of what this rate needs, so it stays full
-//! and refuses entries (counted in `replay_full`). The engine must not slow
-//! down for that. A fourth, `empty_no_per_source_limit`, turns the
-//! per-source pending limit off, to show what its bookkeeping costs.
+//! Cases:
+//! - `empty`: the table holds only the stream's own pairs;
+//! - `pending_1e6`: 10^6 background registrations wait beside them;
+//! - `replay_full`: capacity 2^16, so remembered matches fill the table and
+//!   every new registration takes the oldest remembered match's slot (the
+//!   replay cut short, counted in `replay_full`);
+//! - `empty_no_limits`: the per-source limits off (no counts kept), to show
+//!   what their bookkeeping costs.
 //!
 //! Run with `cargo bench --bench engine`.
 
@@ -32,9 +34,12 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use psync::engine::MAX_LIFETIME_MS;
+use psync::engine::{SourceLimits, MAX_LIFETIME_MS};
 use psync::wire::MAX_REPLY_LEN;
 use psync::{Engine, EngineConfig, Outcome, PeerId, Request};
+
+/// Requests per `handle_batch` call: the server's default `--batch`.
+const BATCH: usize = 64;
 
 /// Pairs per window: this many registrations wait at once.
 const WINDOW: usize = 1024;
@@ -90,11 +95,11 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(background: usize, replay_capacity: usize, per_source: u32) -> Driver {
+    fn new(background: usize, capacity: usize, limits: SourceLimits) -> Driver {
         let mut engine = Engine::new(&EngineConfig {
+            capacity,
             ttl_ms: MAX_LIFETIME_MS,
-            replay_capacity,
-            max_pending_per_source: per_source,
+            limits,
             seed: Some(1),
             ..EngineConfig::default()
         })
@@ -103,7 +108,7 @@ impl Driver {
         // stream never uses.
         for i in 0..background as u32 {
             let o = engine.handle(&request(0x8000_0000 | i, 0xc000_0000 | i), addr(192, i), 0);
-            assert_eq!(o, Outcome::Registered);
+            assert_eq!(o, Outcome::Registered { evicted: None });
         }
         Driver {
             engine,
@@ -120,31 +125,32 @@ impl Driver {
     /// Handles one window's worth of requests (2 * WINDOW).
     #[inline(never)]
     fn window(&mut self) {
-        for _ in 0..2 * WINDOW {
-            let (datagram, src) = self.stream[self.pos];
-            self.pos += 1;
-            if self.pos == self.stream.len() {
-                self.pos = 0;
-            }
-            match self.engine.handle(&datagram, src, self.now) {
-                Outcome::Matched {
-                    waiting,
-                    completing,
-                } => {
-                    black_box(waiting.reply.emit(&mut self.out));
-                    black_box(&self.out);
-                    black_box(completing.reply.emit(&mut self.out));
-                    black_box(&self.out);
-                }
-                Outcome::Replayed(send) => {
-                    black_box(send.reply.emit(&mut self.out));
-                    black_box(&self.out);
-                }
-                other => {
-                    black_box(other);
-                }
-            }
-            self.in_this_ms += 1;
+        let mut done = 0;
+        while done < 2 * WINDOW {
+            // A batch never straddles a millisecond tick, like a received
+            // batch, which is handled at one `now`.
+            let n = BATCH
+                .min(2 * WINDOW - done)
+                .min((self.requests_per_ms - self.in_this_ms) as usize);
+            let pos = self.pos;
+            let stream = &self.stream;
+            let len = stream.len();
+            let out = &mut self.out;
+            self.engine.handle_batch(
+                n,
+                |k| {
+                    let (d, a) = &stream[(pos + k) % len];
+                    Some((&d[..], *a))
+                },
+                self.now,
+                |t| {
+                    black_box(t.reply.emit(out));
+                    black_box(&*out);
+                },
+            );
+            self.pos = (pos + n) % len;
+            done += n;
+            self.in_this_ms += n as u32;
             if self.in_this_ms == self.requests_per_ms {
                 self.in_this_ms = 0;
                 self.now += 1;
@@ -158,40 +164,34 @@ impl Driver {
 }
 
 fn engine(c: &mut Criterion) {
-    const REPLAY_DEFAULT: usize = 1 << 20;
-    assert_eq!(EngineConfig::default().replay_capacity, REPLAY_DEFAULT);
-    let per_source_default = EngineConfig::default().max_pending_per_source;
+    let default_capacity = EngineConfig::default().capacity;
+    let limits = SourceLimits::default();
     let mut group = c.benchmark_group("engine");
     group.throughput(Throughput::Elements(2 * WINDOW as u64));
     group.sample_size(50);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
-    for (name, background, replay, per_source) in [
-        ("empty", 0, REPLAY_DEFAULT, per_source_default),
-        (
-            "pending_1e6",
-            BACKGROUND,
-            REPLAY_DEFAULT,
-            per_source_default,
-        ),
-        ("replay_full", 0, 1 << 18, per_source_default),
-        ("empty_no_per_source_limit", 0, REPLAY_DEFAULT, 0),
+    for (name, background, capacity, limits) in [
+        ("empty", 0, default_capacity, limits),
+        ("pending_1e6", BACKGROUND, default_capacity, limits),
+        ("replay_full", 0, 1 << 16, limits),
+        ("empty_no_limits", 0, default_capacity, SourceLimits::OFF),
     ] {
-        let mut d = Driver::new(background, replay, per_source);
+        let mut d = Driver::new(background, capacity, limits);
         group.bench_function(BenchmarkId::new("requests", name), |b| {
             b.iter(|| d.window())
         });
-        d.engine.update_gauges();
-        let c = d.engine.counters;
+        let c = d.engine.counters();
         println!(
             "engine/requests/{name}: {} requests: {} matched, {} registered, {} replayed, \
-             {} table_full, {} replay_full; {} pending, {} in replay cache, {} MiB of tables",
+             {} table_full, {} replay_full, {} evicted; {} pending, {} remembered, {} MiB of tables",
             c.received,
             c.matched,
             c.registered,
             c.replayed,
             c.table_full,
             c.replay_full,
+            c.evicted,
             d.engine.pending(),
             d.engine.replay_entries(),
             d.engine.allocated_bytes() >> 20,

@@ -1,11 +1,13 @@
 //! Incremental expiry: what one loop turn costs while a million pending
 //! entries expire at once, and the worst single turn.
 //!
-//! The table is the engine's pending table with its defaults: room for 2^20
-//! entries, IPv4-sized values, a 30 s lifetime and so a sweep period of
-//! 7.5 s. It holds 10^6 entries registered at the same instant; the loop has
-//! been calling [`Table::expire`] every 10 ms (as the server's expiry tick
-//! does) while they lived, and then all of them expire together. Each turn
+//! The engine with its defaults: room for 2^20 pairs, a 30 s registration
+//! lifetime, a 5 s replay lifetime and so a sweep period of 1.25 s (a quarter
+//! of the shorter), per-source counts on. It holds 10^6 registrations from
+//! 10^6 IPv4 addresses, made at the same instant; the loop has been calling
+//! [`Engine::expire`] every 10 ms (as the server's expiry tick does) while
+//! they lived, and then all of them expire together, each one uncounted from
+//! its source as it is reclaimed. Each turn
 //! is timed on its own with `Instant`; Criterion reports the mean, and the
 //! bench prints the worst turn (see [`worst_turn`] for how preemption by
 //! other processes is kept out of it) and a percentile or two.
@@ -23,18 +25,17 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use psync::table::{Millis, Table, MAX_SWEEP_PER_CALL};
+use psync::engine::MAX_SWEEP_PER_CALL;
+use psync::{Engine, EngineConfig, PeerId, Request};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-#[derive(Clone, Copy, Default)]
-struct V4 {
-    _ip: [u8; 4],
-    _port: [u8; 2],
-}
+type Millis = u64;
 
 const CAPACITY: usize = 1 << 20;
 const ENTRIES: usize = 1_000_000;
 const TTL: Millis = 30_000;
-const SWEEP_PERIOD: u32 = TTL / 4;
+/// A quarter of the shorter lifetime (the 5 s replay lifetime).
+const SWEEP_PERIOD: Millis = 1_250;
 /// The server's expiry tick.
 const TICK: Millis = 10;
 
@@ -65,61 +66,67 @@ impl Cadence {
 /// A table with 10^6 entries that all expire at `TTL`, and the time of the
 /// next turn (the instant they expire).
 struct Expiring {
-    table: Table<V4>,
+    engine: Engine,
     now: Millis,
     owed: bool,
-    keys: Vec<u64>,
 }
 
 impl Expiring {
     fn new() -> Expiring {
-        let mut s = 7u64;
-        let keys = (0..ENTRIES)
-            .map(|_| {
-                s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let z = (s ^ (s >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^ (z >> 31)
-            })
-            .collect();
+        let engine = Engine::new(&EngineConfig {
+            capacity: CAPACITY,
+            ttl_ms: TTL as u32,
+            seed: Some(3),
+            ..EngineConfig::default()
+        })
+        .expect("engine config");
         let mut e = Expiring {
-            table: Table::new(CAPACITY, [3, 4], SWEEP_PERIOD),
+            engine,
             now: 0,
             owed: false,
-            keys,
         };
         e.refill();
         e
     }
 
-    /// Registers every key at time 0 and ticks until they expire (untimed).
+    fn is_empty(&self) -> bool {
+        self.engine.pending() == 0
+    }
+
+    /// Registers every pair at one instant and ticks until they expire
+    /// (untimed).
     fn refill(&mut self) {
         // The clock keeps running across refills, as a server's would.
         let start = self.now;
-        for &k in &self.keys {
-            self.table
-                .insert(k, V4::default(), start.wrapping_add(TTL), start);
+        for i in 0..ENTRIES as u32 {
+            let req = Request {
+                self_id: PeerId::from_u32(2 * i + 1),
+                peer_id: PeerId::from_u32(2 * i + 2),
+            };
+            let from = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 4000));
+            self.engine.handle(&req.emit(), from, start);
         }
+        assert_eq!(self.engine.pending(), ENTRIES, "every registration held");
         let mut t = start;
-        while t.wrapping_sub(start) < TTL {
-            self.table.expire(t);
-            t = t.wrapping_add(TICK);
+        while t - start < TTL {
+            self.engine.expire(t);
+            t += TICK;
         }
-        self.now = start.wrapping_add(TTL);
+        self.now = start + TTL;
         self.owed = false;
     }
 
     /// One timed turn; refills first if everything has expired.
     fn turn(&mut self, cadence: Cadence) -> Duration {
-        if self.table.is_empty() {
+        if self.is_empty() {
             self.refill();
         }
         let now = self.now;
         let start = Instant::now();
-        let owed = self.table.expire(black_box(now));
+        let owed = self.engine.expire(black_box(now));
         let took = start.elapsed();
         self.owed = owed;
-        self.now = now.wrapping_add(cadence.step(owed));
+        self.now = now + cadence.step(owed);
         took
     }
 }
@@ -138,7 +145,7 @@ fn worst_turn(cadence: Cadence) {
     for pass in 0..PASSES {
         let mut e = Expiring::new();
         let mut turns = Vec::with_capacity(4096);
-        while !e.table.is_empty() {
+        while !e.is_empty() {
             turns.push(e.turn(cadence));
         }
         raw_worst = raw_worst.max(turns.iter().copied().max().unwrap_or_default());
@@ -173,9 +180,9 @@ fn worst_turn(cadence: Cadence) {
 fn expiry(c: &mut Criterion) {
     let mut e = Expiring::new();
     println!(
-        "expiry: table for {CAPACITY} entries holding {ENTRIES}, {} KiB, \
+        "expiry: engine for {CAPACITY} pairs holding {ENTRIES}, {} KiB of tables, \
          sweep period {SWEEP_PERIOD} ms, at most {MAX_SWEEP_PER_CALL} slots per turn",
-        e.table.allocated_bytes() >> 10
+        e.engine.allocated_bytes() >> 10
     );
     let mut group = c.benchmark_group("expiry");
     group.throughput(Throughput::Elements(1));

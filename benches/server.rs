@@ -80,11 +80,10 @@ fn start(batch: usize) -> Running {
         rate_limit: RateLimit::OFF,
         ..ServerConfig::default()
     };
-    cfg.engine.capacity = 1 << 16;
-    // Sized for the rate: ~150k pairs/s leave 300k replay entries per second.
-    cfg.engine.replay_capacity = 1 << 20;
+    // Sized for the rate: ~150k pairs/s remembered for 1 s.
+    cfg.engine.capacity = 1 << 18;
     cfg.engine.replay_ttl_ms = 1_000;
-    cfg.engine.max_pending_per_source = 0;
+    cfg.engine.limits = psync::engine::SourceLimits::OFF;
     cfg.engine.seed = Some(5);
     let mut server = Server::bind(&cfg).expect("server binds");
     let addr = server.local_addrs()[0];
@@ -206,19 +205,19 @@ fn server(c: &mut Criterion) {
             "server/pairs/batch_{batch}: {} received, {} matched, {} sent, {} send_dropped, \
              {} replay_full; client lost {} pairs",
             counters.received,
-            counters.matched,
-            counters.sent,
-            counters.send_dropped,
-            counters.replay_full,
+            counters.engine.matched,
+            counters.io.sent,
+            counters.io.send_dropped,
+            counters.engine.replay_full,
             client.lost
         );
         if let Some(cpu) = cpu {
-            let per_pair = cpu.as_secs_f64() / counters.matched.max(1) as f64;
+            let per_pair = cpu.as_secs_f64() / counters.engine.matched.max(1) as f64;
             println!(
                 "server/pairs/batch_{batch}: server thread CPU {:.2} s for {} pairs: \
                  {:.2} us per pair, so {:.0}k pairs/s per server core if clients kept up",
                 cpu.as_secs_f64(),
-                counters.matched,
+                counters.engine.matched,
                 per_pair * 1e6,
                 1e-3 / per_pair,
             );

@@ -10,15 +10,21 @@
 //! - bad input gets no reply: it is dropped and counted;
 //! - the hot path (receive, match, reply) allocates nothing, logs nothing
 //!   above `debug`, and formats nothing unless that level is on;
-//! - memory is bounded and allocated at start: the pending table holds exactly
-//!   `capacity` registrations, and a live one is never evicted early.
+//! - memory is bounded, computed from the configuration before anything is
+//!   allocated, and allocated at start: the table holds at most `capacity`
+//!   pairs (waiting or remembered for replay); a live registration gives up
+//!   its slot only to a registration from a lighter source when the table is
+//!   full, and says so in a counter (`evicted`).
 //!
 //! Modules, from the bytes up:
 //! - [`wire`]: request and reply encode/decode; no I/O.
-//! - [`table`]: the open-addressed table of expiring entries; no I/O, no clock.
-//! - [`engine`]: matching, replay and port choice over the tables; pure.
-//! - [`stats`]: the counters and the pair-wait histogram.
-//! - [`limit`]: per-source rate limits and pending counts.
+//! - [`table`]: the open-addressed table (SWAR probing, backward-shift
+//!   deletion, prefetch); no I/O, no clock.
+//! - [`engine`]: matching, replay, per-source counts, fair admission and port
+//!   choice over the table; pure: bytes and `now` in, replies out.
+//! - [`stats`]: the counters (the engine's and the sockets') and the
+//!   pair-wait histogram.
+//! - [`limit`]: the per-source rate limiter the server loop applies first.
 //! - [`server`]: the single-threaded `mio` loop that owns the sockets.
 //! - [`metrics`]: the Prometheus endpoint, served from that loop.
 //! - [`client`]: the peer side: register, punch, prove the path.

@@ -254,44 +254,54 @@ pub fn render(s: &Snapshot) -> String {
     counter(
         "registered_total",
         "New pending registrations.",
-        c.registered,
+        c.engine.registered,
     );
     counter(
         "refreshed_total",
         "Pending registrations refreshed by a repeated request.",
-        c.refreshed,
+        c.engine.refreshed,
     );
-    counter("matched_total", "Pairs matched.", c.matched);
+    counter("matched_total", "Pairs matched.", c.engine.matched);
     counter(
         "replayed_total",
         "Replies resent to retransmitted requests after a match.",
-        c.replayed,
+        c.engine.replayed,
     );
     counter(
         "expired_total",
         "Pending registrations that expired unmatched.",
-        c.expired,
+        c.engine.expired,
     );
     counter(
         "replay_full_total",
-        "Matches not remembered for replay because the replay cache was full.",
-        c.replay_full,
+        "Matches whose replay was cut short to make room for a new registration.",
+        c.engine.replay_full,
     );
-    counter("sent_total", "Replies handed to the kernel.", c.sent);
+    counter(
+        "evicted_total",
+        "Pending registrations that gave their slot to a registration from a lighter source.",
+        c.engine.evicted,
+    );
+    counter(
+        "kernel_drops_total",
+        "Datagrams the kernel dropped because a socket's receive buffer was full.",
+        c.io.kernel_drops,
+    );
+    counter("sent_total", "Replies handed to the kernel.", c.io.sent);
     counter(
         "send_errors_total",
         "Replies the kernel refused with a hard error.",
-        c.send_errors,
+        c.io.send_errors,
     );
     counter(
         "send_dropped_total",
         "Replies dropped because the send queue was full.",
-        c.send_dropped,
+        c.io.send_dropped,
     );
     counter(
         "recv_errors_total",
         "Receive calls that failed unexpectedly.",
-        c.recv_errors,
+        c.io.recv_errors,
     );
     let _ = write!(
         out,
@@ -299,12 +309,14 @@ pub fn render(s: &Snapshot) -> String {
          # TYPE psync_dropped_total counter\n"
     );
     for (reason, value) in [
-        ("bad_size", c.bad_size),
-        ("self_pair", c.self_pair),
-        ("bad_family", c.bad_family),
-        ("table_full", c.table_full),
-        ("rate_limited", c.rate_limited),
-        ("per_ip_limit", c.per_ip_limit),
+        ("bad_size", c.engine.bad_size),
+        ("self_pair", c.engine.self_pair),
+        ("bad_family", c.engine.bad_family),
+        ("bad_source", c.engine.bad_source),
+        ("table_full", c.engine.table_full),
+        ("rate_limited", c.io.rate_limited),
+        ("per_ip_limit", c.engine.per_ip_limit),
+        ("per_prefix_limit", c.engine.per_prefix_limit),
     ] {
         let _ = writeln!(out, "psync_dropped_total{{reason=\"{reason}\"}} {value}");
     }
@@ -317,16 +329,16 @@ pub fn render(s: &Snapshot) -> String {
     gauge(
         "pending",
         "Pending registrations held now.",
-        c.pending as f64,
+        c.engine.pending as f64,
     );
     gauge(
         "capacity",
-        "Most pending registrations held at once.",
+        "Most pairs held at once, waiting or remembered for replay.",
         s.capacity as f64,
     );
     gauge(
         "replay_entries",
-        "Matched requests remembered for replay.",
+        "Matched pairs remembered for replay.",
         s.replay_entries as f64,
     );
     gauge(

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use log::{debug, info, trace, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::engine::{ConfigError, Engine, EngineConfig, Outcome, Send};
+use crate::engine::{ConfigError, Engine, EngineConfig, Transmit};
 use crate::limit::{RateLimit, RateLimiter};
 use crate::metrics::{Metrics, Snapshot};
-use crate::stats::Counters;
+use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
 use crate::wire::MAX_REPLY_LEN;
 
@@ -152,6 +152,10 @@ pub struct Server {
     endpoints: Vec<Endpoint>,
     engine: Engine,
     limiter: Option<RateLimiter>,
+    /// What happened on the sockets (the engine counts its own decisions).
+    io: IoCounters,
+    /// Per datagram of the batch in hand: passed the rate limiter.
+    allowed: Box<[bool]>,
     metrics: Option<Metrics>,
     batch: usize,
     stats_interval: Option<Duration>,
@@ -250,6 +254,8 @@ impl Server {
             endpoints,
             engine,
             limiter: RateLimiter::new(cfg.rate_limit, limiter_seed),
+            io: IoCounters::default(),
+            allowed: vec![false; cfg.batch].into_boxed_slice(),
             metrics,
             batch: cfg.batch,
             stats_interval: cfg.stats_interval,
@@ -275,7 +281,7 @@ impl Server {
             counters: self.counters(),
             capacity: self.engine.capacity(),
             replay_entries: self.engine.replay_entries(),
-            wait: self.engine.wait,
+            wait: *self.engine.wait(),
             uptime: self.start.elapsed().as_secs_f64(),
         }
     }
@@ -290,8 +296,13 @@ impl Server {
 
     /// The counters now, gauges included.
     pub fn counters(&mut self) -> Counters {
-        self.engine.update_gauges();
-        self.engine.counters
+        let mut io = self.io;
+        io.kernel_drops = self
+            .endpoints
+            .iter()
+            .map(|e| sys::socket_drops(&e.socket).unwrap_or(0))
+            .sum();
+        Counters::new(self.engine.counters(), io)
     }
 
     /// Bytes allocated by the engine's tables.
@@ -375,9 +386,9 @@ impl Server {
         // Last chance for queued replies; what cannot go now is counted.
         for ep in &mut self.endpoints {
             let done = ep.queue.flush(&ep.socket);
-            self.engine.counters.sent += done.sent;
-            self.engine.counters.send_errors += done.errors;
-            self.engine.counters.send_dropped += ep.queue.len() as u64;
+            self.io.sent += done.sent;
+            self.io.send_errors += done.errors;
+            self.io.send_dropped += ep.queue.len() as u64;
         }
         Ok(self.counters())
     }
@@ -390,10 +401,12 @@ impl Server {
             endpoints,
             engine,
             limiter,
+            io,
+            allowed,
             ..
         } = self;
         let ep = &mut endpoints[i];
-        flush(ep, engine);
+        flush(ep, io);
         let mut budget = RECV_BUDGET;
         while ep.readable && budget > 0 && can_read(ep, batch) {
             let n = match ep.recv.recv(&ep.socket) {
@@ -405,57 +418,62 @@ impl Server {
                 Err(e) => {
                     // Not expected on an unconnected UDP socket; count it and
                     // yield to the poller rather than spin on it.
-                    engine.counters.recv_errors += 1;
+                    io.recv_errors += 1;
                     debug!("{}: receive failed: {e}", ep.local);
                     ep.readable = false;
                     break;
                 }
             };
             budget = budget.saturating_sub(n.max(1));
-            for k in 0..n {
-                let Some(d) = ep.recv.get(k) else {
-                    engine.counters.recv_errors += 1;
-                    continue;
-                };
-                if let Some(l) = limiter {
-                    if !l.allow(d.from.ip(), now_ms as u32) {
-                        engine.counters.received += 1;
-                        engine.counters.rate_limited += 1;
-                        continue;
+            let Endpoint {
+                recv, queue, local, ..
+            } = ep;
+            // The rate limiter first, in two passes like the engine: fetch
+            // every source's bucket, then decide.
+            if let Some(l) = limiter.as_ref() {
+                for k in 0..n {
+                    if let Some(d) = recv.get(k) {
+                        l.prefetch(d.from.ip());
                     }
-                }
-                let outcome = engine.handle(d.data, d.from, now_ms);
-                trace!(
-                    "{} {} bytes from {}: {:?}",
-                    ep.local,
-                    d.len,
-                    d.from,
-                    outcome
-                );
-                match outcome {
-                    Outcome::Matched {
-                        waiting,
-                        completing,
-                    } => {
-                        debug!(
-                            "matched {} <-> {} ports {}/{}",
-                            waiting.to,
-                            completing.to,
-                            waiting.reply.src_port,
-                            waiting.reply.dst_port
-                        );
-                        queue(ep, engine, waiting);
-                        queue(ep, engine, completing);
-                    }
-                    Outcome::Replayed(send) => queue(ep, engine, send),
-                    _ => {}
                 }
             }
+            for (k, ok) in allowed.iter_mut().enumerate().take(n) {
+                *ok = match recv.get(k) {
+                    None => {
+                        io.recv_errors += 1;
+                        false
+                    }
+                    Some(d) => {
+                        let ok = match limiter.as_mut() {
+                            Some(l) => l.allow(d.from.ip(), now_ms as u32),
+                            None => true,
+                        };
+                        io.rate_limited += u64::from(!ok);
+                        ok
+                    }
+                };
+            }
+            let allowed = &*allowed;
+            engine.handle_batch(
+                n,
+                |k| {
+                    if allowed[k] {
+                        recv.get(k).map(|d| (d.data, d.from))
+                    } else {
+                        None
+                    }
+                },
+                now_ms,
+                |t| {
+                    trace!("{local}: reply to {} via {}: {:?}", t.to, t.via, t.reply);
+                    queue_reply(queue, io, t)
+                },
+            );
             if ep.queue.len() >= batch {
-                flush(ep, engine);
+                flush(ep, io);
             }
         }
-        flush(ep, engine);
+        flush(ep, io);
     }
 }
 
@@ -472,19 +490,19 @@ fn can_read(ep: &Endpoint, batch: usize) -> bool {
     ep.queue.free() >= 2 * batch
 }
 
-fn queue(ep: &mut Endpoint, engine: &mut Engine, send: Send) {
+fn queue_reply(queue: &mut SendQueue, io: &mut IoCounters, t: &Transmit) {
     let mut buf = [0u8; MAX_REPLY_LEN];
-    let len = send.reply.emit(&mut buf);
-    if !ep.queue.push(send.to, &buf[..len]) {
-        engine.counters.send_dropped += 1;
+    let len = t.reply.emit(&mut buf);
+    if !queue.push(t.to, &buf[..len]) {
+        io.send_dropped += 1;
     }
 }
 
-fn flush(ep: &mut Endpoint, engine: &mut Engine) {
+fn flush(ep: &mut Endpoint, io: &mut IoCounters) {
     if ep.queue.is_empty() {
         return;
     }
     let done = ep.queue.flush(&ep.socket);
-    engine.counters.sent += done.sent;
-    engine.counters.send_errors += done.errors;
+    io.sent += done.sent;
+    io.send_errors += done.errors;
 }

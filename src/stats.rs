@@ -1,75 +1,144 @@
 //! Event counters: plain integers bumped on the hot path, formatted elsewhere.
 //!
-//! The engine and the I/O loop each increment their own fields of one
-//! [`Counters`]; the server prints it every `--stats-interval` and at exit.
+//! The engine counts what it decides ([`EngineCounters`]); the I/O loop
+//! counts what happens on its sockets ([`IoCounters`]). Neither writes the
+//! other's. [`Counters`] puts both together for printing (`-v` stats lines,
+//! the final counters) and for `/metrics`.
 
 use std::fmt;
 
-/// Every count the server keeps. All are totals since start except `pending`,
-/// a gauge.
+/// Defines a counter struct with its fields' docs and a `fields()` listing
+/// them by name, in declaration order.
+macro_rules! counters {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: u64,)*
+        }
+
+        impl $name {
+            /// Every counter with its name, in a stable order.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field),)*]
+            }
+
+            /// Adds another set to this one, field by field.
+            pub fn add(&mut self, other: &Self) {
+                $(self.$field += other.$field;)*
+            }
+        }
+    };
+}
+
+counters! {
+    /// What the engine decided. All are totals since start except the gauges
+    /// `pending` and `remembered`.
+    EngineCounters {
+        /// Datagrams handed to the engine.
+        received,
+        /// Dropped: not a request of any known size.
+        bad_size,
+        /// Dropped: `self_id == peer_id`.
+        self_pair,
+        /// Dropped: from an address family this server does not serve.
+        bad_family,
+        /// Dropped: from an address that cannot be a peer (port 0,
+        /// unspecified, multicast, broadcast, IPv4-mapped IPv6).
+        bad_source,
+        /// New pending registrations.
+        registered,
+        /// Pending registrations refreshed by a repeated request.
+        refreshed,
+        /// Pairs matched (each sends two replies).
+        matched,
+        /// Replies resent to a retransmitted request after its match.
+        replayed,
+        /// Pending registrations that expired unmatched.
+        expired,
+        /// Dropped: the table was full and no slot could be taken.
+        table_full,
+        /// Pending registrations that gave their slot to a registration from
+        /// a lighter source (fair admission).
+        evicted,
+        /// Matches whose replay was cut short to make room for a new
+        /// registration (a retransmit after that registers afresh).
+        replay_full,
+        /// Dropped: the address (IPv4) or /64 (IPv6) holds `--max-pending-per-ip`.
+        per_ip_limit,
+        /// Dropped: the IPv4 /24 or the IPv6 /56 or /48 holds its limit.
+        per_prefix_limit,
+        /// Gauge: registrations waiting now.
+        pending,
+        /// Gauge: matched pairs remembered for replay now.
+        remembered,
+    }
+}
+
+counters! {
+    /// What happened on the sockets.
+    IoCounters {
+        /// Dropped before the engine: the source exceeded its rate limit.
+        rate_limited,
+        /// Replies handed to the kernel.
+        sent,
+        /// Replies the kernel refused with an error other than "try again".
+        send_errors,
+        /// Replies dropped because the send queue was full.
+        send_dropped,
+        /// Receive calls that failed with an unexpected error.
+        recv_errors,
+        /// Datagrams the kernel dropped because a socket's receive buffer was
+        /// full (read from the kernel's per-socket drop count).
+        kernel_drops,
+    }
+}
+
+/// Every count the server keeps, flat: the engine's and the sockets'.
+/// `received` counts every datagram read: those the rate limiter dropped and
+/// those handed to the engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Datagrams received.
     pub received: u64,
-    /// Dropped: not exactly 8 bytes.
-    pub bad_size: u64,
-    /// Dropped: `self_id == peer_id`.
-    pub self_pair: u64,
-    /// Dropped: from an address family this server does not serve.
-    pub bad_family: u64,
-    /// New pending registrations.
-    pub registered: u64,
-    /// Pending registrations refreshed by a repeated request.
-    pub refreshed: u64,
-    /// Pairs matched (each sends two replies).
-    pub matched: u64,
-    /// Replies resent to a retransmitted request after its match.
-    pub replayed: u64,
-    /// Pending registrations that expired unmatched.
-    pub expired: u64,
-    /// Dropped: the pending table was full.
-    pub table_full: u64,
-    /// Matches that could not be remembered for replay (replay cache full).
-    pub replay_full: u64,
-    /// Dropped: the source exceeded its rate limit.
-    pub rate_limited: u64,
-    /// Dropped: the source already holds `--max-pending-per-ip` registrations.
-    pub per_ip_limit: u64,
-    /// Replies handed to the kernel.
-    pub sent: u64,
-    /// Replies the kernel refused with an error other than "try again".
-    pub send_errors: u64,
-    /// Replies dropped because the send queue was full.
-    pub send_dropped: u64,
-    /// Receive calls that failed with an unexpected error.
-    pub recv_errors: u64,
-    /// Gauge: pending registrations held now.
-    pub pending: u64,
+    /// The engine's counters (its `received` is what it was handed).
+    pub engine: EngineCounters,
+    /// The sockets' counters.
+    pub io: IoCounters,
 }
 
 impl Counters {
-    /// Every counter with its name, in a stable order (for printing and metrics).
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
-        [
-            ("received", self.received),
-            ("bad_size", self.bad_size),
-            ("self_pair", self.self_pair),
-            ("bad_family", self.bad_family),
-            ("registered", self.registered),
-            ("refreshed", self.refreshed),
-            ("matched", self.matched),
-            ("replayed", self.replayed),
-            ("expired", self.expired),
-            ("table_full", self.table_full),
-            ("replay_full", self.replay_full),
-            ("rate_limited", self.rate_limited),
-            ("per_ip_limit", self.per_ip_limit),
-            ("sent", self.sent),
-            ("send_errors", self.send_errors),
-            ("send_dropped", self.send_dropped),
-            ("recv_errors", self.recv_errors),
-            ("pending", self.pending),
-        ]
+    /// The two sets together.
+    pub fn new(engine: EngineCounters, io: IoCounters) -> Counters {
+        Counters {
+            received: engine.received + io.rate_limited,
+            engine,
+            io,
+        }
+    }
+
+    /// Adds another set (another worker's) to this one.
+    pub fn add(&mut self, other: &Counters) {
+        self.engine.add(&other.engine);
+        self.io.add(&other.io);
+        self.received += other.received;
+    }
+
+    /// Every counter with its name, in a stable order (for printing and
+    /// metrics): `received`, then the engine's, then the sockets'.
+    pub fn fields(&self) -> Vec<(&'static str, u64)> {
+        let mut v = vec![("received", self.received)];
+        v.extend(self.engine.fields().into_iter().skip(1));
+        v.extend(self.io.fields());
+        v
+    }
+
+    /// The value of the counter `name`, if there is one.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.fields()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
     }
 }
 

@@ -127,7 +127,7 @@ fn two_clients_connect_via_observed() {
     assert_eq!(field(&a, "peer_public"), field(&a, "peer"));
     assert_eq!(field(&a, "attempts"), "1");
     let counters = server.stop();
-    assert_eq!(counters.matched, 1);
+    assert_eq!(counters.engine.matched, 1);
 }
 
 #[test]
@@ -299,9 +299,9 @@ fn registration_survives_dropped_replies() {
     assert_eq!(relay.dropped.load(Ordering::Relaxed), 4);
     drop(relay);
     let counters = server.stop();
-    assert_eq!(counters.matched, 1);
+    assert_eq!(counters.engine.matched, 1);
     // Each client got its reply only by retransmitting: two replays apiece at least.
-    assert!(counters.replayed >= 4, "{counters}");
+    assert!(counters.engine.replayed >= 4, "{counters}");
 }
 
 #[test]
@@ -334,7 +334,7 @@ fn failed_punch_reregisters_then_exits_4() {
     }
     drop(relay);
     // The retry came from new sockets, so the server matched afresh, not replayed.
-    assert_eq!(server.stop().matched, 2);
+    assert_eq!(server.stop().engine.matched, 2);
 }
 
 /// A fake server that answers every request with `reply`; returns its address

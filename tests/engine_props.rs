@@ -4,73 +4,62 @@
 //! garbage, retransmits, clock steps and expiry turns.
 //!
 //! Checked after every step (see the oracle for the exact assertions):
-//! - no panic; pending registrations never above capacity;
-//! - an invalid datagram (wrong size, self-pair) is `Outcome::Dropped` with
-//!   the right reason, and a request from an unserved family too;
+//! - no panic; pairs held (waiting and remembered) never above capacity;
+//! - an invalid datagram (wrong size, self-pair), a request from an unserved
+//!   family, and one from a source that cannot be a peer are dropped with
+//!   the right reason;
 //! - every reply goes to an address that sent a valid request;
-//! - a match pairs the newest live registration of the counterpart, in the
-//!   same family; its two replies are complementary (each is told the other's
-//!   address, `waiting.src == completing.dst` and the reverse), the ports are
-//!   distinct, inside the configured range, and survive the wire format;
-//! - a live counterpart is never missed, a live registration is refreshed and
-//!   never refused for room, a new one is refused only at capacity or when
-//!   its source (IPv4 address, IPv6 /64) made at least `max_pending_per_source`
-//!   registrations within the last two lifetimes (so an expired registration
-//!   stops counting within one more lifetime), and is never accepted from a
-//!   source that already holds that many live ones;
+//! - a match pairs the newest live registration of the other side, in the
+//!   same family; its two replies are complementary, the ports distinct,
+//!   inside the configured range, and survive the wire format;
+//! - a live counterpart is never missed, a live registration is refreshed
+//!   and never refused; a new one is refused only at capacity or when the
+//!   engine's estimate of one of its prefixes reached that level's limit
+//!   (estimates are checked never to be below the live count), is never
+//!   accepted over a limit, and takes a live pair's slot only when the table
+//!   is full, saying whose;
 //! - a retransmit from the same source within the replay lifetime gets the
-//!   identical reply;
+//!   identical reply, unless the pair was registered afresh or its slot taken;
 //! - the engine's counters agree with the outcomes it returned.
 
 use proptest::prelude::*;
-use psync::wire::PeerId;
-use psync::{EngineConfig, Outcome, Request};
+use psync::engine::{DropReason, Level, SourceLimits};
+use psync::{EngineConfig, Outcome};
 
 #[path = "../fuzz/common/engine_check.rs"]
 mod engine_check;
 
-use engine_check::{source, Checker, Op, SOURCES};
+use engine_check::{request, source, Checker, Op, SOURCES, V4_SOURCES};
 
-/// `SOURCES[..V4_SOURCES]` are IPv4, the rest IPv6.
-const V4_SOURCES: usize = 5;
-
-fn request(a: u32, b: u32) -> Vec<u8> {
-    Request {
-        self_id: PeerId::from_u32(a),
-        peer_id: PeerId::from_u32(b),
-    }
-    .emit()
-    .to_vec()
-}
+const NEW: Outcome = Outcome::Registered { evicted: None };
 
 /// Small, valid configurations: tiny tables so they fill, port ranges down
-/// to two ports, one or both families, a per-source limit of 1 to 3 or off,
-/// and sometimes a replay cache too small to remember every match.
+/// to two ports, one or both families, per-source limits of 1 to 3 or off at
+/// each level.
 fn config() -> impl Strategy<Value = EngineConfig> {
     (
         1usize..=8,
-        prop_oneof![1usize..=4, Just(4096)],
         1u32..=3000,
         1u32..=3000,
         (1u16..=65534).prop_flat_map(|lo| (Just(lo), prop_oneof![Just(lo + 1), lo + 1..=65535])),
         any::<u64>(),
         prop_oneof![Just((true, true)), Just((true, false)), Just((false, true))],
-        0u32..=3,
+        prop_oneof![
+            Just(SourceLimits::OFF),
+            (0u32..=3, 0u32..=4, 0u32..=4, 0u32..=5).prop_map(|(per_ip, v4_24, v6_56, v6_48)| {
+                SourceLimits {
+                    per_ip,
+                    v4_24,
+                    v6_56,
+                    v6_48,
+                }
+            }),
+        ],
     )
         .prop_map(
-            |(
-                capacity,
-                replay_capacity,
-                ttl_ms,
-                replay_ttl_ms,
-                (port_lo, port_hi),
-                seed,
-                (ipv4, ipv6),
-                max_pending_per_source,
-            )| {
+            |(capacity, ttl_ms, replay_ttl_ms, (port_lo, port_hi), seed, (ipv4, ipv6), limits)| {
                 EngineConfig {
                     capacity,
-                    replay_capacity,
                     ttl_ms,
                     replay_ttl_ms,
                     port_lo,
@@ -78,7 +67,7 @@ fn config() -> impl Strategy<Value = EngineConfig> {
                     seed: Some(seed),
                     ipv4,
                     ipv6,
-                    max_pending_per_source,
+                    limits,
                 }
             },
         )
@@ -146,24 +135,24 @@ proptest! {
         start in start(),
         (a, b) in (any::<u32>(), any::<u32>()).prop_filter("distinct IDs", |(a, b)| a != b),
         (wsrc, csrc) in prop_oneof![
-            (0..V4_SOURCES, 0..V4_SOURCES),
-            (V4_SOURCES..SOURCES.len(), V4_SOURCES..SOURCES.len()),
+            // Sources that can be peers: 0..5 are IPv4, 6..10 IPv6.
+            (0..5usize, 0..5usize),
+            (6..10usize, 6..10usize),
         ],
         gap in 0u64..1000,
         later in 0u64..3000,
     ) {
         let v4 = source(wsrc).is_ipv4();
-        // The pair's family is served; each match takes two replay entries,
-        // so a one-slot replay cache could remember only one side.
+        // The pair's family is served and its sources may register.
         let cfg = EngineConfig {
-            replay_capacity: cfg.replay_capacity.max(2),
             ipv4: cfg.ipv4 || v4,
             ipv6: cfg.ipv6 || !v4,
+            limits: SourceLimits::OFF,
             ..cfg
         };
         let mut checker = Checker::new(&cfg, start);
         let gap = gap % u64::from(cfg.ttl_ms);
-        prop_assert_eq!(checker.handle(&request(a, b), source(wsrc)), Outcome::Registered);
+        prop_assert_eq!(checker.handle(&request(a, b), source(wsrc)), NEW);
         checker.step(&Op::Expire { dt: gap });
         let Outcome::Matched { waiting, completing } = checker.handle(&request(b, a), source(csrc))
         else {
@@ -174,7 +163,7 @@ proptest! {
         prop_assert_eq!(checker.handle(&request(a, b), source(wsrc)), Outcome::Replayed(waiting));
         prop_assert_eq!(checker.handle(&request(b, a), source(csrc)), Outcome::Replayed(completing));
         prop_assert_eq!(checker.engine.pending(), 0);
-        prop_assert_eq!(checker.engine.counters.matched, 1);
+        prop_assert_eq!(checker.engine.counters().matched, 1);
     }
 }
 
@@ -189,6 +178,7 @@ fn random_runs_exercise_matches_replays_and_full_tables() {
     assert!((0..SOURCES.len()).all(|i| source(i).is_ipv4() == (i < V4_SOURCES)));
     let mut runner = TestRunner::new(Config::default());
     let (mut matches, mut replays, mut full, mut bad) = (0, 0, 0, 0);
+    let (mut evictions, mut limited, mut bogus) = (0, 0, 0);
     for _ in 0..200 {
         let cfg = config().new_tree(&mut runner).unwrap().current();
         let start = start().new_tree(&mut runner).unwrap().current();
@@ -200,36 +190,50 @@ fn random_runs_exercise_matches_replays_and_full_tables() {
         checker.run(&ops);
         matches += checker.matches;
         replays += checker.replays_checked;
-        full += checker.engine.counters.table_full;
-        bad += checker.engine.counters.bad_size;
+        let c = checker.engine.counters();
+        full += c.table_full;
+        bad += c.bad_size;
+        evictions += checker.evictions;
+        limited += c.per_ip_limit + c.per_prefix_limit;
+        bogus += c.bad_source;
     }
     assert!(matches > 100, "only {matches} matches");
+    assert!(evictions > 10, "only {evictions} slots taken");
+    assert!(limited > 10, "only {limited} source-limit drops");
+    assert!(bogus > 10, "only {bogus} bad sources");
     assert!(replays > 100, "only {replays} replays checked");
     assert!(full > 10, "only {full} table_full drops");
     assert!(bad > 100, "only {bad} bad sizes");
 }
 
 /// Regression: the per-source limit must still hold after other sources came
-/// and went. With a window table no larger than the pending capacity, and
-/// windows outliving the registrations they counted, a new source's window
-/// could not be stored and its registrations went uncounted.
+/// and went (the first design's window table lost count of new sources).
 #[test]
 fn per_source_limit_holds_after_many_sources() {
     let cfg = EngineConfig {
         capacity: 2,
-        max_pending_per_source: 1,
+        limits: SourceLimits {
+            per_ip: 1,
+            ..SourceLimits::OFF
+        },
         seed: Some(1),
         ..EngineConfig::default()
     };
     let mut checker = Checker::new(&cfg, 0);
-    let (a, b, c) = (source(0), source(2), source(3));
-    assert_eq!(checker.handle(&request(1, 2), a), Outcome::Registered);
+    let (a, b, c) = (source(0), source(3), source(4));
+    assert_eq!(checker.handle(&request(1, 2), a), NEW);
     assert!(matches!(
         checker.handle(&request(2, 1), b),
         Outcome::Matched { .. }
     ));
-    assert_eq!(checker.handle(&request(3, 4), b), Outcome::Registered);
-    assert_eq!(checker.handle(&request(5, 6), c), Outcome::Registered);
+    assert!(matches!(
+        checker.handle(&request(3, 4), b),
+        Outcome::Registered { .. }
+    ));
+    assert!(matches!(
+        checker.handle(&request(5, 6), c),
+        Outcome::Registered { .. }
+    ));
     assert!(matches!(
         checker.handle(&request(4, 3), a),
         Outcome::Matched { .. }
@@ -238,54 +242,88 @@ fn per_source_limit_holds_after_many_sources() {
     // checker also asserts that the engine never accepts it).
     assert_eq!(
         checker.handle(&request(7, 8), c),
-        Outcome::Dropped(psync::engine::Drop::PerSourceLimit)
+        Outcome::Dropped(DropReason::SourceLimit(Level::V4Host))
     );
 }
 
-/// Regression: the per-source limit must hold across the engine's 32-bit
-/// millisecond clock wrap (every 49.7 days of uptime). Window slots were
-/// numbered `now / slot_ms`, which jumps back to 0 at the wrap, so every
-/// source's count was forgotten there.
+/// The per-source limit holds across the engine's 32-bit millisecond clock
+/// wrap (every 49.7 days of uptime).
 #[test]
 fn per_source_limit_holds_across_the_clock_wrap() {
     let cfg = EngineConfig {
         capacity: 16,
         ttl_ms: 1343,
-        max_pending_per_source: 2,
+        limits: SourceLimits {
+            per_ip: 2,
+            ..SourceLimits::OFF
+        },
         seed: Some(0),
         ..EngineConfig::default()
     };
     let mut checker = Checker::new(&cfg, u64::from(u32::MAX) - 96);
-    let a = source(5);
-    assert_eq!(checker.handle(&request(2, 0), a), Outcome::Registered);
-    assert_eq!(checker.handle(&request(2, 1), a), Outcome::Registered);
+    let a = source(6);
+    assert_eq!(checker.handle(&request(2, 0), a), NEW);
+    assert_eq!(checker.handle(&request(2, 1), a), NEW);
     checker.step(&Op::Expire { dt: 97 });
     assert_eq!(
         checker.handle(&request(0, 1), a),
-        Outcome::Dropped(psync::engine::Drop::PerSourceLimit)
+        Outcome::Dropped(DropReason::SourceLimit(Level::V6Net64))
     );
 }
 
-/// Regression: an expired registration stops counting against its source
-/// within one more lifetime. With power-of-two slots the eight-slot window
-/// could span more than twice the lifetime, and a window kept alive by a
-/// newer registration went on counting one that had expired a lifetime ago.
+/// An expired registration stops counting against its source once the
+/// sweep has reclaimed it: within a sweep period (a quarter of the shorter
+/// lifetime) of expiry turns.
 #[test]
 fn per_source_limit_forgets_expired_registrations() {
     let cfg = EngineConfig {
         capacity: 16,
-        max_pending_per_source: 2,
+        limits: SourceLimits {
+            per_ip: 2,
+            ..SourceLimits::OFF
+        },
         seed: Some(1),
         ..EngineConfig::default()
     };
     let ttl = u64::from(cfg.ttl_ms);
     let mut checker = Checker::new(&cfg, 0);
     let a = source(0);
-    assert_eq!(checker.handle(&request(1, 2), a), Outcome::Registered);
+    assert_eq!(checker.handle(&request(1, 2), a), NEW);
+    assert_eq!(checker.handle(&request(3, 4), a), NEW);
     checker.step(&Op::Expire { dt: ttl });
-    assert_eq!(checker.handle(&request(3, 4), a), Outcome::Registered);
-    // The first expired a whole lifetime ago (plus a second): `a` holds one
-    // live registration of its two.
-    checker.step(&Op::Expire { dt: ttl + 1000 });
-    assert_eq!(checker.handle(&request(5, 6), a), Outcome::Registered);
+    let period = u64::from(cfg.ttl_ms.min(cfg.replay_ttl_ms) / 4);
+    for _ in 0..period / 10 + 1 {
+        checker.step(&Op::Expire { dt: 10 });
+    }
+    assert_eq!(checker.handle(&request(5, 6), a), NEW);
+}
+
+/// Fair admission: one network holding the whole table gives way to a
+/// newcomer from another, one slot per newcomer, and the newcomers' pairs
+/// complete.
+#[test]
+fn a_full_table_admits_lighter_sources() {
+    let cfg = EngineConfig {
+        capacity: 6,
+        limits: SourceLimits::default(),
+        seed: Some(3),
+        ..EngineConfig::default()
+    };
+    let mut checker = Checker::new(&cfg, 0);
+    // 192.0.2.0/24 (sources 0..=2) fills the table.
+    for i in 0..6 {
+        assert_eq!(
+            checker.handle(&request(100 + i, 200 + i), source(i as usize % 3)),
+            NEW
+        );
+    }
+    let o = checker.handle(&request(1, 2), source(3));
+    assert!(
+        matches!(o, Outcome::Registered { evicted: Some(_) }),
+        "{o:?}"
+    );
+    assert!(matches!(
+        checker.handle(&request(2, 1), source(4)),
+        Outcome::Matched { .. } | Outcome::Registered { .. }
+    ));
 }

@@ -108,7 +108,13 @@ impl ServerProcess {
             .output()
             .expect("run --help");
         let help = String::from_utf8_lossy(&help.stdout);
-        for flag in ["--rate-limit", "--max-pending-per-ip"] {
+        for flag in [
+            "--rate-limit",
+            "--max-pending-per-ip",
+            "--max-pending-per-v4-24",
+            "--max-pending-per-v6-56",
+            "--max-pending-per-v6-48",
+        ] {
             if help.contains(flag) {
                 args.extend([flag, "0"]);
             }

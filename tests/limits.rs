@@ -19,7 +19,7 @@ fn a_flood_from_one_source_does_not_stop_the_others() {
     let limit = RateLimit::default();
     let mut cfg = config();
     cfg.rate_limit = limit;
-    cfg.engine.max_pending_per_source = 1000;
+    cfg.engine.limits = psync::engine::SourceLimits::default();
     let server = TestServer::start(cfg);
     let addr = server.addr();
 
@@ -62,14 +62,14 @@ fn a_flood_from_one_source_does_not_stop_the_others() {
     let flooded = flood.join().unwrap();
     let c = server.stop();
     assert_accounted(&c);
-    assert_eq!(c.matched, pairs);
+    assert_eq!(c.engine.matched, pairs);
     assert!(flooded >= 1000, "the flood ran ({flooded} sent)");
     // The flood got its burst plus its rate, the rest was dropped.
-    assert!(c.rate_limited > 0);
+    assert!(c.io.rate_limited > 0);
     assert!(
-        c.registered <= u64::from(limit.burst) + 2 * u64::from(limit.per_second) + 2 * pairs,
+        c.engine.registered <= u64::from(limit.burst) + 2 * u64::from(limit.per_second) + 2 * pairs,
         "registered {} of {flooded} flood datagrams",
-        c.registered
+        c.engine.registered
     );
 }
 
@@ -77,7 +77,10 @@ fn a_flood_from_one_source_does_not_stop_the_others() {
 fn one_source_cannot_fill_the_table() {
     let mut cfg = config();
     cfg.engine.capacity = 100;
-    cfg.engine.max_pending_per_source = 10;
+    cfg.engine.limits = psync::engine::SourceLimits {
+        per_ip: 10,
+        ..psync::engine::SourceLimits::OFF
+    };
     let server = TestServer::start(cfg);
     let hog = socket("127.0.0.2", Duration::from_millis(300));
     for i in 0..30u32 {
@@ -98,8 +101,8 @@ fn one_source_cannot_fill_the_table() {
     assert!(recv(&partner).is_some());
     let c = server.stop();
     assert_accounted(&c);
-    assert_eq!(c.per_ip_limit, 20);
-    assert_eq!(c.refreshed, 1);
-    assert_eq!(c.matched, 2);
-    assert_eq!(c.pending, 9);
+    assert_eq!(c.engine.per_ip_limit, 20);
+    assert_eq!(c.engine.refreshed, 1);
+    assert_eq!(c.engine.matched, 2);
+    assert_eq!(c.engine.pending, 9);
 }

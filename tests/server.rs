@@ -60,7 +60,10 @@ fn ipv4_reply_bytes_are_exact() {
     want_b[8..12].copy_from_slice(&[127, 0, 0, 1]);
     assert_eq!(rb, want_b, "reply to the completer names the waiting peer");
     let c = server.stop();
-    assert_eq!((c.registered, c.matched, c.sent), (1, 1, 2));
+    assert_eq!(
+        (c.engine.registered, c.engine.matched, c.io.sent),
+        (1, 1, 2)
+    );
 }
 
 #[test]
@@ -103,7 +106,10 @@ fn families_never_match_each_other() {
     assert_eq!(recv(&a), None);
     assert_eq!(recv(&b), None);
     let c = server.stop();
-    assert_eq!((c.registered, c.matched, c.pending), (2, 0, 2));
+    assert_eq!(
+        (c.engine.registered, c.engine.matched, c.engine.pending),
+        (2, 0, 2)
+    );
 }
 
 #[test]
@@ -123,9 +129,9 @@ fn retransmits_get_the_identical_reply() {
     assert_eq!(recv(&c), None);
     let counters = server.stop();
     assert_accounted(&counters);
-    assert_eq!(counters.replayed, 6);
-    assert_eq!(counters.matched, 1);
-    assert_eq!(counters.registered, 2);
+    assert_eq!(counters.engine.replayed, 6);
+    assert_eq!(counters.engine.matched, 1);
+    assert_eq!(counters.engine.registered, 2);
 }
 
 #[test]
@@ -143,7 +149,7 @@ fn a_pending_peer_that_moves_is_answered_at_its_new_address() {
     assert_eq!(Reply::parse(&rb).unwrap().peer, new.local_addr().unwrap());
     assert!(recv(&new).is_some());
     assert_eq!(recv(&old), None, "the stale address gets nothing");
-    assert_eq!(server.stop().refreshed, 1);
+    assert_eq!(server.stop().engine.refreshed, 1);
 }
 
 #[test]
@@ -162,10 +168,10 @@ fn registrations_expire() {
     // swept every quarter ttl, so three ttls are ample.
     std::thread::sleep(Duration::from_millis(450));
     let counters = server.stop();
-    assert_eq!(counters.matched, 0);
-    assert_eq!(counters.registered, 2);
-    assert_eq!(counters.expired, 2);
-    assert_eq!(counters.pending, 0);
+    assert_eq!(counters.engine.matched, 0);
+    assert_eq!(counters.engine.registered, 2);
+    assert_eq!(counters.engine.expired, 2);
+    assert_eq!(counters.engine.pending, 0);
 }
 
 #[test]
@@ -189,10 +195,10 @@ fn bad_input_gets_no_reply_and_is_counted() {
     assert_eq!(recv(&waiting), None);
     let c = server.stop();
     assert_accounted(&c);
-    assert_eq!(c.bad_size, sizes.len() as u64 + 1);
-    assert_eq!(c.self_pair, 1);
-    assert_eq!(c.registered, 1);
-    assert_eq!(c.sent, 0);
+    assert_eq!(c.engine.bad_size, sizes.len() as u64 + 1);
+    assert_eq!(c.engine.self_pair, 1);
+    assert_eq!(c.engine.registered, 1);
+    assert_eq!(c.io.sent, 0);
 }
 
 #[test]
@@ -221,9 +227,9 @@ fn a_full_table_refuses_new_registrations_only() {
     assert!(recv(&waiting[0]).is_some());
     let c = server.stop();
     assert_accounted(&c);
-    assert_eq!(c.table_full, 2);
-    assert_eq!(c.matched, 1);
-    assert_eq!(c.pending, 3);
+    assert_eq!(c.engine.table_full, 2);
+    assert_eq!(c.engine.matched, 1);
+    assert_eq!(c.engine.pending, 3);
 }
 
 /// Thousands of pairs between many sockets, all in flight together; every
@@ -281,7 +287,10 @@ fn thousands_of_pairs_get_exactly_the_right_replies() {
     }
     let c = server.stop();
     assert_accounted(&c);
-    assert_eq!(c.matched, pairs);
-    assert_eq!(c.sent, 2 * pairs);
-    assert_eq!(c.send_dropped + c.send_errors + c.table_full, 0);
+    assert_eq!(c.engine.matched, pairs);
+    assert_eq!(c.io.sent, 2 * pairs);
+    assert_eq!(
+        c.io.send_dropped + c.io.send_errors + c.engine.table_full,
+        0
+    );
 }

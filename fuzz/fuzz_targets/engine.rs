@@ -12,6 +12,7 @@
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use psync::wire::PeerId;
+use psync::engine::SourceLimits;
 use psync::{EngineConfig, Request};
 
 #[path = "../common/engine_check.rs"]
@@ -54,9 +55,18 @@ fn config(u: &mut Unstructured) -> Result<(EngineConfig, u64)> {
         1 => (false, true),
         _ => (true, true),
     };
+    let limits = if u.arbitrary()? {
+        SourceLimits::OFF
+    } else {
+        SourceLimits {
+            per_ip: u.int_in_range(0..=4)?,
+            v4_24: u.int_in_range(0..=6)?,
+            v6_56: u.int_in_range(0..=6)?,
+            v6_48: u.int_in_range(0..=8)?,
+        }
+    };
     let cfg = EngineConfig {
         capacity: u.int_in_range(1..=16)?,
-        replay_capacity: u.int_in_range(1..=64)?,
         ttl_ms: u.int_in_range(1..=5000)?,
         replay_ttl_ms: u.int_in_range(1..=5000)?,
         port_lo,
@@ -64,7 +74,7 @@ fn config(u: &mut Unstructured) -> Result<(EngineConfig, u64)> {
         seed: Some(u.arbitrary()?),
         ipv4,
         ipv6,
-        max_pending_per_source: u.int_in_range(0..=4)?,
+        limits,
     };
     // Any start, including just below the engine's 32-bit clock wrap.
     let start = match u.int_in_range(0..=2)? {

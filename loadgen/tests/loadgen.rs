@@ -27,8 +27,7 @@ impl TestServer {
     fn start(port_range: Option<(u16, u16)>) -> TestServer {
         let mut cfg = ServerConfig::default();
         cfg.engine.capacity = 1 << 14;
-        cfg.engine.replay_capacity = 1 << 14;
-        cfg.engine.max_pending_per_source = 0;
+        cfg.engine.limits = psync::engine::SourceLimits::OFF;
         if let Some((lo, hi)) = port_range {
             cfg.engine.port_lo = lo;
             cfg.engine.port_hi = hi;
@@ -143,9 +142,9 @@ fn modest_open_loop_rate_completes_every_pair() {
     assert!(field(&json, "p50") <= field(&json, "p99"));
     assert!(field(&json, "p99") <= field(&json, "max"));
     // The server matched each pair once (warmup included) and dropped nothing.
-    assert!(counters.matched >= 4000, "{counters:?}");
+    assert!(counters.engine.matched >= 4000, "{counters:?}");
     assert_eq!(
-        counters.bad_size + counters.self_pair + counters.table_full,
+        counters.engine.bad_size + counters.engine.self_pair + counters.engine.table_full,
         0
     );
 
@@ -181,7 +180,7 @@ fn closed_loop_at_max_rate_gets_no_wrong_reply() {
     assert_eq!(field(&json, "wrong"), 0.0);
     assert!(field(&json, "completed") > 100.0, "{json}");
     assert!(field(&json, "pairs_per_sec") > 0.0);
-    assert!(counters.matched as f64 >= field(&json, "completed"));
+    assert!(counters.engine.matched as f64 >= field(&json, "completed"));
 }
 
 #[test]
@@ -220,14 +219,21 @@ fn retransmits_malformed_datagrams_and_preload_are_not_wrong() {
     let replayed = field(&json, "replayed");
     assert!(replayed > 0.0, "{json}");
     assert_eq!(field(&json, "replay_missing"), 0.0);
-    assert_eq!(counters.replayed as f64, replayed);
+    assert_eq!(counters.engine.replayed as f64, replayed);
     // Every malformed datagram reached the server and was dropped as such.
     let bad = field(&json, "bad_sent");
     assert!(bad > 0.0);
-    assert_eq!((counters.bad_size + counters.self_pair) as f64, bad);
+    assert_eq!(
+        (counters.engine.bad_size + counters.engine.self_pair) as f64,
+        bad
+    );
     // The preload registered and nothing matched it.
     assert_eq!(field(&json, "pending_sent"), 300.0);
-    assert_eq!(counters.registered, 300 + counters.matched, "{counters:?}");
+    assert_eq!(
+        counters.engine.registered,
+        300 + counters.engine.matched,
+        "{counters:?}"
+    );
 }
 
 /// A fake server that answers every request at once, naming the asker as

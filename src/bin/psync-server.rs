@@ -43,16 +43,17 @@ struct Args {
     ttl: Duration,
 
     /// Seconds a match's replies are resent to retransmitted requests.
-    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     replay_ttl: Duration,
 
-    /// Most pending registrations held at once (tables are allocated at start).
+    /// Most pairs held at once, waiting or remembered for replay (1 to 2^31;
+    /// tables are allocated at start, about 60 bytes per pair).
     #[arg(long, default_value_t = 1 << 20, value_name = "N")]
     capacity: usize,
 
-    /// Most matches remembered for replay, per address family.
-    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
-    replay_capacity: usize,
+    /// Ignored: matches now share --capacity with waiting registrations.
+    #[arg(long, value_name = "N", hide = true)]
+    replay_capacity: Option<usize>,
 
     /// Ports handed to peers, inclusive.
     #[arg(long, default_value = "1024-65535", value_name = "LO-HI", value_parser = psync::engine::parse_port_range)]
@@ -86,9 +87,23 @@ struct Args {
     #[arg(long, default_value_t = 1 << 16, value_name = "N")]
     rate_limit_sources: usize,
 
-    /// Most pending registrations one source may hold (at most 65535); 0: no limit.
-    #[arg(long, default_value_t = 1000, value_name = "N")]
+    /// Most registrations one IPv4 address or IPv6 /64 may hold pending; 0: no limit.
+    #[arg(long, default_value_t = 256, value_name = "N")]
     max_pending_per_ip: u32,
+
+    /// Most registrations one IPv4 /24 may hold pending; 0: no limit.
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    max_pending_per_v4_24: u32,
+
+    /// Most registrations one IPv6 /56 may hold pending; 0: no limit.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_pending_per_v6_56: u32,
+
+    /// Most registrations one IPv6 /48 may hold pending; 0: no limit. With
+    /// all four limits 0 no per-source counts are kept and a full table
+    /// refuses newcomers instead of making room by fairness.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    max_pending_per_v6_48: u32,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
@@ -161,16 +176,12 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
             "--burst and --rate-limit-sources must be at least 1 when --rate-limit is on".into(),
         );
     }
-    if args.max_pending_per_ip > u32::from(u16::MAX) {
-        return Err("--max-pending-per-ip must be at most 65535 (0 turns the limit off)".into());
-    }
-    if args.replay_capacity == 0 {
-        return Err("--replay-capacity must be at least 1".into());
+    if args.replay_capacity.is_some() {
+        log::warn!("--replay-capacity is ignored: matches now share --capacity");
     }
     Ok(ServerConfig {
         engine: EngineConfig {
             capacity: args.capacity,
-            replay_capacity: args.replay_capacity,
             ttl_ms: millis(args.ttl, "ttl")?,
             replay_ttl_ms: millis(args.replay_ttl, "replay-ttl")?,
             port_lo: args.port_range.0,
@@ -178,7 +189,12 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
             seed: args.seed,
             ipv4: true,
             ipv6: true,
-            max_pending_per_source: args.max_pending_per_ip,
+            limits: psync::engine::SourceLimits {
+                per_ip: args.max_pending_per_ip,
+                v4_24: args.max_pending_per_v4_24,
+                v6_56: args.max_pending_per_v6_56,
+                v6_48: args.max_pending_per_v6_48,
+            },
         },
         bind,
         batch: args.batch,
@@ -229,6 +245,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // What the tables will cost, said before they are allocated.
+    let e = &cfg.engine;
+    log::info!(
+        "tables need {} MiB ({:.1} bytes per unit of --capacity), plus up to {} MiB for \
+         IPv6 matches, resident only as they are held",
+        e.memory().unwrap_or(usize::MAX) >> 20,
+        e.memory().unwrap_or(usize::MAX) as f64 / e.capacity.max(1) as f64,
+        e.ipv6_store_bytes().unwrap_or(usize::MAX) >> 20,
+    );
     let mut server = match bind(&args, cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -243,7 +268,7 @@ fn main() -> ExitCode {
         eprintln!("psync-server: metrics on http://{addr}/metrics");
     }
     log::info!(
-        "capacity {} pending, ttl {:?}, replay ttl {:?}, ports {}-{}, batch {}, tables {} MiB",
+        "capacity {} pairs, ttl {:?}, replay ttl {:?}, ports {}-{}, batch {}, tables {} MiB",
         args.capacity,
         args.ttl,
         args.replay_ttl,

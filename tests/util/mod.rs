@@ -67,9 +67,8 @@ impl Drop for TestServer {
 pub fn config() -> ServerConfig {
     let engine = psync::EngineConfig {
         capacity: 1 << 14,
-        replay_capacity: 1 << 14,
         seed: Some(7),
-        max_pending_per_source: 0,
+        limits: psync::engine::SourceLimits::OFF,
         ..Default::default()
     };
     ServerConfig {
@@ -115,15 +114,17 @@ pub fn recv(s: &UdpSocket) -> Option<Vec<u8>> {
 
 /// Asserts that every received datagram ended in exactly one outcome counter.
 pub fn assert_accounted(c: &Counters) {
-    let outcomes = c.bad_size
-        + c.self_pair
-        + c.bad_family
-        + c.table_full
-        + c.rate_limited
-        + c.per_ip_limit
-        + c.registered
-        + c.refreshed
-        + c.matched
-        + c.replayed;
+    let outcomes = c.engine.bad_size
+        + c.engine.self_pair
+        + c.engine.bad_family
+        + c.engine.bad_source
+        + c.engine.table_full
+        + c.engine.per_prefix_limit
+        + c.io.rate_limited
+        + c.engine.per_ip_limit
+        + c.engine.registered
+        + c.engine.refreshed
+        + c.engine.matched
+        + c.engine.replayed;
     assert_eq!(c.received, outcomes, "every datagram accounted for: {c}");
 }

@@ -1,0 +1,953 @@
+//! The matching engine: pairs waiting and matched, replay, fair admission,
+//! port choice.
+//!
+//! [`Engine::handle`] takes one datagram, its source address and the time,
+//! and says what to send; [`Engine::handle_batch`] does the same for a
+//! received batch, first fetching into cache every slot the batch will touch
+//! so that their cache misses overlap instead of queueing. The engine owns no
+//! socket and reads no clock, so it is tested and benchmarked without a
+//! network. It never allocates after [`Engine::new`].
+//!
+//! Rules (PROTOCOL.md is the contract):
+//! - a request `(A, B)` waits until `(B, A)` arrives from the same address
+//!   family;
+//! - the match picks two distinct ports `P1 != P2` from the port range; the
+//!   peer that waited gets `{src: P1, dst: P2, peer: completer}`, the
+//!   completer gets `{src: P2, dst: P1, peer: waiter}`;
+//! - after a match both replies are remembered for the replay lifetime: the
+//!   same request from the same address gets the same reply again; the same
+//!   request from another address starts the pair afresh (it waits again, and
+//!   the old replies are forgotten);
+//! - a repeated request while pending refreshes its expiry and takes the
+//!   newest source address;
+//! - at most `capacity` pairs are held, waiting or remembered. When the table
+//!   is full, a new registration first takes the slot of a remembered match
+//!   (its replay is cut short: `replay_full`), then, by fairness, the slot of
+//!   a waiting registration whose network (IPv4 /24, IPv6 /48) holds more
+//!   than the newcomer's would, or within one network whose address holds
+//!   more (`evicted`); otherwise it is refused (`table_full`). See
+//!   [`source`] for the per-source limits that apply before any of this.
+//!
+//! Every pair has one slot (`engine/pair.rs`) from registration to the end of its
+//! replay, so every request costs one table probe; per-source counts cost one
+//! more probe per prefix, and only for registrations.
+
+mod pair;
+pub mod source;
+
+use std::net::{IpAddr, SocketAddr};
+
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use crate::stats::{EngineCounters, WaitHistogram};
+use crate::table::{AllocError, Load, Table};
+use crate::wire::{PeerId, Reply, Request, WireError};
+use pair::{Addr, Match, Millis, PairEntry, PairKey, Side, State, V6Matches, KIND_V6};
+pub use source::{Level, SourceLimits};
+use source::{SourceCounts, Weight};
+
+/// How the engine is sized and behaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Most pairs held at once (waiting, or matched and remembered for
+    /// replay), both families together.
+    pub capacity: usize,
+    /// How long a registration waits for its partner, in milliseconds.
+    pub ttl_ms: u32,
+    /// How long a match's replies are replayed to retransmits, in milliseconds.
+    pub replay_ttl_ms: u32,
+    /// Lowest port handed out.
+    pub port_lo: u16,
+    /// Highest port handed out (at least `port_lo + 1`).
+    pub port_hi: u16,
+    /// Seed for ports and the table hash; `None` draws one from the OS.
+    pub seed: Option<u64>,
+    /// Serve IPv4 peers.
+    pub ipv4: bool,
+    /// Serve IPv6 peers (reserves the IPv6 match store).
+    pub ipv6: bool,
+    /// Most registrations pending per source prefix ([`SourceLimits::OFF`]:
+    /// no counting, and no fair admission).
+    pub limits: SourceLimits,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            capacity: 1 << 20,
+            ttl_ms: 30_000,
+            replay_ttl_ms: 5_000,
+            port_lo: 1024,
+            port_hi: 65535,
+            seed: None,
+            ipv4: true,
+            ipv6: true,
+            limits: SourceLimits::default(),
+        }
+    }
+}
+
+/// Parses a port range written `LO-HI` (inclusive), as `--port-range` takes
+/// it: at least two ports, none of them 0. The error says what is wrong.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("'{s}' is not LO-HI"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("'{p}' is not a port number"))
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo == 0 || hi <= lo {
+        return Err(format!(
+            "{lo}-{hi} must hold at least two ports, none of them 0"
+        ));
+    }
+    Ok((lo, hi))
+}
+
+/// Longest lifetime the engine accepts: the table's clock compares with
+/// wrapping 32-bit milliseconds and needs lifetimes far below 2^31 ms.
+pub const MAX_LIFETIME_MS: u32 = 24 * 3600 * 1000;
+
+/// Largest `capacity`: 2^31 pairs (the IPv6 match store counts in `u32`,
+/// and at about 60 bytes a pair this is already 128 GiB).
+pub const MAX_CAPACITY: usize = 1 << 31;
+
+/// Why a datagram got no reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a request of any known size.
+    BadSize,
+    /// `self_id == peer_id`.
+    SelfPair,
+    /// The source address cannot be a peer (port 0, unspecified, multicast,
+    /// broadcast, IPv4-mapped or -compatible IPv6).
+    BadSource,
+    /// The source's address family is not served.
+    Family,
+    /// The table is full and no slot could be taken by fairness.
+    TableFull,
+    /// A source prefix at this level already holds its limit.
+    SourceLimit(Level),
+}
+
+/// One reply and where it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The peer's public address, the source of its request.
+    pub to: SocketAddr,
+    /// The relay it came through: 0 when it came straight to this server.
+    pub via: u8,
+    /// What it is told.
+    pub reply: Reply,
+}
+
+/// A pair that gave up its slot to a new registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evicted {
+    /// A waiting registration (its source held more than its fair share).
+    Pending {
+        /// Where it waited.
+        from: SocketAddr,
+        /// Its request, for the seed format.
+        request: Option<Request>,
+    },
+    /// A remembered match, whose replay was cut short.
+    Replay {
+        /// One side's request of the pair, for the seed format.
+        request: Option<Request>,
+        /// The pair's family.
+        ipv6: bool,
+    },
+}
+
+/// What handling one datagram produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Dropped without a reply.
+    Dropped(DropReason),
+    /// A new pending registration, which may have taken another pair's slot.
+    Registered {
+        /// The pair whose slot it took, if the table was full.
+        evicted: Option<Evicted>,
+    },
+    /// A pending registration was refreshed (and took the newest address).
+    Refreshed,
+    /// A retransmit after a match: the same reply again.
+    Replayed(Transmit),
+    /// The partner was waiting: a reply to each.
+    Matched {
+        /// The reply to the peer that was waiting.
+        waiting: Transmit,
+        /// The reply to the peer whose request completed the pair.
+        completing: Transmit,
+    },
+}
+
+/// Why an [`EngineConfig`] cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `capacity` is zero or above [`MAX_CAPACITY`].
+    #[error("--capacity must be between 1 and {MAX_CAPACITY}, got {0}")]
+    Capacity(usize),
+    /// The port range has fewer than two ports or starts at zero.
+    #[error("--port-range {0}-{1} must hold at least two ports, none of them 0")]
+    PortRange(u16, u16),
+    /// A lifetime is zero or longer than [`MAX_LIFETIME_MS`].
+    #[error("--{0} must be between 1ms and 24h")]
+    Lifetime(&'static str),
+    /// Neither family enabled.
+    #[error("no address family enabled")]
+    NoFamily,
+    /// The tables cannot be allocated.
+    #[error("--capacity {capacity} needs {} of memory, which cannot be allocated", bytes_text(*.bytes))]
+    Memory {
+        /// The capacity asked for.
+        capacity: usize,
+        /// Bytes needed, when that number fits a `usize`.
+        bytes: Option<usize>,
+    },
+}
+
+fn bytes_text(bytes: Option<usize>) -> String {
+    match bytes {
+        Some(b) if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        Some(b) => format!("{} MiB", b.div_ceil(1 << 20)),
+        None => "more bytes than this machine can address".into(),
+    }
+}
+
+impl EngineConfig {
+    /// Checks every field; what [`Engine::new`] does before it allocates.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.capacity == 0 || self.capacity > MAX_CAPACITY {
+            return Err(ConfigError::Capacity(self.capacity));
+        }
+        if self.port_lo == 0 || self.port_hi <= self.port_lo {
+            return Err(ConfigError::PortRange(self.port_lo, self.port_hi));
+        }
+        if self.ttl_ms == 0 || self.ttl_ms > MAX_LIFETIME_MS {
+            return Err(ConfigError::Lifetime("ttl"));
+        }
+        if self.replay_ttl_ms == 0 || self.replay_ttl_ms > MAX_LIFETIME_MS {
+            return Err(ConfigError::Lifetime("replay-ttl"));
+        }
+        if !self.ipv4 && !self.ipv6 {
+            return Err(ConfigError::NoFamily);
+        }
+        Ok(())
+    }
+
+    /// Bytes the engine allocates and writes at start (the pair table and
+    /// the source counts), or `None` when that overflows. The IPv6 match
+    /// store comes on top as it is used: see [`EngineConfig::ipv6_store_bytes`].
+    pub fn memory(&self) -> Option<usize> {
+        let pairs = Table::<PairEntry>::bytes_for(self.capacity, Load::DEFAULT)?;
+        let sources = if self.limits.is_off() {
+            0
+        } else {
+            SourceCounts::bytes_for(self.capacity)?
+        };
+        pairs.checked_add(sources)
+    }
+
+    /// Address space reserved for IPv6 matches: 36 bytes per unit of
+    /// capacity, resident only as far as IPv6 matches are held for replay.
+    pub fn ipv6_store_bytes(&self) -> Option<usize> {
+        if self.ipv6 {
+            self.capacity.checked_mul(36)
+        } else {
+            Some(0)
+        }
+    }
+}
+
+/// How expiry keeps pace: the whole table is walked once per sweep period.
+struct Pace {
+    /// Slots to examine per millisecond, in 1/1024ths.
+    rate_x1024: u64,
+    /// Slots owed, in 1/1024ths.
+    debt_x1024: u64,
+    last: Option<Millis>,
+}
+
+/// Most slots one [`Engine::expire`] call examines, so one loop turn stays short.
+pub const MAX_SWEEP_PER_CALL: usize = 2048;
+/// Slots a full table sweeps for expired entries before it takes a live one.
+const FULL_SWEEP: usize = 64;
+/// Slots sampled to choose whose slot a new registration takes when the
+/// table is full. More samples find the heaviest source and the oldest
+/// remembered match more surely and cost more: at 16, a source holding a
+/// tenth of the table is among them 81% of the time, and the oldest of 16
+/// remembered matches is older than 94% of them.
+const EVICTION_SAMPLES: usize = 16;
+
+/// The bookkeeping beside the pair table: what leaves it must be uncounted.
+struct Books {
+    v6: V6Matches,
+    sources: Option<SourceCounts>,
+    pending: usize,
+    remembered: usize,
+    counters: EngineCounters,
+}
+
+/// Why a pair leaves the table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    /// Its time is up (registration or replay).
+    Expired,
+    /// Its slot was taken by a new registration.
+    Evicted,
+}
+
+impl Books {
+    fn forget(&mut self, e: &PairEntry, why: Leave) {
+        if e.is_matched() {
+            if let Some(i) = e.v6_index() {
+                self.v6.free(i);
+            }
+            self.remembered -= 1;
+            if why == Leave::Evicted {
+                self.counters.replay_full += 1;
+            }
+        } else {
+            if let State::Pending { addr, .. } = e.state(&self.v6) {
+                if let Some(s) = self.sources.as_mut() {
+                    s.remove(addr.ip());
+                }
+            }
+            self.pending -= 1;
+            match why {
+                Leave::Expired => self.counters.expired += 1,
+                Leave::Evicted => self.counters.evicted += 1,
+            }
+        }
+    }
+}
+
+/// The rendezvous state machine. See the module docs for its rules.
+pub struct Engine {
+    pairs: Table<PairEntry>,
+    books: Books,
+    capacity: usize,
+    ttl: u32,
+    replay_ttl: u32,
+    port_lo: u16,
+    port_span: u32,
+    rng: Xoshiro256PlusPlus,
+    ipv4: bool,
+    ipv6: bool,
+    pace: Pace,
+    wait: WaitHistogram,
+}
+
+impl Engine {
+    /// Checks `cfg` and allocates every table.
+    pub fn new(cfg: &EngineConfig) -> Result<Engine, ConfigError> {
+        cfg.validate()?;
+        let memory_error = || ConfigError::Memory {
+            capacity: cfg.capacity,
+            bytes: cfg.memory(),
+        };
+        cfg.memory().ok_or_else(memory_error)?;
+        let mut rng = match cfg.seed {
+            Some(seed) => Xoshiro256PlusPlus::seed_from_u64(seed),
+            None => {
+                let mut seed = [0u8; 32];
+                getrandom::fill(&mut seed).expect("the OS random source failed");
+                Xoshiro256PlusPlus::from_seed(seed)
+            }
+        };
+        let mut seed = || [rng.next_u64(), rng.next_u64()];
+        let pairs = Table::try_new(cfg.capacity, Load::DEFAULT, seed(), PairEntry::default())
+            .map_err(|_: AllocError| memory_error())?;
+        let sources = if cfg.limits.is_off() {
+            None
+        } else {
+            Some(
+                SourceCounts::try_new(cfg.capacity, cfg.limits, seed())
+                    .map_err(|_| memory_error())?,
+            )
+        };
+        let v6 =
+            V6Matches::try_new(if cfg.ipv6 { cfg.capacity } else { 0 }).ok_or_else(memory_error)?;
+        let period = u64::from((cfg.ttl_ms.min(cfg.replay_ttl_ms) / 4).max(1));
+        let rate_x1024 = (pairs.slots() as u64 * 1024).div_ceil(period);
+        Ok(Engine {
+            pairs,
+            books: Books {
+                v6,
+                sources,
+                pending: 0,
+                remembered: 0,
+                counters: EngineCounters::default(),
+            },
+            capacity: cfg.capacity,
+            ttl: cfg.ttl_ms,
+            replay_ttl: cfg.replay_ttl_ms,
+            port_lo: cfg.port_lo,
+            port_span: u32::from(cfg.port_hi - cfg.port_lo) + 1,
+            rng,
+            ipv4: cfg.ipv4,
+            ipv6: cfg.ipv6,
+            pace: Pace {
+                rate_x1024,
+                debt_x1024: 0,
+                last: None,
+            },
+            wait: WaitHistogram::default(),
+        })
+    }
+
+    /// Registrations waiting for their partner (including expired ones not
+    /// yet reclaimed).
+    pub fn pending(&self) -> usize {
+        self.books.pending
+    }
+
+    /// Matched pairs remembered for replay.
+    pub fn replay_entries(&self) -> usize {
+        self.books.remembered
+    }
+
+    /// The most pairs held at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The engine's counters, gauges refreshed.
+    pub fn counters(&self) -> EngineCounters {
+        let mut c = self.books.counters;
+        c.pending = self.books.pending as u64;
+        c.remembered = self.books.remembered as u64;
+        c
+    }
+
+    /// How long the first peer of each matched pair waited (since its last
+    /// registration or refresh).
+    pub fn wait(&self) -> &WaitHistogram {
+        &self.wait
+    }
+
+    /// Bytes allocated and written at start by the tables.
+    pub fn allocated_bytes(&self) -> usize {
+        self.pairs.allocated_bytes()
+            + self
+                .books
+                .sources
+                .as_ref()
+                .map_or(0, |s| s.allocated_bytes())
+    }
+
+    /// What the per-source counts say `ip`'s prefixes hold (estimates, never
+    /// below the truth), finest first; `None` when limits are off. For tests
+    /// and diagnostics.
+    pub fn source_estimate(&self, ip: IpAddr) -> Option<Vec<(Level, u32)>> {
+        let s = self.books.sources.as_ref()?;
+        let (ps, n) = source::prefixes(ip);
+        Some(ps[..n].iter().map(|p| (p.level, s.held(*p))).collect())
+    }
+
+    /// Bytes of the IPv6 match store written so far (its high-water mark).
+    pub fn ipv6_store_touched(&self) -> usize {
+        self.books.v6.touched_bytes()
+    }
+
+    /// Checks one datagram and turns it into a pair key, or says why not.
+    #[inline]
+    fn classify(&self, datagram: &[u8], src: SocketAddr) -> Result<PairKey, DropReason> {
+        let req = match Request::parse(datagram) {
+            Ok(req) => req,
+            Err(WireError::SelfPair) => return Err(DropReason::SelfPair),
+            Err(_) => return Err(DropReason::BadSize),
+        };
+        let served = match src {
+            SocketAddr::V4(_) => self.ipv4,
+            SocketAddr::V6(_) => self.ipv6,
+        };
+        if !served {
+            return Err(DropReason::Family);
+        }
+        if source::is_bogus(src) {
+            return Err(DropReason::BadSource);
+        }
+        Ok(seed_key(&req, src.is_ipv6()))
+    }
+
+    /// Handles one datagram from `src` received at `now` (milliseconds on the
+    /// caller's monotonic clock).
+    pub fn handle(&mut self, datagram: &[u8], src: SocketAddr, now: u64) -> Outcome {
+        let c = &mut self.books.counters;
+        c.received += 1;
+        let key = match self.classify(datagram, src) {
+            Ok(key) => key,
+            Err(why) => {
+                let c = &mut self.books.counters;
+                match why {
+                    DropReason::BadSize => c.bad_size += 1,
+                    DropReason::SelfPair => c.self_pair += 1,
+                    DropReason::Family => c.bad_family += 1,
+                    _ => c.bad_source += 1,
+                }
+                return Outcome::Dropped(why);
+            }
+        };
+        self.process(&key, src, 0, 0, now as Millis)
+    }
+
+    /// Handles a received batch of `n` datagrams (`get(k)` gives the k-th,
+    /// or `None` to skip it), calling `emit` for every reply, in order.
+    ///
+    /// The same outcomes as calling [`Engine::handle`] on each in turn: the
+    /// batch is first walked to fetch every slot and count it will touch
+    /// into cache (a hint, which changes nothing), then handled in order.
+    pub fn handle_batch<'d>(
+        &mut self,
+        n: usize,
+        get: impl Fn(usize) -> Option<(&'d [u8], SocketAddr)>,
+        now: u64,
+        mut emit: impl FnMut(&Transmit),
+    ) {
+        for k in 0..n {
+            if let Some((d, src)) = get(k) {
+                if let Ok(key) = self.classify(d, src) {
+                    self.pairs.prefetch(self.pairs.hash(key.hash_input()));
+                    if let Some(s) = self.books.sources.as_ref() {
+                        s.prefetch(src.ip());
+                    }
+                }
+            }
+        }
+        for k in 0..n {
+            if let Some((d, src)) = get(k) {
+                match self.handle(d, src, now) {
+                    Outcome::Matched {
+                        waiting,
+                        completing,
+                    } => {
+                        emit(&waiting);
+                        emit(&completing);
+                    }
+                    Outcome::Replayed(t) => emit(&t),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The core: one valid request for `key` from `src`.
+    fn process(
+        &mut self,
+        key: &PairKey,
+        src: SocketAddr,
+        via: u8,
+        info: u8,
+        now: Millis,
+    ) -> Outcome {
+        let me = Addr::from_socket(src);
+        let h = self.pairs.hash(key.hash_input());
+        if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
+            let e = *self.pairs.get(i);
+            if is_expired(e.expires(), now) {
+                // Dead: reclaim the slot and register afresh below.
+                self.pairs.remove_at(i);
+                self.books.forget(&e, Leave::Expired);
+            } else {
+                match e.state(&self.books.v6) {
+                    State::Pending {
+                        waiter,
+                        addr,
+                        via: wvia,
+                        info: winfo,
+                    } => {
+                        if waiter == key.side {
+                            return self.refresh(i, key, addr, me, via, info, now);
+                        }
+                        let waiter_expires = e.expires();
+                        return self.complete(
+                            i,
+                            key,
+                            (addr, wvia, winfo, waiter_expires),
+                            (me, via, info),
+                            now,
+                        );
+                    }
+                    State::Matched(m) => {
+                        let (addr, svia, _) = m.side(key.side);
+                        if addr == me && svia == via {
+                            self.books.counters.replayed += 1;
+                            let other = match key.side {
+                                Side::Lo => Side::Hi,
+                                Side::Hi => Side::Lo,
+                            };
+                            let (peer, _, _) = m.side(other);
+                            let (src_port, dst_port) = m.ports(key.side);
+                            return Outcome::Replayed(Transmit {
+                                to: src,
+                                via,
+                                reply: Reply {
+                                    src_port,
+                                    dst_port,
+                                    peer: peer.to_socket(),
+                                },
+                            });
+                        }
+                        // The same request from elsewhere: the pair starts
+                        // afresh from this address, if its source may.
+                        if let Err(level) = self.source_check(me.ip()) {
+                            return self.refuse(level);
+                        }
+                        if let Some(i) = e.v6_index() {
+                            self.books.v6.free(i);
+                        }
+                        self.books.remembered -= 1;
+                        self.books.pending += 1;
+                        if let Some(s) = self.books.sources.as_mut() {
+                            s.add(me.ip());
+                        }
+                        let expires = now.wrapping_add(self.ttl);
+                        self.pairs
+                            .get_mut(i)
+                            .set_pending(key.side, me, via, info, expires);
+                        self.books.counters.registered += 1;
+                        return Outcome::Registered { evicted: None };
+                    }
+                }
+            }
+        }
+        self.register(key, me, via, info, now)
+    }
+
+    fn refuse(&mut self, level: Level) -> Outcome {
+        match level {
+            Level::V4Host | Level::V6Net64 => self.books.counters.per_ip_limit += 1,
+            _ => self.books.counters.per_prefix_limit += 1,
+        }
+        Outcome::Dropped(DropReason::SourceLimit(level))
+    }
+
+    fn source_check(&self, ip: IpAddr) -> Result<(), Level> {
+        match self.books.sources.as_ref() {
+            Some(s) => s.check(ip),
+            None => Ok(()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn refresh(
+        &mut self,
+        i: usize,
+        key: &PairKey,
+        old: Addr,
+        me: Addr,
+        via: u8,
+        info: u8,
+        now: Millis,
+    ) -> Outcome {
+        // A refresh is never refused; a move to another source is counted
+        // there even if that source is at its limit.
+        if old.ip() != me.ip() {
+            if let Some(s) = self.books.sources.as_mut() {
+                s.remove(old.ip());
+                s.add(me.ip());
+            }
+        }
+        let expires = now.wrapping_add(self.ttl);
+        self.pairs
+            .get_mut(i)
+            .set_pending(key.side, me, via, info, expires);
+        self.books.counters.refreshed += 1;
+        Outcome::Refreshed
+    }
+
+    fn complete(
+        &mut self,
+        i: usize,
+        key: &PairKey,
+        waiter: (Addr, u8, u8, Millis),
+        me: (Addr, u8, u8),
+        now: Millis,
+    ) -> Outcome {
+        let (waddr, wvia, winfo, wexpires) = waiter;
+        let (maddr, mvia, minfo) = me;
+        let (p1, p2) = self.pick_ports();
+        self.wait
+            .record(now.wrapping_sub(wexpires.wrapping_sub(self.ttl)));
+        if let Some(s) = self.books.sources.as_mut() {
+            s.remove(waddr.ip());
+        }
+        // The waiter gets (P1, P2), the completer (P2, P1).
+        let (lo, hi) = match key.side {
+            Side::Lo => (
+                (maddr, mvia, minfo, (p2, p1)),
+                (waddr, wvia, winfo, (p1, p2)),
+            ),
+            Side::Hi => (
+                (waddr, wvia, winfo, (p1, p2)),
+                (maddr, mvia, minfo, (p2, p1)),
+            ),
+        };
+        let m = Match {
+            lo: lo.0,
+            hi: hi.0,
+            lo_via: lo.1,
+            hi_via: hi.1,
+            lo_info: lo.2,
+            hi_info: hi.2,
+            lo_ports: lo.3,
+        };
+        let index = if key.kind & KIND_V6 != 0 {
+            // Never fails: the store has a record for every slot.
+            self.books.v6.alloc().unwrap_or(0)
+        } else {
+            0
+        };
+        let expires = now.wrapping_add(self.replay_ttl);
+        let books = &mut self.books;
+        self.pairs
+            .get_mut(i)
+            .set_matched(&m, expires, &mut books.v6, index);
+        books.pending -= 1;
+        books.remembered += 1;
+        books.counters.matched += 1;
+        let waiting = Transmit {
+            to: waddr.to_socket(),
+            via: wvia,
+            reply: Reply {
+                src_port: p1,
+                dst_port: p2,
+                peer: maddr.to_socket(),
+            },
+        };
+        let completing = Transmit {
+            to: maddr.to_socket(),
+            via: mvia,
+            reply: Reply {
+                src_port: p2,
+                dst_port: p1,
+                peer: waddr.to_socket(),
+            },
+        };
+        Outcome::Matched {
+            waiting,
+            completing,
+        }
+    }
+
+    /// A new registration: within the source's limits, and with room made
+    /// if the table is full.
+    fn register(&mut self, key: &PairKey, me: Addr, via: u8, info: u8, now: Millis) -> Outcome {
+        if let Err(level) = self.source_check(me.ip()) {
+            return self.refuse(level);
+        }
+        let mut evicted = None;
+        if self.pairs.len() >= self.capacity {
+            match self.make_room(me.ip(), now) {
+                Ok(e) => evicted = e,
+                Err(()) => {
+                    self.books.counters.table_full += 1;
+                    return Outcome::Dropped(DropReason::TableFull);
+                }
+            }
+        }
+        let h = self.pairs.hash(key.hash_input());
+        let Err(slot) = self.pairs.find(h, |e| e.is_key(key)) else {
+            unreachable!("a registered key was absent a moment ago")
+        };
+        let expires = now.wrapping_add(self.ttl);
+        self.pairs
+            .insert_at(slot, h, PairEntry::pending(key, me, via, info, expires));
+        if let Some(s) = self.books.sources.as_mut() {
+            s.add(me.ip());
+        }
+        self.books.pending += 1;
+        self.books.counters.registered += 1;
+        Outcome::Registered { evicted }
+    }
+
+    /// Frees a slot for a registration from `ip`: reclaims expired slots
+    /// first, then takes a remembered match's slot, then a waiting
+    /// registration's whose source is heavier than the newcomer's (see
+    /// [`Weight::heavier_than`]). `Ok(None)`: room made without taking a live
+    /// pair's slot; `Err`: nothing may be taken. Takes at most one live slot.
+    fn make_room(&mut self, ip: IpAddr, now: Millis) -> Result<Option<Evicted>, ()> {
+        let books = &mut self.books;
+        let reclaimed = self.pairs.sweep(FULL_SWEEP, |e| {
+            let dead = is_expired(e.expires(), now);
+            if dead {
+                books.forget(e, Leave::Expired);
+            }
+            dead
+        });
+        if reclaimed > 0 {
+            return Ok(None);
+        }
+        // Sample slots; keep the oldest remembered match and the heaviest
+        // (then oldest) waiting registration among them.
+        let mut oldest_match: Option<(usize, Millis)> = None;
+        let mut heaviest: Option<(usize, Weight, Millis)> = None;
+        let slots = self.pairs.slots() as u64;
+        for _ in 0..EVICTION_SAMPLES {
+            let start = ((u64::from(self.rng.next_u32()) * slots) >> 32) as usize;
+            let Some(i) = self.pairs.next_full(start) else {
+                break;
+            };
+            let e = *self.pairs.get(i);
+            if is_expired(e.expires(), now) {
+                self.pairs.remove_at(i);
+                self.books.forget(&e, Leave::Expired);
+                return Ok(None);
+            }
+            if e.is_matched() {
+                let older_than_kept = match oldest_match {
+                    None => true,
+                    Some((_, t)) => older(e.expires(), t),
+                };
+                if older_than_kept {
+                    oldest_match = Some((i, e.expires()));
+                }
+                continue;
+            }
+            let (Some(s), State::Pending { addr, .. }) =
+                (self.books.sources.as_ref(), e.state(&self.books.v6))
+            else {
+                continue;
+            };
+            let w = s.weight(addr.ip());
+            let better = match heaviest {
+                None => true,
+                Some((_, hw, ht)) => {
+                    w.rank() > hw.rank() || (w.rank() == hw.rank() && older(e.expires(), ht))
+                }
+            };
+            if better {
+                heaviest = Some((i, w, e.expires()));
+            }
+        }
+        if let Some((i, _)) = oldest_match {
+            let e = self.pairs.remove_at(i);
+            self.books.forget(&e, Leave::Evicted);
+            return Ok(Some(Evicted::Replay {
+                request: seed_request(&e, Side::Lo),
+                ipv6: e.is_v6(),
+            }));
+        }
+        let (i, w, _) = heaviest.ok_or(())?;
+        let newcomer = self.books.sources.as_ref().ok_or(())?.weight(ip);
+        if !w.heavier_than(&newcomer) {
+            return Err(());
+        }
+        let e = self.pairs.remove_at(i);
+        let State::Pending { waiter, addr, .. } = e.state(&self.books.v6) else {
+            unreachable!("sampled as pending")
+        };
+        self.books.forget(&e, Leave::Evicted);
+        Ok(Some(Evicted::Pending {
+            from: addr.to_socket(),
+            request: seed_request(&e, waiter),
+        }))
+    }
+
+    fn pick_ports(&mut self) -> (u16, u16) {
+        // Multiply-shift reduction of a 32-bit draw: the bias is below
+        // span / 2^32, under 0.002% here.
+        let span = self.port_span;
+        let below = |rng: &mut Xoshiro256PlusPlus, n: u32| {
+            ((u64::from(rng.next_u32()) * u64::from(n)) >> 32) as u32
+        };
+        let a = below(&mut self.rng, span);
+        let b = (a + 1 + below(&mut self.rng, span - 1)) % span;
+        (self.port_lo + a as u16, self.port_lo + b as u16)
+    }
+
+    /// One turn of incremental expiry: examines as many slots as the time
+    /// since the last call earns (the whole table per sweep period, a
+    /// quarter of the shorter lifetime), at most [`MAX_SWEEP_PER_CALL`].
+    /// Returns true when work is still owed, so the caller should call again
+    /// soon rather than sleep.
+    pub fn expire(&mut self, now: u64) -> bool {
+        let now = now as Millis;
+        let elapsed = match self.pace.last {
+            Some(last) => u64::from(now.wrapping_sub(last).min(1 << 31)),
+            None => 0,
+        };
+        self.pace.last = Some(now);
+        if self.pairs.is_empty() {
+            self.pace.debt_x1024 = 0;
+            return false;
+        }
+        let owed = self.pace.debt_x1024 + elapsed * self.pace.rate_x1024;
+        // Never owe more than one full pass: catching up further is pointless.
+        let owed = owed.min(self.pairs.slots() as u64 * 1024);
+        let slots = ((owed / 1024) as usize).min(MAX_SWEEP_PER_CALL);
+        let books = &mut self.books;
+        self.pairs.sweep(slots, |e| {
+            let dead = is_expired(e.expires(), now);
+            if dead {
+                books.forget(e, Leave::Expired);
+            }
+            dead
+        });
+        self.pace.debt_x1024 = owed - slots as u64 * 1024;
+        !self.pairs.is_empty() && self.pace.debt_x1024 >= 1024
+    }
+}
+
+/// True when an entry that expires at `expires` is dead at `now`. Times are
+/// `u32` milliseconds compared with wrapping arithmetic; lifetimes stay far
+/// below 2^31 ms (24 days) and the sweep visits every entry long before.
+#[inline]
+fn is_expired(expires: Millis, now: Millis) -> bool {
+    (now.wrapping_sub(expires) as i32) >= 0
+}
+
+/// True when `a` is earlier than `b` on the wrapping clock.
+fn older(a: Millis, b: Millis) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// The pair key of a seed request: the two 4-byte IDs in byte order.
+#[inline]
+fn seed_key(req: &Request, v6: bool) -> PairKey {
+    let (s, p) = (req.self_id.0, req.peer_id.0);
+    let (lo, hi, side) = if s < p {
+        (s, p, Side::Lo)
+    } else {
+        (p, s, Side::Hi)
+    };
+    let mut tag = [0u8; 8];
+    tag[..4].copy_from_slice(&lo);
+    tag[4..].copy_from_slice(&hi);
+    PairKey {
+        tag: u64::from_ne_bytes(tag),
+        check: 0,
+        kind: if v6 { KIND_V6 } else { 0 },
+        side,
+    }
+}
+
+/// The request `side` of a seed-format pair sends.
+fn seed_request(e: &PairEntry, side: Side) -> Option<Request> {
+    if e.kind() & pair::KIND_V2 != 0 {
+        return None;
+    }
+    let tag = e.tag().to_ne_bytes();
+    let lo = PeerId([tag[0], tag[1], tag[2], tag[3]]);
+    let hi = PeerId([tag[4], tag[5], tag[6], tag[7]]);
+    Some(match side {
+        Side::Lo => Request {
+            self_id: lo,
+            peer_id: hi,
+        },
+        Side::Hi => Request {
+            self_id: hi,
+            peer_id: lo,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,507 @@
+//! Who a datagram comes from: source prefixes, the pending count each holds,
+//! and the addresses that cannot be a peer.
+//!
+//! A *source* is counted at several prefix lengths at once, each with its own
+//! limit ([`SourceLimits`]): an IPv4 address and its /24; an IPv6 /64 (one
+//! host usually owns a whole /64), its /56 and its /48 (an ordinary customer
+//! prefix holds 256 or 65,536 /64s, so limiting /64s alone limits nothing).
+//!
+//! [`Prefix`] keys cannot collide by construction: the prefix's bits are
+//! kept whole (at most 64 of them) and its [`Level`] is a separate byte of
+//! the key, so `fd00:1:2:3::/64` and `3d00:1:2:3::/64`, or an IPv4 /24 and an
+//! IPv6 /48 with the same leading bits, are different keys.
+//!
+//! [`SourceCounts`] estimates, per prefix, the registrations it holds
+//! pending, never below the truth. The engine asks it whether a new
+//! registration is within the limits, and how heavy a source is when the
+//! table is full ([`SourceCounts::weight`]). The engine adds one per
+//! registration and removes one when the registration leaves the table
+//! (match, eviction, or expiry when the sweep or a lookup reclaims it; an
+//! expired registration therefore counts until then, at most one sweep
+//! period, a quarter of the shorter lifetime). No clock, no I/O, no
+//! allocation after [`SourceCounts::try_new`].
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use crate::table::{keyed_hash, AllocError};
+
+/// A prefix length at which sources are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Level {
+    /// One IPv4 address.
+    V4Host = 1,
+    /// An IPv4 /24.
+    V4Net24 = 2,
+    /// An IPv6 /64.
+    V6Net64 = 3,
+    /// An IPv6 /56.
+    V6Net56 = 4,
+    /// An IPv6 /48.
+    V6Net48 = 5,
+}
+
+impl Level {
+    /// The name used in flags and docs (`/32`, `/24`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::V4Host => "IPv4 address",
+            Level::V4Net24 => "IPv4 /24",
+            Level::V6Net64 => "IPv6 /64",
+            Level::V6Net56 => "IPv6 /56",
+            Level::V6Net48 => "IPv6 /48",
+        }
+    }
+}
+
+/// A source prefix: its leading bits, right-aligned, and its level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    /// The prefix's bits (an IPv4 address is 32 of them, a /48 48).
+    pub bits: u64,
+    /// Which prefix length.
+    pub level: Level,
+}
+
+/// The prefixes an address counts against, finest first: two for IPv4,
+/// three for IPv6.
+pub fn prefixes(ip: IpAddr) -> ([Prefix; 3], usize) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let a = u64::from(u32::from(v4));
+            let p = |bits, level| Prefix { bits, level };
+            (
+                [
+                    p(a, Level::V4Host),
+                    p(a >> 8, Level::V4Net24),
+                    p(0, Level::V4Host),
+                ],
+                2,
+            )
+        }
+        IpAddr::V6(v6) => {
+            let hi = (u128::from(v6) >> 64) as u64;
+            let p = |bits, level| Prefix { bits, level };
+            (
+                [
+                    p(hi, Level::V6Net64),
+                    p(hi >> 8, Level::V6Net56),
+                    p(hi >> 16, Level::V6Net48),
+                ],
+                3,
+            )
+        }
+    }
+}
+
+/// True for a source address that cannot be a peer, whose datagrams are
+/// dropped (`bad_source`): port 0; unspecified, broadcast or multicast
+/// addresses; and IPv6 addresses that stand for IPv4 ones (v4-mapped
+/// `::ffff:a.b.c.d` and the deprecated v4-compatible `::a.b.c.d`), which a
+/// real IPv6 socket never receives from the wire and which would hand the
+/// partner an address of the wrong family.
+pub fn is_bogus(addr: SocketAddr) -> bool {
+    if addr.port() == 0 {
+        return true;
+    }
+    match addr.ip() {
+        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let v4_shaped =
+                s[..5] == [0; 5] && (s[5] == 0xffff || (s[5] == 0 && v6 > Ipv6Addr::LOCALHOST));
+            v6.is_unspecified() || v6.is_multicast() || v4_shaped
+        }
+    }
+}
+
+/// Most registrations pending per prefix, per level; 0 means no limit at
+/// that level. With every limit 0 no counts are kept at all (and a full
+/// table cannot make room by fairness; see the engine).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceLimits {
+    /// Per IPv4 address and per IPv6 /64 (`--max-pending-per-ip`).
+    pub per_ip: u32,
+    /// Per IPv4 /24 (`--max-pending-per-v4-24`).
+    pub v4_24: u32,
+    /// Per IPv6 /56 (`--max-pending-per-v6-56`).
+    pub v6_56: u32,
+    /// Per IPv6 /48 (`--max-pending-per-v6-48`).
+    pub v6_48: u32,
+}
+
+impl SourceLimits {
+    /// No limits, no counting.
+    pub const OFF: SourceLimits = SourceLimits {
+        per_ip: 0,
+        v4_24: 0,
+        v6_56: 0,
+        v6_48: 0,
+    };
+
+    /// The limit at `level` (0: none).
+    pub fn at(&self, level: Level) -> u32 {
+        match level {
+            Level::V4Host | Level::V6Net64 => self.per_ip,
+            Level::V4Net24 => self.v4_24,
+            Level::V6Net56 => self.v6_56,
+            Level::V6Net48 => self.v6_48,
+        }
+    }
+
+    /// True when every limit is off.
+    pub fn is_off(&self) -> bool {
+        *self == SourceLimits::OFF
+    }
+}
+
+impl Default for SourceLimits {
+    /// What a real peer needs, with room for carrier-grade NAT: a peer has a
+    /// handful of pairs waiting, and one public IPv4 address of a CGNAT pool
+    /// fronts tens of subscribers. 256 per address or /64, 2048 per IPv4 /24,
+    /// 1024 per /56 and 4096 per /48.
+    fn default() -> Self {
+        SourceLimits {
+            per_ip: 256,
+            v4_24: 2048,
+            v6_56: 1024,
+            v6_48: 4096,
+        }
+    }
+}
+
+/// Counters in one block: one 64-byte cache line of `u32`s.
+const BLOCK: usize = 16;
+/// Counters per unit of capacity: 4, in blocks of [`BLOCK`], at 4 bytes each
+/// 16 bytes per pair. With every registration counted at three levels (the
+/// worst case, IPv6 from distinct networks), a counter carries on average 1.5
+/// registrations of other prefixes, and the smaller of a prefix's two
+/// counters about one: the estimate's expected excess.
+const COUNTERS_PER_PAIR: usize = 4;
+/// Fewest blocks, so that tiny tables do not pile every prefix together.
+const MIN_BLOCKS: usize = 1024;
+
+/// How much a source holds, at two levels: its network (IPv4 /24, IPv6 /48)
+/// and its address (IPv4 address, IPv6 /64). Estimates (see [`SourceCounts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Weight {
+    /// The network prefix.
+    pub net: Prefix,
+    /// Registrations its network holds.
+    pub net_held: u32,
+    /// Registrations its address holds.
+    pub host_held: u32,
+}
+
+impl Weight {
+    /// True when a registration of this source should give way to a new one
+    /// from `newcomer`: this source's network holds at least two more than
+    /// the newcomer's (so that after the swap it still holds at least as
+    /// many, and cannot take the slot back), or, within one network, its
+    /// address does.
+    pub fn heavier_than(&self, newcomer: &Weight) -> bool {
+        if self.net == newcomer.net {
+            u64::from(self.host_held) >= u64::from(newcomer.host_held) + 2
+        } else {
+            u64::from(self.net_held) >= u64::from(newcomer.net_held) + 2
+        }
+    }
+
+    /// An order for choosing the heaviest of several: network first.
+    pub fn rank(&self) -> (u32, u32) {
+        (self.net_held, self.host_held)
+    }
+}
+
+/// Registrations pending per source prefix, as estimates that are never
+/// below the truth. See the module docs.
+///
+/// A count-min sketch: each prefix (its bits and level, hashed with a secret
+/// key) owns two `u32` counters in one 64-byte block; a registration adds
+/// one to both, its leaving takes one from both, and a prefix holds at most
+/// the smaller of the two. Other prefixes sharing a counter only ever add to
+/// it, so a limit may refuse a source slightly early (by the expected excess
+/// of about one registration at the sizing below), never late; and an
+/// outsider cannot aim prefixes at one counter without the key. Unlike an
+/// exact table of prefixes it never fills: four counters per pair hold any
+/// mix of sources (an exact table would need room for three prefixes per
+/// pair, 48 bytes), in 16 bytes per pair, with one cache line per prefix.
+pub struct SourceCounts {
+    blocks: Box<[[u32; BLOCK]]>,
+    limits: SourceLimits,
+    seed: [u64; 2],
+}
+
+impl SourceCounts {
+    fn blocks_for(capacity: usize) -> Option<usize> {
+        Some(
+            capacity
+                .checked_mul(COUNTERS_PER_PAIR)?
+                .div_ceil(BLOCK)
+                .max(MIN_BLOCKS),
+        )
+    }
+
+    /// Bytes the counters for `capacity` registrations take.
+    pub fn bytes_for(capacity: usize) -> Option<usize> {
+        Self::blocks_for(capacity)?.checked_mul(BLOCK * 4)
+    }
+
+    /// Allocates the counters for a table of `capacity` registrations.
+    pub fn try_new(
+        capacity: usize,
+        limits: SourceLimits,
+        seed: [u64; 2],
+    ) -> Result<SourceCounts, AllocError> {
+        let n = Self::blocks_for(capacity).ok_or(AllocError::Overflow)?;
+        let mut blocks = Vec::new();
+        blocks
+            .try_reserve_exact(n)
+            .map_err(|_| AllocError::OutOfMemory(n.saturating_mul(BLOCK * 4)))?;
+        blocks.resize(n, [0u32; BLOCK]);
+        Ok(SourceCounts {
+            blocks: blocks.into_boxed_slice(),
+            limits,
+            seed: [seed[0], seed[1] | 1],
+        })
+    }
+
+    /// Bytes allocated.
+    pub fn allocated_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.blocks)
+    }
+
+    /// The block and the two counters of a prefix.
+    #[inline]
+    fn slots(&self, p: Prefix) -> (usize, usize, usize) {
+        let h = keyed_hash(
+            p.bits ^ u64::from(p.level as u8).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            self.seed,
+        );
+        let b = ((u128::from(h) * self.blocks.len() as u128) >> 64) as usize;
+        let c1 = (h & 0xf) as usize;
+        // A second counter, never the first.
+        let c2 = (c1 + 1 + ((h >> 4) % 15) as usize) % BLOCK;
+        (b, c1, c2)
+    }
+
+    /// Registrations the prefix holds now, at most (never fewer).
+    #[inline]
+    pub fn held(&self, p: Prefix) -> u32 {
+        let (b, c1, c2) = self.slots(p);
+        self.blocks[b][c1].min(self.blocks[b][c2])
+    }
+
+    /// Fetches into cache the counters `ip` will need.
+    #[inline]
+    pub fn prefetch(&self, ip: IpAddr) {
+        let (ps, n) = prefixes(ip);
+        for p in &ps[..n] {
+            let (b, _, _) = self.slots(*p);
+            crate::sys::prefetch(self.blocks[b].as_ptr().cast());
+        }
+    }
+
+    /// Whether `ip` may add a registration: `Err(level)` when a prefix of
+    /// its is at its limit.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Level> {
+        let (ps, n) = prefixes(ip);
+        for p in &ps[..n] {
+            let limit = self.limits.at(p.level);
+            if limit > 0 && self.held(*p) >= limit {
+                return Err(p.level);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a registration from `ip`.
+    pub fn add(&mut self, ip: IpAddr) {
+        let (ps, n) = prefixes(ip);
+        for p in &ps[..n] {
+            let (b, c1, c2) = self.slots(*p);
+            let block = &mut self.blocks[b];
+            block[c1] = block[c1].saturating_add(1);
+            block[c2] = block[c2].saturating_add(1);
+        }
+    }
+
+    /// Uncounts a registration from `ip` that left the table.
+    pub fn remove(&mut self, ip: IpAddr) {
+        let (ps, n) = prefixes(ip);
+        for p in &ps[..n] {
+            let (b, c1, c2) = self.slots(*p);
+            let block = &mut self.blocks[b];
+            block[c1] = block[c1].saturating_sub(1);
+            block[c2] = block[c2].saturating_sub(1);
+        }
+    }
+
+    /// What `ip`'s source holds at its two levels.
+    pub fn weight(&self, ip: IpAddr) -> Weight {
+        let (ps, n) = prefixes(ip);
+        Weight {
+            net: ps[n - 1],
+            net_held: self.held(ps[n - 1]),
+            host_held: self.held(ps[0]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn counts(limits: SourceLimits) -> SourceCounts {
+        SourceCounts::try_new(64, limits, [1, 2]).unwrap()
+    }
+
+    #[test]
+    fn keys_of_different_networks_never_collide() {
+        // The collisions the old 64-bit source key had (top bits masked off).
+        for (a, b) in [
+            ("fd00:1:2:3::1", "3d00:1:2:3::1"),
+            ("2001:db8:1:2::1", "6001:db8:1:2::1"),
+            ("2001:db8:1:2::1", "a001:db8:1:2::1"),
+        ] {
+            let (pa, _) = prefixes(ip(a));
+            let (pb, _) = prefixes(ip(b));
+            for k in 0..3 {
+                assert_ne!(pa[k], pb[k], "{a} and {b} at {:?}", pa[k].level);
+            }
+            let mut c = counts(SourceLimits {
+                per_ip: 1,
+                ..SourceLimits::OFF
+            });
+            c.add(ip(a));
+            assert_eq!(c.check(ip(a)), Err(Level::V6Net64));
+            assert_eq!(c.check(ip(b)), Ok(()), "{b} is limited by {a}");
+        }
+        // An IPv4 /24 and an IPv6 prefix with the same bits differ by level.
+        let (p4, _) = prefixes(ip("0.0.1.2"));
+        let (p6, _) = prefixes(ip("::102:0:0:0:0"));
+        assert_eq!(p4[1].bits, 1);
+        assert_ne!(p4[1], p6[2]);
+    }
+
+    #[test]
+    fn limits_apply_at_every_level() {
+        let mut c = counts(SourceLimits {
+            per_ip: 2,
+            v4_24: 3,
+            v6_56: 4,
+            v6_48: 5,
+        });
+        c.add(ip("192.0.2.1"));
+        c.add(ip("192.0.2.1"));
+        assert_eq!(c.check(ip("192.0.2.1")), Err(Level::V4Host));
+        assert_eq!(c.check(ip("192.0.2.2")), Ok(()));
+        c.add(ip("192.0.2.2"));
+        assert_eq!(c.check(ip("192.0.2.3")), Err(Level::V4Net24));
+        assert_eq!(c.check(ip("192.0.3.1")), Ok(()));
+        // IPv6: four /64s of one /56 fill it; the fifth /64 is refused there.
+        for k in 0..4 {
+            c.add(ip(&format!("2001:db8:0:{k}::1")));
+        }
+        assert_eq!(c.check(ip("2001:db8:0:ff::1")), Err(Level::V6Net56));
+        c.add(ip("2001:db8:0:100::1"));
+        assert_eq!(c.check(ip("2001:db8:0:200::1")), Err(Level::V6Net48));
+        c.remove(ip("2001:db8:0:0::1"));
+        assert_eq!(c.check(ip("2001:db8:0:200::1")), Ok(()));
+        assert_eq!(c.held(prefixes(ip("2001:db8::")).0[2]), 4);
+    }
+
+    #[test]
+    fn estimates_are_never_low_and_come_back_to_zero() {
+        // Far more prefixes than counters: estimates may exceed the truth,
+        // never fall below it, and removing everything leaves zeros.
+        let mut c = SourceCounts::try_new(16, SourceLimits::OFF, [5, 6]).unwrap();
+        let ips: Vec<IpAddr> = (0..20_000u32)
+            .map(|i| IpAddr::from((0x0a00_0000 + i * 7).to_be_bytes()))
+            .collect();
+        for (k, a) in ips.iter().enumerate() {
+            for _ in 0..(k % 3 + 1) {
+                c.add(*a);
+            }
+        }
+        let mut excess = 0u64;
+        for (k, a) in ips.iter().enumerate() {
+            let held = c.held(prefixes(*a).0[0]);
+            assert!(held as usize > k % 3);
+            excess += u64::from(held) - (k % 3 + 1) as u64;
+        }
+        // 20k addresses and their /24s in 16k counters: noticeably inexact,
+        // which is the point of the check above; at the real sizing (four
+        // counters per pair) the excess is about one.
+        assert!(excess > 0);
+        for (k, a) in ips.iter().enumerate() {
+            for _ in 0..(k % 3 + 1) {
+                c.remove(*a);
+            }
+        }
+        assert!(c.blocks.iter().all(|b| b.iter().all(|&x| x == 0)));
+    }
+
+    #[test]
+    fn weight_compares_networks_then_addresses() {
+        let mut c = counts(SourceLimits::default());
+        for _ in 0..10 {
+            c.add(ip("192.0.2.1"));
+        }
+        c.add(ip("198.51.100.1"));
+        let heavy = c.weight(ip("192.0.2.1"));
+        assert_eq!(heavy.rank(), (10, 10));
+        let new = c.weight(ip("203.0.113.1"));
+        assert!(heavy.heavier_than(&new));
+        assert!(!new.heavier_than(&heavy));
+        // Within the heavy network a new address is lighter than the heavy
+        // one, though their networks weigh the same.
+        let neighbour = c.weight(ip("192.0.2.7"));
+        assert!(heavy.heavier_than(&neighbour));
+        // One registration against none: equals after a swap, so no swap.
+        assert!(!c.weight(ip("198.51.100.1")).heavier_than(&new));
+    }
+
+    #[test]
+    fn one_ipv6_48_is_one_network() {
+        // 2000 /64s of one /48 each hold one: the /48 is one heavy network,
+        // and a newcomer from another /48 is lighter.
+        let mut c = SourceCounts::try_new(8192, SourceLimits::OFF, [1, 2]).unwrap();
+        for k in 0..2000u32 {
+            c.add(ip(&format!("2001:db8:0:{k:x}::1")));
+        }
+        let attacker = c.weight(ip("2001:db8:0:5::1"));
+        let victim = c.weight(ip("2001:db8:1:0::1"));
+        assert!(attacker.heavier_than(&victim));
+        assert!(attacker.net_held >= 2000);
+    }
+
+    #[test]
+    fn memory_is_16_bytes_per_pair() {
+        assert_eq!(SourceCounts::bytes_for(1 << 20), Some(16 << 20));
+        assert_eq!(SourceCounts::bytes_for(usize::MAX), None);
+    }
+
+    #[test]
+    fn bogus_sources() {
+        for bad in [
+            "0.0.0.0:1",
+            "192.0.2.1:0",
+            "255.255.255.255:1",
+            "224.0.0.1:1",
+            "[::]:1",
+            "[::ffff:192.0.2.1]:1",
+            "[::192.0.2.1]:1",
+            "[ff02::1]:1",
+        ] {
+            assert!(is_bogus(bad.parse().unwrap()), "{bad}");
+        }
+        for good in ["127.0.0.1:1", "192.0.2.1:1", "[::1]:1", "[2001:db8::1]:1"] {
+            assert!(!is_bogus(good.parse().unwrap()), "{good}");
+        }
+    }
+}

@@ -1,0 +1,367 @@
+use super::*;
+
+fn cfg(capacity: usize) -> EngineConfig {
+    EngineConfig {
+        capacity,
+        ttl_ms: 1000,
+        replay_ttl_ms: 500,
+        port_lo: 2000,
+        port_hi: 2001,
+        seed: Some(1),
+        limits: SourceLimits::OFF,
+        ..EngineConfig::default()
+    }
+}
+
+fn engine(capacity: usize) -> Engine {
+    Engine::new(&cfg(capacity)).unwrap()
+}
+
+fn req(a: u32, b: u32) -> [u8; 8] {
+    Request {
+        self_id: PeerId::from_u32(a),
+        peer_id: PeerId::from_u32(b),
+    }
+    .emit()
+}
+
+const A: &str = "192.0.2.1:1000";
+const B: &str = "198.51.100.2:2000";
+const NEW: Outcome = Outcome::Registered { evicted: None };
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+impl Outcome {
+    fn is_match(&self) -> bool {
+        matches!(self, Outcome::Matched { .. })
+    }
+}
+
+#[test]
+fn match_assigns_ports_to_waiting_and_completing() {
+    let mut e = engine(16);
+    assert_eq!(e.handle(&req(1, 2), addr(A), 0), NEW);
+    let Outcome::Matched {
+        waiting,
+        completing,
+    } = e.handle(&req(2, 1), addr(B), 10)
+    else {
+        panic!("no match")
+    };
+    assert_eq!(waiting.to, addr(A));
+    assert_eq!(waiting.reply.peer, addr(B));
+    assert_eq!(completing.to, addr(B));
+    assert_eq!(completing.reply.peer, addr(A));
+    assert_eq!(waiting.reply.src_port, completing.reply.dst_port);
+    assert_eq!(waiting.reply.dst_port, completing.reply.src_port);
+    assert_ne!(waiting.reply.src_port, waiting.reply.dst_port);
+    assert_eq!(e.pending(), 0);
+    assert_eq!(e.replay_entries(), 1);
+    // A retransmit from either side gets its reply again.
+    assert_eq!(
+        e.handle(&req(1, 2), addr(A), 20),
+        Outcome::Replayed(waiting)
+    );
+    assert_eq!(
+        e.handle(&req(2, 1), addr(B), 20),
+        Outcome::Replayed(completing)
+    );
+    // After the replay lifetime the retransmit registers again.
+    assert_eq!(e.handle(&req(2, 1), addr(B), 600), NEW);
+    assert!(e.handle(&req(1, 2), addr(A), 601).is_match());
+}
+
+#[test]
+fn the_same_request_from_elsewhere_after_a_match_starts_afresh() {
+    let mut e = engine(16);
+    e.handle(&req(1, 2), addr(A), 0);
+    assert!(e.handle(&req(2, 1), addr(B), 1).is_match());
+    // A moved (or retried from a new socket): it waits again, the old
+    // replies are forgotten, and B's next request is a new match.
+    assert_eq!(e.handle(&req(1, 2), addr("192.0.2.9:1"), 20), NEW);
+    assert_eq!(e.pending(), 1);
+    assert_eq!(e.replay_entries(), 0);
+    let Outcome::Matched { waiting, .. } = e.handle(&req(2, 1), addr(B), 30) else {
+        panic!("B's retransmit should match the new registration")
+    };
+    assert_eq!(waiting.to, addr("192.0.2.9:1"));
+}
+
+#[test]
+fn refresh_takes_the_newest_address() {
+    let mut e = engine(16);
+    e.handle(&req(1, 2), addr(A), 0);
+    assert_eq!(
+        e.handle(&req(1, 2), addr("192.0.2.1:1001"), 900),
+        Outcome::Refreshed
+    );
+    // Still pending after the first expiry would have passed.
+    let Outcome::Matched { waiting, .. } = e.handle(&req(2, 1), addr(B), 1500) else {
+        panic!("refresh did not extend the expiry")
+    };
+    assert_eq!(waiting.to, addr("192.0.2.1:1001"));
+    assert_eq!(e.counters().refreshed, 1);
+}
+
+#[test]
+fn expired_registration_does_not_match() {
+    let mut e = engine(16);
+    e.handle(&req(1, 2), addr(A), 0);
+    assert_eq!(e.handle(&req(2, 1), addr(B), 1000), NEW);
+    assert_eq!(e.counters().expired, 1);
+    assert_eq!(e.pending(), 1);
+}
+
+#[test]
+fn families_do_not_match_each_other() {
+    let mut e = engine(16);
+    e.handle(&req(1, 2), addr(A), 0);
+    assert_eq!(e.handle(&req(2, 1), addr("[2001:db8::2]:5"), 0), NEW);
+    assert_eq!(e.pending(), 2);
+    // Both complete in their own family.
+    assert!(e.handle(&req(1, 2), addr("[2001:db8::1]:5"), 1).is_match());
+    assert!(e.handle(&req(2, 1), addr(B), 1).is_match());
+}
+
+#[test]
+fn ipv6_matches_replay_and_free_their_records() {
+    let mut e = engine(16);
+    let (a, b) = (addr("[2001:db8::1]:7"), addr("[2001:db8:1::1]:8"));
+    e.handle(&req(5, 6), a, 0);
+    let Outcome::Matched {
+        waiting,
+        completing,
+    } = e.handle(&req(6, 5), b, 1)
+    else {
+        panic!("no match")
+    };
+    assert_eq!((waiting.reply.peer, completing.reply.peer), (b, a));
+    assert_eq!(e.handle(&req(5, 6), a, 2), Outcome::Replayed(waiting));
+    assert_eq!(e.books.v6.held(), 1);
+    e.expire(100);
+    e.expire(600);
+    e.expire(1200);
+    assert_eq!(e.replay_entries(), 0);
+    assert_eq!(e.books.v6.held(), 0);
+}
+
+#[test]
+fn capacity_counts_waiting_and_remembered_pairs() {
+    let mut e = engine(2);
+    assert_eq!(e.handle(&req(1, 2), addr(A), 0), NEW);
+    assert_eq!(e.handle(&req(3, 4), addr("[2001:db8::2]:5"), 0), NEW);
+    // Without per-source counts there is no fairness: first come, first served.
+    assert_eq!(
+        e.handle(&req(5, 6), addr(A), 0),
+        Outcome::Dropped(DropReason::TableFull)
+    );
+    // A refresh and a match still work when full.
+    assert_eq!(e.handle(&req(1, 2), addr(A), 1), Outcome::Refreshed);
+    assert!(e.handle(&req(2, 1), addr(B), 1).is_match());
+    // The remembered match gives its slot to a new registration.
+    assert_eq!(
+        e.handle(&req(5, 6), addr(A), 2),
+        Outcome::Registered {
+            evicted: Some(Evicted::Replay {
+                request: Some(Request::parse(&req(1, 2)).unwrap()),
+                ipv6: false,
+            })
+        }
+    );
+    let c = e.counters();
+    assert_eq!((c.table_full, c.replay_full), (1, 1));
+}
+
+#[test]
+fn bad_input_is_counted_and_dropped() {
+    let mut e = engine(16);
+    assert_eq!(
+        e.handle(&[0; 7], addr(A), 0),
+        Outcome::Dropped(DropReason::BadSize)
+    );
+    assert_eq!(
+        e.handle(&req(3, 3), addr(A), 0),
+        Outcome::Dropped(DropReason::SelfPair)
+    );
+    for bad in ["0.0.0.0:5", "192.0.2.1:0", "[::ffff:192.0.2.1]:5", "[::]:5"] {
+        assert_eq!(
+            e.handle(&req(3, 4), addr(bad), 0),
+            Outcome::Dropped(DropReason::BadSource),
+            "{bad}"
+        );
+    }
+    let c = e.counters();
+    assert_eq!((c.bad_size, c.self_pair, c.bad_source), (1, 1, 4));
+    assert_eq!(c.received, 6);
+    assert_eq!(e.pending(), 0);
+}
+
+#[test]
+fn ports_are_distinct_and_in_range() {
+    for (lo, hi) in [
+        (1024u16, 1025u16),
+        (1024, 1026),
+        (1024, 1123),
+        (1024, 65535),
+    ] {
+        let mut e = Engine::new(&EngineConfig {
+            port_lo: lo,
+            port_hi: hi,
+            ..cfg(4)
+        })
+        .unwrap();
+        for _ in 0..1000 {
+            let (a, b) = e.pick_ports();
+            assert_ne!(a, b);
+            assert!((lo..=hi).contains(&a) && (lo..=hi).contains(&b));
+        }
+    }
+}
+
+#[test]
+fn one_source_cannot_fill_the_table() {
+    let mut e = Engine::new(&EngineConfig {
+        capacity: 100,
+        limits: SourceLimits {
+            per_ip: 3,
+            ..SourceLimits::default()
+        },
+        seed: Some(2),
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    for i in 0..3 {
+        assert_eq!(e.handle(&req(i, 1000 + i), addr(A), 0), NEW);
+    }
+    assert_eq!(
+        e.handle(&req(9, 1009), addr("192.0.2.1:9999"), 0),
+        Outcome::Dropped(DropReason::SourceLimit(Level::V4Host)),
+        "another port of the same address is the same source"
+    );
+    assert_eq!(e.handle(&req(0, 1000), addr(A), 1), Outcome::Refreshed);
+    assert_eq!(e.handle(&req(9, 1009), addr(B), 1), NEW);
+    // A match frees a place.
+    assert!(e.handle(&req(1000, 0), addr(B), 2).is_match());
+    assert_eq!(e.handle(&req(7, 1007), addr(A), 3), NEW);
+    assert_eq!(e.counters().per_ip_limit, 1);
+    assert_eq!(e.wait().count(), 1);
+}
+
+#[test]
+fn a_full_table_makes_room_for_a_lighter_source() {
+    // One network fills the table; a newcomer from elsewhere takes the slot
+    // of one of its registrations, and the network cannot take it back.
+    let mut e = Engine::new(&EngineConfig {
+        capacity: 64,
+        limits: SourceLimits::default(),
+        ..cfg(64)
+    })
+    .unwrap();
+    for i in 0..64 {
+        let a = addr(&format!("203.0.113.{}:1000", i % 4 + 1));
+        assert_eq!(e.handle(&req(100 + i, 10_000 + i), a, 0), NEW);
+    }
+    let Outcome::Registered {
+        evicted: Some(Evicted::Pending { from, request }),
+    } = e.handle(&req(1, 2), addr(A), 1)
+    else {
+        panic!("the newcomer should have taken a slot")
+    };
+    assert!(from.to_string().starts_with("203.0.113."));
+    assert!(request.is_some());
+    assert_eq!(e.pending(), 64);
+    assert_eq!(e.counters().evicted, 1);
+    // A new address of the heavy network takes room only from its own
+    // network (from its heaviest address), never the newcomer's slot.
+    for k in 0..20 {
+        let o = e.handle(&req(600 + k, 700 + k), addr("203.0.113.9:1"), 2);
+        if let Outcome::Registered {
+            evicted: Some(Evicted::Pending { from, .. }),
+        } = o
+        {
+            assert!(from.to_string().starts_with("203.0.113."), "{from}");
+        }
+    }
+    // The newcomer's pair completes.
+    assert!(e.handle(&req(2, 1), addr(B), 3).is_match());
+}
+
+#[test]
+fn equals_do_not_evict_each_other() {
+    // Every source holds one: a newcomer would hold as much, so no slot is
+    // taken (first come, first served among equals).
+    let mut e = Engine::new(&EngineConfig {
+        limits: SourceLimits::default(),
+        ..cfg(8)
+    })
+    .unwrap();
+    for i in 0..8u32 {
+        let a = addr(&format!("10.{i}.0.1:1000"));
+        assert_eq!(e.handle(&req(100 + i, 200 + i), a, 0), NEW);
+    }
+    assert_eq!(
+        e.handle(&req(1, 2), addr(A), 1),
+        Outcome::Dropped(DropReason::TableFull)
+    );
+}
+
+#[test]
+fn batch_outcomes_equal_one_by_one() {
+    // Duplicates in one batch, a pair completed within the batch, and a
+    // refresh and a match of the same key in one batch.
+    let batch: Vec<([u8; 8], SocketAddr)> = vec![
+        (req(1, 2), addr(A)),
+        (req(1, 2), addr(A)),
+        (req(2, 1), addr(B)),
+        (req(2, 1), addr(B)),
+        (req(3, 4), addr(A)),
+        (req(3, 4), addr("192.0.2.1:7")),
+        (req(4, 3), addr(B)),
+        ([7; 8], addr(A)),
+        (req(5, 6), addr("[2001:db8::1]:4")),
+        (req(6, 5), addr("[2001:db8::2]:4")),
+    ];
+    let mut one = engine(64);
+    let mut want = Vec::new();
+    for (d, a) in &batch {
+        match one.handle(d, *a, 5) {
+            Outcome::Matched {
+                waiting,
+                completing,
+            } => want.extend([waiting, completing]),
+            Outcome::Replayed(t) => want.push(t),
+            _ => {}
+        }
+    }
+    let mut many = engine(64);
+    let mut got = Vec::new();
+    many.handle_batch(
+        batch.len(),
+        |k| Some((&batch[k].0[..], batch[k].1)),
+        5,
+        |t| got.push(*t),
+    );
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 7);
+    assert_eq!(one.counters(), many.counters());
+}
+
+#[test]
+fn memory_is_checked_before_allocation() {
+    for capacity in [0, MAX_CAPACITY + 1, usize::MAX] {
+        assert!(matches!(
+            Engine::new(&cfg(capacity)),
+            Err(ConfigError::Capacity(_))
+        ));
+    }
+    let e = ConfigError::Memory {
+        capacity: MAX_CAPACITY,
+        bytes: cfg(MAX_CAPACITY).memory(),
+    };
+    assert!(e.to_string().contains("84.6 GiB"), "{e}");
+    let c = EngineConfig::default();
+    let per_unit = c.memory().unwrap() as f64 / c.capacity as f64;
+    assert!(per_unit < 64.0, "{per_unit} bytes per unit of capacity");
+}
