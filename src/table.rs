@@ -44,6 +44,8 @@ pub const GROUP: usize = 8;
 const EMPTY: u8 = 0;
 /// Fewest slots a table has, so that a group never covers a slot twice.
 const MIN_SLOTS: usize = 2 * GROUP;
+/// Groups the sweep fetches ahead of its cursor.
+const SWEEP_AHEAD: usize = 4;
 const LSB: u64 = 0x0101_0101_0101_0101;
 const MSB: u64 = 0x8080_8080_8080_8080;
 
@@ -329,6 +331,45 @@ impl<E: Entry> Table<E> {
         let mut cursor = self.cursor;
         let mut moves = max_slots.min(self.slots.len());
         while moves > 0 && removed < max_slots && self.len > 0 {
+            if cursor % GROUP == 0 && moves >= GROUP && cursor + GROUP <= self.slots.len() {
+                // A whole group at once. The walk is sequential but reads only
+                // occupied slots, sparse ones at that: fetch a few groups
+                // ahead, or every occupied slot is a cache miss it waits for.
+                let ahead = (cursor + SWEEP_AHEAD * GROUP) % self.slots.len();
+                let mut full = self.group(ahead) & MSB;
+                while full != 0 {
+                    let j = self.wrap(ahead + (full.trailing_zeros() / 8) as usize);
+                    // The line holding the middle of the entry: for the
+                    // engine's slots, where the expiry is.
+                    let e = (&self.slots[j] as *const E).cast::<u8>();
+                    prefetch(e.wrapping_add(size_of::<E>() / 2));
+                    full &= full - 1;
+                }
+                let mut occupied = self.group(cursor) & MSB;
+                while occupied != 0 && removed < max_slots {
+                    let bit = occupied.trailing_zeros();
+                    let j = cursor + (bit / 8) as usize;
+                    if dead(&self.slots[j]) {
+                        self.remove_at(j);
+                        removed += 1;
+                        // Later entries may have shifted into j and after it
+                        // (never before it): look at them again.
+                        let from_j = !0u64 << (bit & !7);
+                        occupied = self.group(cursor) & MSB & from_j;
+                    } else {
+                        occupied &= occupied - 1;
+                    }
+                }
+                if occupied != 0 {
+                    // Out of removals: stop within the group, where the
+                    // next call goes on.
+                    cursor += (occupied.trailing_zeros() / 8) as usize;
+                    break;
+                }
+                cursor = self.wrap(cursor + GROUP);
+                moves -= GROUP;
+                continue;
+            }
             if self.ctrl[cursor] != EMPTY && dead(&self.slots[cursor]) {
                 self.remove_at(cursor);
                 removed += 1;

@@ -342,7 +342,13 @@ pub struct Engine {
     ipv6: bool,
     pace: Pace,
     wait: WaitHistogram,
+    /// One chunk of a batch, classified: see [`Engine::handle_batch`].
+    scratch: Box<[Option<(Result<PairKey, DropReason>, SocketAddr)>]>,
 }
+
+/// Requests [`Engine::handle_batch`] classifies ahead at most (a batch of
+/// more is handled in chunks of this many).
+const SCRATCH: usize = 256;
 
 impl Engine {
     /// Checks `cfg` and allocates every table.
@@ -399,6 +405,7 @@ impl Engine {
                 last: None,
             },
             wait: WaitHistogram::default(),
+            scratch: vec![None; SCRATCH].into_boxed_slice(),
         })
     }
 
@@ -480,30 +487,43 @@ impl Engine {
     /// Handles one datagram from `src` received at `now` (milliseconds on the
     /// caller's monotonic clock).
     pub fn handle(&mut self, datagram: &[u8], src: SocketAddr, now: u64) -> Outcome {
+        let key = self.classify(datagram, src);
+        self.handle_classified(key, src, now as Millis)
+    }
+
+    /// Counts a datagram already classified, and handles it if valid.
+    #[inline]
+    fn handle_classified(
+        &mut self,
+        key: Result<PairKey, DropReason>,
+        src: SocketAddr,
+        now: Millis,
+    ) -> Outcome {
         let c = &mut self.books.counters;
         c.received += 1;
-        let key = match self.classify(datagram, src) {
-            Ok(key) => key,
+        match key {
+            Ok(key) => self.process(&key, src, 0, 0, now),
             Err(why) => {
-                let c = &mut self.books.counters;
                 match why {
                     DropReason::BadSize => c.bad_size += 1,
                     DropReason::SelfPair => c.self_pair += 1,
                     DropReason::Family => c.bad_family += 1,
                     _ => c.bad_source += 1,
                 }
-                return Outcome::Dropped(why);
+                Outcome::Dropped(why)
             }
-        };
-        self.process(&key, src, 0, 0, now as Millis)
+        }
     }
 
     /// Handles a received batch of `n` datagrams (`get(k)` gives the k-th,
     /// or `None` to skip it), calling `emit` for every reply, in order.
     ///
-    /// The same outcomes as calling [`Engine::handle`] on each in turn: the
-    /// batch is first walked to fetch every slot and count it will touch
-    /// into cache (a hint, which changes nothing), then handled in order.
+    /// The same outcomes as calling [`Engine::handle`] on each in turn. The
+    /// batch is handled in three passes, so that its cache misses overlap
+    /// instead of queueing: the first fetches each request's slot and its
+    /// source's counts, the second looks at each slot (now in cache) and
+    /// fetches the counts of a waiting partner the request will match, the
+    /// third handles the requests in order. The first two only read.
     pub fn handle_batch<'d>(
         &mut self,
         n: usize,
@@ -511,19 +531,39 @@ impl Engine {
         now: u64,
         mut emit: impl FnMut(&Transmit),
     ) {
-        for k in 0..n {
-            if let Some((d, src)) = get(k) {
-                if let Ok(key) = self.classify(d, src) {
-                    self.pairs.prefetch(self.pairs.hash(key.hash_input()));
-                    if let Some(s) = self.books.sources.as_ref() {
-                        s.prefetch(src.ip());
+        let now = now as Millis;
+        let mut done = 0;
+        while done < n {
+            let m = (n - done).min(SCRATCH);
+            for k in 0..m {
+                self.scratch[k] = get(done + k).map(|(d, src)| {
+                    let key = self.classify(d, src);
+                    if let Ok(key) = &key {
+                        self.pairs.prefetch(self.pairs.hash(key.hash_input()));
+                        if let Some(s) = self.books.sources.as_ref() {
+                            s.prefetch(src.ip());
+                        }
+                    }
+                    (key, src)
+                });
+            }
+            if let Some(s) = self.books.sources.as_ref() {
+                for (key, _) in self.scratch[..m].iter().flatten() {
+                    let Ok(key) = key else { continue };
+                    let h = self.pairs.hash(key.hash_input());
+                    if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
+                        let e = self.pairs.get(i);
+                        if let Some(addr) = e.waiter_other_than(key.side) {
+                            s.prefetch(addr.ip());
+                        }
                     }
                 }
             }
-        }
-        for k in 0..n {
-            if let Some((d, src)) = get(k) {
-                match self.handle(d, src, now) {
+            for k in 0..m {
+                let Some((key, src)) = self.scratch[k] else {
+                    continue;
+                };
+                match self.handle_classified(key, src, now) {
                     Outcome::Matched {
                         waiting,
                         completing,
@@ -535,6 +575,7 @@ impl Engine {
                     _ => {}
                 }
             }
+            done += m;
         }
     }
 
@@ -549,76 +590,80 @@ impl Engine {
     ) -> Outcome {
         let me = Addr::from_socket(src);
         let h = self.pairs.hash(key.hash_input());
-        if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
-            let e = *self.pairs.get(i);
-            if is_expired(e.expires(), now) {
-                // Dead: reclaim the slot and register afresh below.
-                self.pairs.remove_at(i);
-                self.books.forget(&e, Leave::Expired);
-            } else {
-                match e.state(&self.books.v6) {
-                    State::Pending {
-                        waiter,
-                        addr,
-                        via: wvia,
-                        info: winfo,
-                    } => {
-                        if waiter == key.side {
-                            return self.refresh(i, key, addr, me, via, info, now);
+        let mut empty = None;
+        match self.pairs.find(h, |e| e.is_key(key)) {
+            Err(slot) => empty = Some(slot),
+            Ok(i) => {
+                let e = *self.pairs.get(i);
+                if is_expired(e.expires(), now) {
+                    // Dead: reclaim the slot and register afresh below.
+                    self.pairs.remove_at(i);
+                    self.books.forget(&e, Leave::Expired);
+                } else {
+                    match e.state(&self.books.v6) {
+                        State::Pending {
+                            waiter,
+                            addr,
+                            via: wvia,
+                            info: winfo,
+                        } => {
+                            if waiter == key.side {
+                                return self.refresh(i, key, addr, me, via, info, now);
+                            }
+                            let waiter_expires = e.expires();
+                            return self.complete(
+                                i,
+                                key,
+                                (addr, wvia, winfo, waiter_expires),
+                                (me, via, info),
+                                now,
+                            );
                         }
-                        let waiter_expires = e.expires();
-                        return self.complete(
-                            i,
-                            key,
-                            (addr, wvia, winfo, waiter_expires),
-                            (me, via, info),
-                            now,
-                        );
-                    }
-                    State::Matched(m) => {
-                        let (addr, svia, _) = m.side(key.side);
-                        if addr == me && svia == via {
-                            self.books.counters.replayed += 1;
-                            let other = match key.side {
-                                Side::Lo => Side::Hi,
-                                Side::Hi => Side::Lo,
-                            };
-                            let (peer, _, _) = m.side(other);
-                            let (src_port, dst_port) = m.ports(key.side);
-                            return Outcome::Replayed(Transmit {
-                                to: src,
-                                via,
-                                reply: Reply {
-                                    src_port,
-                                    dst_port,
-                                    peer: peer.to_socket(),
-                                },
-                            });
+                        State::Matched(m) => {
+                            let (addr, svia, _) = m.side(key.side);
+                            if addr == me && svia == via {
+                                self.books.counters.replayed += 1;
+                                let other = match key.side {
+                                    Side::Lo => Side::Hi,
+                                    Side::Hi => Side::Lo,
+                                };
+                                let (peer, _, _) = m.side(other);
+                                let (src_port, dst_port) = m.ports(key.side);
+                                return Outcome::Replayed(Transmit {
+                                    to: src,
+                                    via,
+                                    reply: Reply {
+                                        src_port,
+                                        dst_port,
+                                        peer: peer.to_socket(),
+                                    },
+                                });
+                            }
+                            // The same request from elsewhere: the pair starts
+                            // afresh from this address, if its source may.
+                            if let Err(level) = self.source_check(me.ip()) {
+                                return self.refuse(level);
+                            }
+                            if let Some(i) = e.v6_index() {
+                                self.books.v6.free(i);
+                            }
+                            self.books.remembered -= 1;
+                            self.books.pending += 1;
+                            if let Some(s) = self.books.sources.as_mut() {
+                                s.add(me.ip());
+                            }
+                            let expires = now.wrapping_add(self.ttl);
+                            self.pairs
+                                .get_mut(i)
+                                .set_pending(key.side, me, via, info, expires);
+                            self.books.counters.registered += 1;
+                            return Outcome::Registered { evicted: None };
                         }
-                        // The same request from elsewhere: the pair starts
-                        // afresh from this address, if its source may.
-                        if let Err(level) = self.source_check(me.ip()) {
-                            return self.refuse(level);
-                        }
-                        if let Some(i) = e.v6_index() {
-                            self.books.v6.free(i);
-                        }
-                        self.books.remembered -= 1;
-                        self.books.pending += 1;
-                        if let Some(s) = self.books.sources.as_mut() {
-                            s.add(me.ip());
-                        }
-                        let expires = now.wrapping_add(self.ttl);
-                        self.pairs
-                            .get_mut(i)
-                            .set_pending(key.side, me, via, info, expires);
-                        self.books.counters.registered += 1;
-                        return Outcome::Registered { evicted: None };
                     }
                 }
             }
         }
-        self.register(key, me, via, info, now)
+        self.register(key, me, via, info, now, (h, empty))
     }
 
     fn refuse(&mut self, level: Level) -> Outcome {
@@ -739,10 +784,21 @@ impl Engine {
 
     /// A new registration: within the source's limits, and with room made
     /// if the table is full.
-    fn register(&mut self, key: &PairKey, me: Addr, via: u8, info: u8, now: Millis) -> Outcome {
+    /// `at` is the key's hash and, if the table has not changed since the
+    /// key was looked up, the empty slot that lookup ended on.
+    fn register(
+        &mut self,
+        key: &PairKey,
+        me: Addr,
+        via: u8,
+        info: u8,
+        now: Millis,
+        at: (u64, Option<usize>),
+    ) -> Outcome {
         if let Err(level) = self.source_check(me.ip()) {
             return self.refuse(level);
         }
+        let (h, mut slot) = at;
         let mut evicted = None;
         if self.pairs.len() >= self.capacity {
             match self.make_room(me.ip(), now) {
@@ -752,10 +808,14 @@ impl Engine {
                     return Outcome::Dropped(DropReason::TableFull);
                 }
             }
+            slot = None;
         }
-        let h = self.pairs.hash(key.hash_input());
-        let Err(slot) = self.pairs.find(h, |e| e.is_key(key)) else {
-            unreachable!("a registered key was absent a moment ago")
+        let slot = match slot {
+            Some(slot) => slot,
+            None => match self.pairs.find(h, |e| e.is_key(key)) {
+                Err(slot) => slot,
+                Ok(_) => unreachable!("a registered key was absent a moment ago"),
+            },
         };
         let expires = now.wrapping_add(self.ttl);
         self.pairs

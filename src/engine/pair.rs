@@ -279,6 +279,19 @@ impl PairEntry {
         })
     }
 
+    /// The waiting side's address, if a side other than `side` waits (the
+    /// request from `side` will match it). Reads only this slot.
+    #[inline]
+    pub fn waiter_other_than(&self, side: Side) -> Option<Addr> {
+        let st = self.meta & STATE;
+        let waiter = match st {
+            PENDING_LO => Side::Lo,
+            PENDING_HI => Side::Hi,
+            _ => return None,
+        };
+        (waiter != side).then(|| self.addr_at(0))
+    }
+
     /// For an IPv6 match: the index of its addresses in [`V6Matches`].
     pub fn v6_index(&self) -> Option<u32> {
         (self.is_matched() && self.is_v6()).then(|| {

@@ -172,14 +172,90 @@ impl Default for SourceLimits {
 
 /// Counters in one block: one 64-byte cache line of `u32`s.
 const BLOCK: usize = 16;
-/// Counters per unit of capacity: 4, in blocks of [`BLOCK`], at 4 bytes each
-/// 16 bytes per pair. With every registration counted at three levels (the
-/// worst case, IPv6 from distinct networks), a counter carries on average 1.5
-/// registrations of other prefixes, and the smaller of a prefix's two
-/// counters about one: the estimate's expected excess.
-const COUNTERS_PER_PAIR: usize = 4;
-/// Fewest blocks, so that tiny tables do not pile every prefix together.
+/// Counters per unit of capacity in each of the two sketches (addresses,
+/// networks): 2, so 16 bytes per pair in all. A registration adds one to one
+/// address prefix and one or two network prefixes, two counters each, so a
+/// counter carries on average one or two registrations of other prefixes
+/// when the table is full, and the smaller of a prefix's two counters less:
+/// the estimate's expected excess.
+const COUNTERS_PER_PAIR: usize = 2;
+/// Fewest blocks per sketch, so that tiny tables do not pile every prefix
+/// together.
 const MIN_BLOCKS: usize = 1024;
+
+/// Counters for one class of prefixes: see [`SourceCounts`].
+struct Sketch {
+    blocks: Box<[[u32; BLOCK]]>,
+    seed: [u64; 2],
+}
+
+impl Sketch {
+    fn blocks_for(capacity: usize) -> Option<usize> {
+        Some(
+            capacity
+                .checked_mul(COUNTERS_PER_PAIR)?
+                .div_ceil(BLOCK)
+                .max(MIN_BLOCKS),
+        )
+    }
+
+    fn try_new(capacity: usize, seed: [u64; 2]) -> Result<Sketch, AllocError> {
+        let n = Self::blocks_for(capacity).ok_or(AllocError::Overflow)?;
+        let mut blocks = Vec::new();
+        blocks
+            .try_reserve_exact(n)
+            .map_err(|_| AllocError::OutOfMemory(n.saturating_mul(BLOCK * 4)))?;
+        blocks.resize(n, [0u32; BLOCK]);
+        Ok(Sketch {
+            blocks: blocks.into_boxed_slice(),
+            seed: [seed[0], seed[1] | 1],
+        })
+    }
+
+    /// The block and the two counters of a prefix.
+    #[inline]
+    fn slots(&self, p: Prefix) -> (usize, usize, usize) {
+        let h = keyed_hash(
+            p.bits ^ u64::from(p.level as u8).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            self.seed,
+        );
+        let b = ((u128::from(h) * self.blocks.len() as u128) >> 64) as usize;
+        let c1 = (h & 0xf) as usize;
+        // A second counter, never the first.
+        let c2 = (c1 + 1 + ((h >> 4) % 15) as usize) % BLOCK;
+        (b, c1, c2)
+    }
+
+    #[inline]
+    fn held(&self, p: Prefix) -> u32 {
+        let (b, c1, c2) = self.slots(p);
+        self.blocks[b][c1].min(self.blocks[b][c2])
+    }
+
+    #[inline]
+    fn prefetch(&self, p: Prefix) {
+        let (b, _, _) = self.slots(p);
+        crate::sys::prefetch(self.blocks[b].as_ptr().cast());
+    }
+
+    fn add(&mut self, p: Prefix) {
+        let (b, c1, c2) = self.slots(p);
+        let block = &mut self.blocks[b];
+        block[c1] = block[c1].saturating_add(1);
+        block[c2] = block[c2].saturating_add(1);
+    }
+
+    fn remove(&mut self, p: Prefix) {
+        let (b, c1, c2) = self.slots(p);
+        let block = &mut self.blocks[b];
+        block[c1] = block[c1].saturating_sub(1);
+        block[c2] = block[c2].saturating_sub(1);
+    }
+
+    fn is_zero(&self) -> bool {
+        self.blocks.iter().all(|b| b.iter().all(|&x| x == 0))
+    }
+}
 
 /// How much a source holds, at two levels: its network (IPv4 /24, IPv6 /48)
 /// and its address (IPv4 address, IPv6 /64). Estimates (see [`SourceCounts`]).
@@ -216,35 +292,30 @@ impl Weight {
 /// Registrations pending per source prefix, as estimates that are never
 /// below the truth. See the module docs.
 ///
-/// A count-min sketch: each prefix (its bits and level, hashed with a secret
-/// key) owns two `u32` counters in one 64-byte block; a registration adds
-/// one to both, its leaving takes one from both, and a prefix holds at most
-/// the smaller of the two. Other prefixes sharing a counter only ever add to
-/// it, so a limit may refuse a source slightly early (by the expected excess
-/// of about one registration at the sizing below), never late; and an
-/// outsider cannot aim prefixes at one counter without the key. Unlike an
-/// exact table of prefixes it never fills: four counters per pair hold any
-/// mix of sources (an exact table would need room for three prefixes per
-/// pair, 48 bytes), in 16 bytes per pair, with one cache line per prefix.
+/// Two count-min sketches, one for address prefixes (IPv4 addresses, IPv6
+/// /64s) and one for network prefixes (IPv4 /24s, IPv6 /56s and /48s), so
+/// that a network holding thousands never weighs on a lone address's count.
+/// In each, a prefix (its bits and level, hashed with a secret key) owns two
+/// `u32` counters in one 64-byte block; a registration adds one to both, its
+/// leaving takes one from both, and the prefix holds at most the smaller of
+/// the two. Other prefixes sharing a counter only ever add to it, so a limit
+/// may refuse a source slightly early, never late; and an outsider cannot
+/// aim prefixes at one counter without the key. Unlike an exact table of
+/// prefixes it never fills: it holds any mix of sources in 16 bytes per pair
+/// (an exact table would need room for three prefixes per pair, about 48),
+/// at one cache line per prefix.
 pub struct SourceCounts {
-    blocks: Box<[[u32; BLOCK]]>,
+    hosts: Sketch,
+    nets: Sketch,
     limits: SourceLimits,
-    seed: [u64; 2],
 }
 
 impl SourceCounts {
-    fn blocks_for(capacity: usize) -> Option<usize> {
-        Some(
-            capacity
-                .checked_mul(COUNTERS_PER_PAIR)?
-                .div_ceil(BLOCK)
-                .max(MIN_BLOCKS),
-        )
-    }
-
     /// Bytes the counters for `capacity` registrations take.
     pub fn bytes_for(capacity: usize) -> Option<usize> {
-        Self::blocks_for(capacity)?.checked_mul(BLOCK * 4)
+        Sketch::blocks_for(capacity)?
+            .checked_mul(BLOCK * 4)?
+            .checked_mul(2)
     }
 
     /// Allocates the counters for a table of `capacity` registrations.
@@ -253,43 +324,38 @@ impl SourceCounts {
         limits: SourceLimits,
         seed: [u64; 2],
     ) -> Result<SourceCounts, AllocError> {
-        let n = Self::blocks_for(capacity).ok_or(AllocError::Overflow)?;
-        let mut blocks = Vec::new();
-        blocks
-            .try_reserve_exact(n)
-            .map_err(|_| AllocError::OutOfMemory(n.saturating_mul(BLOCK * 4)))?;
-        blocks.resize(n, [0u32; BLOCK]);
         Ok(SourceCounts {
-            blocks: blocks.into_boxed_slice(),
+            hosts: Sketch::try_new(capacity, seed)?,
+            nets: Sketch::try_new(capacity, [seed[1], seed[0]])?,
             limits,
-            seed: [seed[0], seed[1] | 1],
         })
     }
 
     /// Bytes allocated.
     pub fn allocated_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.blocks)
+        std::mem::size_of_val(&*self.hosts.blocks) + std::mem::size_of_val(&*self.nets.blocks)
     }
 
-    /// The block and the two counters of a prefix.
     #[inline]
-    fn slots(&self, p: Prefix) -> (usize, usize, usize) {
-        let h = keyed_hash(
-            p.bits ^ u64::from(p.level as u8).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            self.seed,
-        );
-        let b = ((u128::from(h) * self.blocks.len() as u128) >> 64) as usize;
-        let c1 = (h & 0xf) as usize;
-        // A second counter, never the first.
-        let c2 = (c1 + 1 + ((h >> 4) % 15) as usize) % BLOCK;
-        (b, c1, c2)
+    fn sketch(&self, p: Prefix) -> &Sketch {
+        match p.level {
+            Level::V4Host | Level::V6Net64 => &self.hosts,
+            _ => &self.nets,
+        }
+    }
+
+    #[inline]
+    fn sketch_mut(&mut self, p: Prefix) -> &mut Sketch {
+        match p.level {
+            Level::V4Host | Level::V6Net64 => &mut self.hosts,
+            _ => &mut self.nets,
+        }
     }
 
     /// Registrations the prefix holds now, at most (never fewer).
     #[inline]
     pub fn held(&self, p: Prefix) -> u32 {
-        let (b, c1, c2) = self.slots(p);
-        self.blocks[b][c1].min(self.blocks[b][c2])
+        self.sketch(p).held(p)
     }
 
     /// Fetches into cache the counters `ip` will need.
@@ -297,8 +363,7 @@ impl SourceCounts {
     pub fn prefetch(&self, ip: IpAddr) {
         let (ps, n) = prefixes(ip);
         for p in &ps[..n] {
-            let (b, _, _) = self.slots(*p);
-            crate::sys::prefetch(self.blocks[b].as_ptr().cast());
+            self.sketch(*p).prefetch(*p);
         }
     }
 
@@ -319,10 +384,7 @@ impl SourceCounts {
     pub fn add(&mut self, ip: IpAddr) {
         let (ps, n) = prefixes(ip);
         for p in &ps[..n] {
-            let (b, c1, c2) = self.slots(*p);
-            let block = &mut self.blocks[b];
-            block[c1] = block[c1].saturating_add(1);
-            block[c2] = block[c2].saturating_add(1);
+            self.sketch_mut(*p).add(*p);
         }
     }
 
@@ -330,10 +392,7 @@ impl SourceCounts {
     pub fn remove(&mut self, ip: IpAddr) {
         let (ps, n) = prefixes(ip);
         for p in &ps[..n] {
-            let (b, c1, c2) = self.slots(*p);
-            let block = &mut self.blocks[b];
-            block[c1] = block[c1].saturating_sub(1);
-            block[c2] = block[c2].saturating_sub(1);
+            self.sketch_mut(*p).remove(*p);
         }
     }
 
@@ -443,7 +502,7 @@ mod tests {
                 c.remove(*a);
             }
         }
-        assert!(c.blocks.iter().all(|b| b.iter().all(|&x| x == 0)));
+        assert!(c.hosts.is_zero() && c.nets.is_zero());
     }
 
     #[test]
@@ -478,6 +537,25 @@ mod tests {
         let victim = c.weight(ip("2001:db8:1:0::1"));
         assert!(attacker.heavier_than(&victim));
         assert!(attacker.net_held >= 2000);
+    }
+
+    #[test]
+    fn a_heavy_network_does_not_weigh_on_its_addresses() {
+        // 4096 /24s of 256 addresses, one registration each: every /24
+        // holds 256, every address 1, and no address looks limited.
+        let cap = 1 << 20;
+        let mut c = SourceCounts::try_new(cap, SourceLimits::default(), [9, 10]).unwrap();
+        for i in 0..cap as u32 {
+            c.add(IpAddr::from((0x0a00_0000 + i).to_be_bytes()));
+        }
+        let worst = (0..cap as u32)
+            .map(|i| c.held(prefixes(IpAddr::from((0x0a00_0000 + i).to_be_bytes())).0[0]))
+            .max()
+            .unwrap();
+        assert!(
+            worst < 16,
+            "an address with one registration looks like {worst}"
+        );
     }
 
     #[test]
