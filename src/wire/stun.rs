@@ -274,12 +274,7 @@ pub fn answer(
         }
     }
     let fingerprint = msg.check_fingerprint()?;
-    Ok(write_success(
-        &msg.transaction_id(),
-        from,
-        fingerprint,
-        out,
-    ))
+    Ok(write_success(&msg.transaction_id(), from, fingerprint, out))
 }
 
 /// Writes a Binding success response carrying `mapped`; returns its length.
@@ -327,7 +322,11 @@ pub fn write_success(
 
 /// Writes a Binding request with transaction `tid` (and a FINGERPRINT if
 /// asked) into the front of `out`; returns its length (20 or 28).
-pub fn binding_request(tid: &TransactionId, fingerprint: bool, out: &mut [u8; REQUEST_LEN]) -> usize {
+pub fn binding_request(
+    tid: &TransactionId,
+    fingerprint: bool,
+    out: &mut [u8; REQUEST_LEN],
+) -> usize {
     let len = if fingerprint { REQUEST_LEN } else { HEADER_LEN };
     write_header(out, BINDING_REQUEST, len, tid);
     if fingerprint {
@@ -499,7 +498,9 @@ mod tests {
         assert_eq!(v6.len(), 92);
         assert_eq!(
             parse_success(&v6, &RFC5769_TID),
-            Ok("[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().unwrap())
+            Ok("[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+                .parse()
+                .unwrap())
         );
         let mut other = RFC5769_TID;
         other[0] ^= 1;
@@ -516,7 +517,9 @@ mod tests {
         let len = answer(&req[..n], from, &mut out).unwrap();
         assert_eq!(out[..len], V4_ANSWER);
         // The IPv6 XOR bytes are the RFC's too.
-        let from6 = "[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().unwrap();
+        let from6 = "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+            .parse()
+            .unwrap();
         let len6 = answer(&req[..n], from6, &mut out).unwrap();
         assert_eq!(len6, 44);
         let rfc = hex(RFC5769_V6_RESPONSE);
