@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use log::LevelFilter;
-use psync::client::{connect, ClientConfig, ClientError, PipeConfig, Strategy, DEFAULT_OPENER_TTL};
+use psync::client::report::escape;
+use psync::client::{
+    connect_with_report, ClientConfig, ClientError, ConnectReport, PipeConfig, Strategy,
+    DEFAULT_BIRTHDAY_PROBES, DEFAULT_BIRTHDAY_RATE, DEFAULT_BIRTHDAY_SOCKETS, DEFAULT_OPENER_TTL,
+};
 use psync::PeerId;
 
 /// psync peer: registers with a psync server, punches a hole through both
@@ -30,9 +34,67 @@ struct Args {
     #[arg(long, value_name = "ID", value_parser = parse_id)]
     peer: u32,
 
-    /// Try only this strategy (default: both at once, the first proven wins).
+    /// Try only this strategy (default: all at once, the first proven wins).
     #[arg(long, value_enum)]
     strategy: Option<StrategyArg>,
+
+    /// Do not try the seed strategy (bind the server-chosen src_port).
+    #[arg(long)]
+    no_seed: bool,
+
+    /// Do not try the observed strategy (the registration socket).
+    #[arg(long)]
+    no_observed: bool,
+
+    /// Do not do birthday probing (when one NAT changes ports per destination).
+    #[arg(long)]
+    no_birthday: bool,
+
+    /// The server's STUN port (psync-server --stun-port): asking it and the
+    /// server's port tells whether our NAT changes ports per destination.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    stun_port: Option<u16>,
+
+    /// Do not classify the NAT (no STUN requests before registering).
+    #[arg(long)]
+    no_classify: bool,
+
+    /// Do not ask the router for a port mapping (PCP, NAT-PMP, UPnP).
+    #[arg(long)]
+    no_port_mapping: bool,
+
+    /// Do not ask with PCP.
+    #[arg(long)]
+    no_pcp: bool,
+
+    /// Do not ask with NAT-PMP.
+    #[arg(long)]
+    no_natpmp: bool,
+
+    /// Do not ask with UPnP IGD.
+    #[arg(long)]
+    no_upnp: bool,
+
+    /// Seconds to wait for the router's answer to port mapping (0.05-10).
+    #[arg(long, default_value = "0.7", value_name = "SECS", value_parser = parse_short_secs)]
+    port_mapping_wait: Duration,
+
+    /// Birthday probing: sockets the hard side opens (1-1024).
+    #[arg(long, default_value_t = DEFAULT_BIRTHDAY_SOCKETS, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    birthday_sockets: u16,
+
+    /// Birthday probing: random ports the easy side probes per attempt (1-65535).
+    #[arg(long, default_value_t = DEFAULT_BIRTHDAY_PROBES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65535))]
+    birthday_probes: u32,
+
+    /// Birthday probing: probes per second from the easy side (1-5000).
+    #[arg(long, default_value_t = DEFAULT_BIRTHDAY_RATE, value_name = "PPS", value_parser = clap::value_parser!(u32).range(1..=5000))]
+    birthday_rate: u32,
+
+    /// Birthday probing: seconds of normal punching before the easy side
+    /// probes random ports (0.05-10).
+    #[arg(long, default_value = "0.5", value_name = "SECS", value_parser = parse_short_secs)]
+    birthday_delay: Duration,
 
     /// Seconds for the whole connect: registration, punching and every retry.
     #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
@@ -52,7 +114,7 @@ struct Args {
     #[arg(long, default_value = "3", value_name = "SECS", value_parser = parse_secs)]
     punch_window: Duration,
 
-    /// Print the result as one JSON object on stdout.
+    /// Print the result as one JSON object on stdout, also on failure.
     #[arg(long)]
     json: bool,
 
@@ -79,6 +141,8 @@ enum StrategyArg {
     Seed,
     /// Reuse the registration socket, send to the peer's address as the server saw it.
     Observed,
+    /// Many sockets on the hard side, random probes from the easy side.
+    Birthday,
 }
 
 fn parse_id(s: &str) -> Result<u32, String> {
@@ -99,6 +163,16 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+fn parse_short_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(0.05..=10.0).contains(&secs) {
+        return Err(format!("{s} is outside 0.05 to 10 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 fn resolve(server: &str) -> Result<SocketAddr, String> {
     server
         .to_socket_addrs()
@@ -110,6 +184,17 @@ fn resolve(server: &str) -> Result<SocketAddr, String> {
 fn fail(e: &ClientError) -> ExitCode {
     eprintln!("psync-client: error: {e}");
     ExitCode::from(e.exit_code())
+}
+
+/// The `--json` line of a failed connect.
+fn failure_json(e: &ClientError, report: &ConnectReport) -> String {
+    format!(
+        "{{\"ok\":false,\"exit\":{},\"error\":\"{}\",\"attempts\":{},{}}}",
+        e.exit_code(),
+        escape(&e.to_string()),
+        report.attempts,
+        report.json_fields()
+    )
 }
 
 fn main() -> ExitCode {
@@ -139,15 +224,40 @@ fn main() -> ExitCode {
     cfg.strategy = args.strategy.map(|s| match s {
         StrategyArg::Seed => Strategy::Seed,
         StrategyArg::Observed => Strategy::Observed,
+        StrategyArg::Birthday => Strategy::Birthday,
     });
+    for (off, s) in [
+        (args.no_seed, Strategy::Seed),
+        (args.no_observed, Strategy::Observed),
+        (args.no_birthday, Strategy::Birthday),
+    ] {
+        if off {
+            cfg.disabled.push(s);
+        }
+    }
+    cfg.stun_port = args.stun_port;
+    cfg.classify = !args.no_classify;
+    cfg.port_mapping.pcp = !(args.no_port_mapping || args.no_pcp);
+    cfg.port_mapping.natpmp = !(args.no_port_mapping || args.no_natpmp);
+    cfg.port_mapping.upnp = !(args.no_port_mapping || args.no_upnp);
+    cfg.port_mapping.wait = args.port_mapping_wait;
+    cfg.birthday.sockets = args.birthday_sockets;
+    cfg.birthday.probes = args.birthday_probes;
+    cfg.birthday.rate = args.birthday_rate;
+    cfg.birthday.delay = args.birthday_delay;
     cfg.timeout = args.timeout;
     cfg.attempts = args.attempts;
     cfg.opener_ttl = args.opener_ttl;
     cfg.punch_window = args.punch_window;
 
-    let conn = match connect(&cfg) {
+    let conn = match connect_with_report(&cfg) {
         Ok(c) => c,
-        Err(e) => return fail(&e),
+        Err(f) => {
+            if args.json {
+                println!("{}", failure_json(&f.error, &f.report));
+            }
+            return fail(&f.error);
+        }
     };
     eprintln!(
         "connected via {} to {} in {} ms",

@@ -6,11 +6,13 @@
 //!
 //! - [`seed`]: the original C psync's request and replies, which must stay
 //!   byte-for-byte compatible with it (re-exported here).
+//! - [`peer`]: the handshake two clients send each other once introduced.
 //! - [`stun`]: STUN Binding (RFC 8489), which the server answers and the
 //!   client uses to classify its NAT.
 //!
 //! `PROTOCOL.md` at the repository root has the full byte tables.
 
+pub mod peer;
 pub mod seed;
 pub mod stun;
 
