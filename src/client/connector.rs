@@ -266,20 +266,19 @@ impl Connector {
         let pm = self.cfg.port_mapping;
         let local = self.local.map_or(0, |l| l.port());
         // Only a NAT that is not known to be easy needs the router: an easy
-        // one is found at its observed port anyway. A server on our own host
-        // has no NAT in between (and tests must not talk to real routers).
+        // one is found at its observed port anyway. The mapping must open the
+        // port the server sees, so it needs the main port's STUN answer. A
+        // server on our own host has no NAT in between (and tests must not
+        // talk to real routers).
         let server = self.cfg.server;
-        if pm.any()
+        let public = self.report.classification.public;
+        let wanted = pm.any()
             && nat != NatType::Easy
             && server.is_ipv4()
             && !server.ip().is_loopback()
-            && local != 0
-        {
-            let external = self
-                .report
-                .classification
-                .public
-                .map_or(local, |p| p.port());
+            && local != 0;
+        if let (true, Some(public)) = (wanted, public) {
+            let external = public.port();
             let mut pm = pm;
             pm.wait = pm.wait.min(self.deadline.saturating_duration_since(now));
             self.phase = Phase::Mapping;

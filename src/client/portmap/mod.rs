@@ -30,8 +30,9 @@ use super::config::PortMapping;
 /// First retransmit interval for PCP and NAT-PMP (RFC 6886 §3.1: 250 ms,
 /// doubling).
 const RETRANSMIT_START: Duration = Duration::from_millis(250);
-/// Bound on the mapping request once the router has answered discovery.
-const MAP_WAIT: Duration = Duration::from_secs(1);
+/// Bound on the mapping request once the router has answered discovery:
+/// a router that answered is there, and adding a rule can take it a while.
+const MAP_WAIT: Duration = Duration::from_secs(2);
 /// Bound on deleting a mapping at exit.
 const RELEASE_WAIT: Duration = Duration::from_millis(300);
 /// Description shown in the router's UPnP table.
