@@ -176,7 +176,10 @@ pub fn one_line(rendered: &str) -> String {
             continue;
         }
         if message.is_empty() {
-            message = trimmed.strip_prefix("error: ").unwrap_or(trimmed).to_owned();
+            message = trimmed
+                .strip_prefix("error: ")
+                .unwrap_or(trimmed)
+                .to_owned();
         } else if let Some(tip) = trimmed.strip_prefix("tip: ") {
             tips.push(tip);
         } else {
@@ -277,9 +280,7 @@ pub fn parse_duration(s: &str, bare: Bare) -> Result<Duration, String> {
             .iter()
             .find(|(name, _)| *name == u)
             .map(|(_, scale)| *scale)
-            .ok_or_else(|| {
-                format!("'{s}' is not a duration (write it like 30s, 500ms, 2m, 1h)")
-            })?,
+            .ok_or_else(|| format!("'{s}' is not a duration (write it like 30s, 500ms, 2m, 1h)"))?,
     };
     let value: f64 = num
         .parse()
@@ -343,7 +344,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kib" => 10,
         "m" | "mib" => 20,
         "g" | "gib" => 30,
-        _ => return Err(format!("'{s}' is not a size (write it like 4194304, 512K or 4M)")),
+        _ => {
+            return Err(format!(
+                "'{s}' is not a size (write it like 4194304, 512K or 4M)"
+            ))
+        }
     };
     num.parse::<u64>()
         .ok()
@@ -407,11 +412,21 @@ mod tests {
 
     #[test]
     fn duration_ranges_name_their_bounds() {
-        let p = duration(Bare::Seconds, Duration::from_secs(1), Duration::from_secs(86_400), true);
+        let p = duration(
+            Bare::Seconds,
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+            true,
+        );
         assert_eq!(p("0"), Ok(Duration::ZERO));
         assert_eq!(p("10"), Ok(Duration::from_secs(10)));
         assert_eq!(p("0.5").unwrap_err(), "must be 0 (off) or 1s to 1d");
-        let p = duration(Bare::Millis, Duration::from_millis(1), Duration::from_secs(600), false);
+        let p = duration(
+            Bare::Millis,
+            Duration::from_millis(1),
+            Duration::from_secs(600),
+            false,
+        );
         assert_eq!(p("0").unwrap_err(), "must be 1ms to 10m");
     }
 
@@ -435,7 +450,10 @@ mod tests {
         }
         let p = size(4096, 1 << 30, true);
         assert_eq!(p("0"), Ok(0));
-        assert_eq!(p("1").unwrap_err(), "must be 0 (system default) or 4K to 1G");
+        assert_eq!(
+            p("1").unwrap_err(),
+            "must be 0 (system default) or 4K to 1G"
+        );
         assert_eq!(format_size(4 << 20), "4M");
     }
 

@@ -639,8 +639,10 @@ mod tests {
 
     #[test]
     fn every_counter_is_rendered() {
-        let mut s = Snapshot::default();
-        s.udp_sockets = 1;
+        let s = Snapshot {
+            udp_sockets: 1,
+            ..Snapshot::default()
+        };
         let page = render(&s);
         for (name, _) in s.counters.fields() {
             let series = if DROP_REASONS.contains(&name) {

@@ -68,12 +68,12 @@ struct Args {
     window: Option<usize>,
 
     /// Length of the measured window [10ms to 1d].
-    #[arg(short, long, default_value = "10s", value_name = "DURATION",
+    #[arg(short, long, default_value = "10s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     duration: Duration,
 
     /// Load before the measurement, not counted [0 to 1d].
-    #[arg(long, default_value = "2s", value_name = "DURATION",
+    #[arg(long, default_value = "2s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::ZERO, Duration::from_secs(86_400), false))]
     warmup: Duration,
 
@@ -84,7 +84,7 @@ struct Args {
 
     /// How long a pair may take before it counts as lost; a bare number is
     /// milliseconds [1ms to 10m].
-    #[arg(long, default_value = "1s", value_name = "DURATION",
+    #[arg(long, default_value = "1s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Millis, Duration::from_millis(1), Duration::from_secs(600), false))]
     timeout: Duration,
 

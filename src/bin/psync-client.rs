@@ -40,7 +40,7 @@ struct Args {
     strategy: Option<StrategyArg>,
 
     /// Time for the whole connect: registration, punching and every retry [10ms to 1d].
-    #[arg(long, default_value = "10s", value_name = "DURATION",
+    #[arg(long, default_value = "10s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     timeout: Duration,
 
@@ -55,7 +55,7 @@ struct Args {
     opener_ttl: u8,
 
     /// How long one attempt punches before registering again [10ms to 1h].
-    #[arg(long, default_value = "3s", value_name = "DURATION",
+    #[arg(long, default_value = "3s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(3600), false))]
     punch_window: Duration,
 
@@ -68,12 +68,12 @@ struct Args {
     pipe: bool,
 
     /// With --pipe: time between keepalives [10ms to 1h].
-    #[arg(long, default_value = "5s", value_name = "DURATION",
+    #[arg(long, default_value = "5s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(3600), false))]
     keepalive: Duration,
 
     /// With --pipe: end the session when the peer has been silent this long [10ms to 1d].
-    #[arg(long, default_value = "20s", value_name = "DURATION",
+    #[arg(long, default_value = "20s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     silence: Duration,
 

@@ -58,12 +58,12 @@ struct Args {
     verbose: u8,
 
     /// How long a registration waits for its partner [10ms to 1d].
-    #[arg(long, default_value = "30s", value_name = "DURATION",
+    #[arg(long, default_value = "30s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     ttl: Duration,
 
     /// How long a match's replies are resent to retransmitted requests [10ms to 1d].
-    #[arg(long, default_value = "10s", value_name = "DURATION",
+    #[arg(long, default_value = "10s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     replay_ttl: Duration,
 
@@ -96,7 +96,7 @@ struct Args {
     sndbuf: usize,
 
     /// Time between stats lines at -v [0 (never), or 1s to 1d].
-    #[arg(long, default_value = "10s", value_name = "DURATION",
+    #[arg(long, default_value = "10s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::from_secs(1), Duration::from_secs(86_400), true))]
     stats_interval: Duration,
 
@@ -242,26 +242,7 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_USAGE);
         }
     };
-    for addr in server.local_addrs() {
-        cli::eprint(&format!("psync-server: listening on udp {addr}"));
-    }
-    if let Some(addr) = server.metrics_addr() {
-        cli::eprint(&format!(
-            "psync-server: metrics on http://{addr}/metrics (health: /healthz, /readyz)"
-        ));
-    }
-    log::info!(
-        "psync-server {}; capacity {} pending, ttl {}, replay ttl {}, ports {}-{}, batch {}, tables {} MiB",
-        cli::version(PROGRAM.version),
-        args.capacity,
-        cli::format_duration(args.ttl),
-        cli::format_duration(args.replay_ttl),
-        args.port_range.0,
-        args.port_range.1,
-        args.batch,
-        server.table_bytes() >> 20
-    );
-
+    // Signals first: once "listening" is out, a SIGTERM must find its handler.
     let handle = server.shutdown_handle();
     let all: Vec<i32> = [STOP, IGNORED, &[SIGHUP, SIGUSR1]].concat();
     let mut signals = match signal_hook::iterator::Signals::new(&all) {
@@ -290,6 +271,26 @@ fn main() -> ExitCode {
             }
         }
     });
+
+    for addr in server.local_addrs() {
+        cli::eprint(&format!("psync-server: listening on udp {addr}"));
+    }
+    if let Some(addr) = server.metrics_addr() {
+        cli::eprint(&format!(
+            "psync-server: metrics on http://{addr}/metrics (health: /healthz, /readyz)"
+        ));
+    }
+    log::info!(
+        "psync-server {}; capacity {} pending, ttl {}, replay ttl {}, ports {}-{}, batch {}, tables {} MiB",
+        cli::version(PROGRAM.version),
+        args.capacity,
+        cli::format_duration(args.ttl),
+        cli::format_duration(args.replay_ttl),
+        args.port_range.0,
+        args.port_range.1,
+        args.batch,
+        server.table_bytes() >> 20
+    );
 
     match server.run() {
         Ok(counters) => {
