@@ -232,6 +232,11 @@ impl Metrics {
         }
     }
 
+    /// The earliest deadline of the open connections.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conns.iter().map(|(_, c)| c.deadline).min()
+    }
+
     /// Handles connections past their deadline: one still without a complete
     /// request gets 408, a draining one is closed. Returns the next deadline.
     pub fn expire(&mut self, registry: &Registry, now: Instant) -> Option<Instant> {
@@ -255,7 +260,7 @@ impl Metrics {
                 self.close(registry, key);
             }
         }
-        self.conns.iter().map(|(_, c)| c.deadline).min()
+        self.next_deadline()
     }
 }
 
@@ -396,6 +401,7 @@ pub const DROP_REASONS: &[&str] = &[
     "table_full",
     "rate_limited",
     "per_ip_limit",
+    "stun_refused",
 ];
 
 /// HELP text of the counters known when this was written; a counter added
@@ -414,6 +420,7 @@ fn help(name: &str) -> &'static str {
         "send_dropped" => "Replies dropped because the send queue was full.",
         "recv_errors" => "Receive calls that failed unexpectedly.",
         "pending" => "Pending registrations held now.",
+        "stun_answered" => "STUN Binding requests answered.",
         _ => "A psync counter; see the counters table in docs/operations.md.",
     }
 }

@@ -126,6 +126,12 @@ struct Args {
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
 
+    /// Also answer STUN Binding requests (RFC 8489) on this UDP port. The main
+    /// port answers them anyway; a second port lets psync-client tell whether
+    /// its NAT keeps one public port for every destination [1 to 65535, not --port].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    stun_port: Option<u16>,
+
     /// Seed for port choice and hashing, for reproducible runs (default: from the OS).
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
@@ -154,6 +160,9 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         return Err("--bind gives an IPv4 address but -6 asks for IPv6 only".into());
     }
     bind.dedup();
+    if args.stun_port.is_some_and(|p| p == args.port) {
+        return Err("--stun-port must differ from --port (which answers STUN anyway)".into());
+    }
     let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
     // The ranges above keep these conversions exact on 64-bit systems; on a
     // 32-bit one a huge table is refused here instead of wrapping.
@@ -184,6 +193,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
             sources: count(args.rate_limit_sources, "rate-limit-sources")?,
         },
         metrics: args.metrics,
+        stun_port: args.stun_port,
     })
 }
 
@@ -274,6 +284,9 @@ fn main() -> ExitCode {
 
     for addr in server.local_addrs() {
         cli::eprint(&format!("psync-server: listening on udp {addr}"));
+    }
+    for addr in server.stun_addrs() {
+        cli::eprint(&format!("psync-server: STUN on udp {addr}"));
     }
     if let Some(addr) = server.metrics_addr() {
         cli::eprint(&format!(

@@ -6,9 +6,12 @@
 //!
 //! - [`seed`]: the original C psync's request and replies, which must stay
 //!   byte-for-byte compatible with it (re-exported here).
+//! - [`stun`]: STUN Binding (RFC 8489), which the server answers and the
+//!   client uses to classify its NAT.
 //!
 //! `PROTOCOL.md` at the repository root has the full byte tables.
 
 pub mod seed;
+pub mod stun;
 
 pub use seed::*;
