@@ -6,9 +6,13 @@
 //!
 //! - [`seed`]: the original C psync's request and replies, which must stay
 //!   byte-for-byte compatible with it (re-exported here).
+//! - [`v2`]: the authenticated protocol beside it: a token-carrying request,
+//!   a match reply with room for candidate addresses, and a cookie reply for
+//!   address validation; no reply is longer than its request.
 //!
 //! `PROTOCOL.md` at the repository root has the full byte tables.
 
 pub mod seed;
+pub mod v2;
 
 pub use seed::*;
