@@ -293,6 +293,11 @@ pub fn render(s: &Snapshot) -> String {
         "Receive calls that failed unexpectedly.",
         c.recv_errors,
     );
+    counter(
+        "stun_answered_total",
+        "STUN Binding requests answered.",
+        c.stun_answered,
+    );
     let _ = write!(
         out,
         "# HELP psync_dropped_total Datagrams dropped without a reply, by reason.\n\
@@ -305,6 +310,7 @@ pub fn render(s: &Snapshot) -> String {
         ("table_full", c.table_full),
         ("rate_limited", c.rate_limited),
         ("per_ip_limit", c.per_ip_limit),
+        ("stun_refused", c.stun_refused),
     ] {
         let _ = writeln!(out, "psync_dropped_total{{reason=\"{reason}\"}} {value}");
     }

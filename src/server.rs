@@ -29,7 +29,7 @@ use crate::limit::{RateLimit, RateLimiter};
 use crate::metrics::{Metrics, Snapshot};
 use crate::stats::Counters;
 use crate::sys::{self, RecvBatch, SendQueue};
-use crate::wire::MAX_REPLY_LEN;
+use crate::wire::{stun, MAX_REPLY_LEN};
 
 /// How the server is set up. [`ServerConfig::default`] is what the binary
 /// uses without flags, except that it binds nothing until told.
@@ -51,6 +51,10 @@ pub struct ServerConfig {
     pub rate_limit: RateLimit,
     /// Serve Prometheus metrics over HTTP on this TCP address.
     pub metrics: Option<SocketAddr>,
+    /// Also answer STUN Binding requests on this port, on each bound address
+    /// (0 picks a free port). The main port answers them anyway; a second
+    /// port lets clients tell how their NAT maps (see `wire::stun`).
+    pub stun_port: Option<u16>,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +68,7 @@ impl Default for ServerConfig {
             stats_interval: Some(Duration::from_secs(10)),
             rate_limit: RateLimit::default(),
             metrics: None,
+            stun_port: None,
         }
     }
 }
@@ -83,6 +88,14 @@ pub enum ServerError {
     /// The port is taken.
     #[error("--port {port}: {addr} is already in use (another psync-server?)")]
     AddrInUse {
+        /// The port asked for.
+        port: u16,
+        /// The full address.
+        addr: SocketAddr,
+    },
+    /// The `--stun-port` is taken.
+    #[error("--stun-port {port}: {addr} is already in use")]
+    StunAddrInUse {
         /// The port asked for.
         port: u16,
         /// The full address.
@@ -128,6 +141,8 @@ struct Endpoint {
     queue: SendQueue,
     /// Data may be waiting: mio is edge-triggered, so read until `WouldBlock`.
     readable: bool,
+    /// A `--stun-port` socket: answers STUN Binding requests, drops the rest.
+    stun_only: bool,
 }
 
 /// A handle that stops a running [`Server`] from another thread.
@@ -181,10 +196,25 @@ impl Server {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut endpoints = Vec::new();
-        for (i, &addr) in cfg.bind.iter().enumerate() {
+        let stun_binds = cfg
+            .stun_port
+            .into_iter()
+            .flat_map(|port| cfg.bind.iter().map(move |a| SocketAddr::new(a.ip(), port)));
+        let binds: Vec<(SocketAddr, bool)> = cfg
+            .bind
+            .iter()
+            .map(|&a| (a, false))
+            .chain(stun_binds.map(|a| (a, true)))
+            .collect();
+        for (i, &(addr, stun_only)) in binds.iter().enumerate() {
             let (std_socket, buffers) =
                 sys::bind_udp(addr, cfg.rcvbuf, cfg.sndbuf).map_err(|source| {
-                    if source.kind() == io::ErrorKind::AddrInUse {
+                    if source.kind() == io::ErrorKind::AddrInUse && stun_only {
+                        ServerError::StunAddrInUse {
+                            port: addr.port(),
+                            addr,
+                        }
+                    } else if source.kind() == io::ErrorKind::AddrInUse {
                         ServerError::AddrInUse {
                             port: addr.port(),
                             addr,
@@ -223,6 +253,7 @@ impl Server {
                 queue: SendQueue::new(cfg.batch * 2 * QUEUE_BATCHES, cfg.batch),
                 // Data may have arrived between bind and register.
                 readable: true,
+                stun_only,
             });
         }
         let metrics = match cfg.metrics {
@@ -262,7 +293,20 @@ impl Server {
 
     /// The bound addresses (with the real port when 0 was asked for).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.endpoints.iter().map(|e| e.local).collect()
+        self.endpoints
+            .iter()
+            .filter(|e| !e.stun_only)
+            .map(|e| e.local)
+            .collect()
+    }
+
+    /// The `--stun-port` addresses, one per bound address (empty without it).
+    pub fn stun_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.stun_only)
+            .map(|e| e.local)
+            .collect()
     }
 
     /// The metrics endpoint's address, when `--metrics` was given.
@@ -424,6 +468,11 @@ impl Server {
                         continue;
                     }
                 }
+                if ep.stun_only || stun::is_stun(d.data) {
+                    engine.counters.received += 1;
+                    answer_stun(&mut ep.queue, &mut engine.counters, d);
+                    continue;
+                }
                 let outcome = engine.handle(d.data, d.from, now_ms);
                 trace!(
                     "{} {} bytes from {}: {:?}",
@@ -477,6 +526,28 @@ fn queue(ep: &mut Endpoint, engine: &mut Engine, send: Send) {
     let len = send.reply.emit(&mut buf);
     if !ep.queue.push(send.to, &buf[..len]) {
         engine.counters.send_dropped += 1;
+    }
+}
+
+/// Queues the answer to a STUN Binding request, or counts the refusal. The
+/// per-source rate limit has already run.
+fn answer_stun(queue: &mut SendQueue, counters: &mut Counters, d: sys::Datagram<'_>) {
+    let mut buf = [0u8; stun::MAX_ANSWER_LEN];
+    // A datagram longer than the receive buffer was cut short: never answer
+    // what could not be read whole.
+    let answered = if d.len == d.data.len() {
+        stun::answer(d.data, d.from, &mut buf)
+    } else {
+        Err(stun::Refusal::Malformed)
+    };
+    match answered {
+        Ok(len) => {
+            counters.stun_answered += 1;
+            if !queue.push(d.from, &buf[..len]) {
+                counters.send_dropped += 1;
+            }
+        }
+        Err(_) => counters.stun_refused += 1,
     }
 }
 

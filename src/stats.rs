@@ -43,13 +43,19 @@ pub struct Counters {
     pub send_dropped: u64,
     /// Receive calls that failed with an unexpected error.
     pub recv_errors: u64,
+    /// STUN Binding requests answered (on the main port or `--stun-port`).
+    pub stun_answered: u64,
+    /// Dropped: STUN that is not a Binding request psync answers (responses,
+    /// indications, malformed, bad FINGERPRINT, unknown required attributes),
+    /// and anything that is not STUN on `--stun-port`.
+    pub stun_refused: u64,
     /// Gauge: pending registrations held now.
     pub pending: u64,
 }
 
 impl Counters {
     /// Every counter with its name, in a stable order (for printing and metrics).
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
+    pub fn fields(&self) -> [(&'static str, u64); 20] {
         [
             ("received", self.received),
             ("bad_size", self.bad_size),
@@ -68,6 +74,8 @@ impl Counters {
             ("send_errors", self.send_errors),
             ("send_dropped", self.send_dropped),
             ("recv_errors", self.recv_errors),
+            ("stun_answered", self.stun_answered),
+            ("stun_refused", self.stun_refused),
             ("pending", self.pending),
         ]
     }

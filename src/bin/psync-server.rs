@@ -94,6 +94,12 @@ struct Args {
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
 
+    /// Also answer STUN Binding requests (RFC 8489) on this UDP port. The main
+    /// port answers them anyway; a second port lets psync-client tell whether
+    /// its NAT keeps one public port for every destination (1-65535, not --port).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    stun_port: Option<u16>,
+
     /// Seed for port choice and hashing, for reproducible runs (default: from the OS).
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
@@ -167,6 +173,9 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
     if args.replay_capacity == 0 {
         return Err("--replay-capacity must be at least 1".into());
     }
+    if args.stun_port.is_some_and(|p| p == args.port) {
+        return Err("--stun-port must differ from --port (which answers STUN anyway)".into());
+    }
     Ok(ServerConfig {
         engine: EngineConfig {
             capacity: args.capacity,
@@ -191,6 +200,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
             sources: args.rate_limit_sources,
         },
         metrics: args.metrics,
+        stun_port: args.stun_port,
     })
 }
 
@@ -238,6 +248,9 @@ fn main() -> ExitCode {
     };
     for addr in server.local_addrs() {
         eprintln!("psync-server: listening on udp {addr}");
+    }
+    for addr in server.stun_addrs() {
+        eprintln!("psync-server: STUN on udp {addr}");
     }
     if let Some(addr) = server.metrics_addr() {
         eprintln!("psync-server: metrics on http://{addr}/metrics");

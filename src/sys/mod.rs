@@ -25,11 +25,26 @@ mod imp;
 
 pub use imp::{RecvBatch, SendQueue};
 
-/// Bytes a server keeps of each received datagram. A request is 8 bytes;
-/// anything longer is invalid, and 16 bytes are enough to see that it is
-/// longer. (The fallback reads at most the buffer, so a longer datagram shows
-/// as exactly this length: still not 8.)
-pub const RECV_BUF_LEN: usize = 16;
+/// Bytes a server keeps of each received datagram: the longest message it
+/// must read whole. A seed request is 8 bytes; a STUN Binding request is 20
+/// to 28 bytes from psync's client, and about 100 from an ICE stack that adds
+/// SOFTWARE, PRIORITY and ICE attributes; protocol v2 requests will be about
+/// 100 to 200 bytes. 512 holds all of them with room. Anything longer is
+/// invalid in every format, and the real length (`Datagram::len`, from
+/// `MSG_TRUNC`) shows it. (The fallback reads at most the buffer, so a longer
+/// datagram shows as exactly this length: still invalid.) recvmmsg copies
+/// only what arrived, so a larger buffer costs memory (batch x 512 bytes per
+/// socket), not time per datagram.
+pub const RECV_BUF_LEN: usize = 512;
+
+/// Bytes of one queued reply in a [`SendQueue`]: the longest datagram the
+/// server sends, a STUN Binding success for IPv6 with FINGERPRINT (52 bytes;
+/// seed replies are 20 or 32), rounded up. Protocol v2 replies, never longer
+/// than their requests, will need it raised.
+pub const SEND_SLOT_LEN: usize = 64;
+
+const _: () = assert!(crate::wire::MAX_REPLY_LEN <= SEND_SLOT_LEN);
+const _: () = assert!(crate::wire::stun::MAX_ANSWER_LEN <= SEND_SLOT_LEN);
 
 /// One datagram of a received batch.
 #[derive(Clone, Copy, Debug)]

@@ -14,6 +14,8 @@ pub struct TestServer {
     pub addrs: Vec<SocketAddr>,
     /// The metrics endpoint, when the config asked for one.
     pub metrics_addr: Option<SocketAddr>,
+    /// The `stun_port` addresses, when the config asked for one.
+    pub stun_addrs: Vec<SocketAddr>,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<Counters>>,
 }
@@ -30,11 +32,13 @@ impl TestServer {
         let mut server = Server::bind(&cfg).expect("server binds");
         let addrs = server.local_addrs();
         let metrics_addr = server.metrics_addr();
+        let stun_addrs = server.stun_addrs();
         let handle = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run().expect("server runs"));
         TestServer {
             addrs,
             metrics_addr,
+            stun_addrs,
             handle,
             thread: Some(thread),
         }
@@ -124,6 +128,8 @@ pub fn assert_accounted(c: &Counters) {
         + c.registered
         + c.refreshed
         + c.matched
-        + c.replayed;
+        + c.replayed
+        + c.stun_answered
+        + c.stun_refused;
     assert_eq!(c.received, outcomes, "every datagram accounted for: {c}");
 }
