@@ -126,6 +126,7 @@ const KEY_FILE: &str = "\
 #[test]
 fn the_library_matches_the_vectors() {
     let text = std::fs::read_to_string(vectors_file()).unwrap();
+    let protocol = std::fs::read_to_string(Path::new(ROOT).join("PROTOCOL.md")).unwrap();
     let mut count = 0;
     for line in text.lines() {
         let line = line.split('#').next().unwrap();
@@ -142,6 +143,14 @@ fn the_library_matches_the_vectors() {
         assert_eq!(issued.mac[..], hex(mac)[..], "{line}");
         assert_eq!(encode_token(&issued), token, "{line}");
         assert_eq!(decode_token(token), Ok(issued));
+        assert!(
+            protocol.contains(&format!("`{mac}`")),
+            "PROTOCOL.md lacks {mac}"
+        );
+        assert!(
+            protocol.contains(&format!("`{token}`")),
+            "PROTOCOL.md lacks {token}"
+        );
         count += 1;
     }
     assert_eq!(count, 5);

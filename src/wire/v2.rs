@@ -244,8 +244,8 @@ impl std::error::Error for Error {}
 /// confused only if both their IDs collide, probability about
 /// `n² / 2^128` (3×10⁻²³ at n = 10⁸). Even one shared ID among the `2n`
 /// random IDs, which alone confuses nothing, has probability about
-/// `(2n)² / 2^65` = 1.1×10⁻³ at n = 10⁸; with 32-bit IDs it is near
-/// certain above n = 10⁵.
+/// `(2n)² / 2^65` = 1.1×10⁻³ at n = 10⁸; with 32-bit IDs it is an even bet
+/// at n ≈ 4×10⁴.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Pair {
     /// The sender's own ID.
@@ -1442,6 +1442,26 @@ mod tests {
         assert_eq!(c.push(scoped), Err(scoped));
         assert_eq!(c.len(), MAX_CANDIDATES);
         assert!(Candidates::from_slice(&[scoped; MAX_CANDIDATES + 1]).is_none());
+    }
+
+    /// The hex dumps in PROTOCOL.md are these fixtures, byte for byte.
+    #[test]
+    fn protocol_md_shows_the_fixtures() {
+        let doc = include_str!("../../PROTOCOL.md");
+        let dump = |name: &str| -> Vec<u8> {
+            let marker = format!("<!-- fixture:{name} -->");
+            let start = doc.find(&marker).expect("marker in PROTOCOL.md") + marker.len();
+            let block = &doc[start..];
+            let body = &block[block.find("```text\n").unwrap() + 8..];
+            let body = &body[..body.find("```").unwrap()];
+            body.lines()
+                .flat_map(|l| l.split_once(':').unwrap().1.split_whitespace())
+                .map(|h| u8::from_str_radix(h, 16).unwrap())
+                .collect()
+        };
+        assert_eq!(dump("request"), REQUEST_FIXTURE);
+        assert_eq!(dump("reply-v4"), REPLY_V4_FIXTURE);
+        assert_eq!(dump("cookie-reply"), COOKIE_REPLY_FIXTURE);
     }
 
     #[test]
