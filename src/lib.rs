@@ -14,7 +14,8 @@
 //!   `capacity` registrations, and a live one is never evicted early.
 //!
 //! Modules, from the bytes up:
-//! - [`wire`]: request and reply encode/decode; no I/O.
+//! - [`wire`]: request and reply encode/decode (the seed format and v2); no I/O.
+//! - [`auth`]: v2 tokens and address-validation cookies: issue and verify; pure.
 //! - [`table`]: the open-addressed table of expiring entries; no I/O, no clock.
 //! - [`engine`]: matching, replay and port choice over the tables; pure.
 //! - [`stats`]: the counters and the pair-wait histogram.
@@ -27,6 +28,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod engine;
