@@ -32,6 +32,11 @@ pub enum Action {
     /// Ask the router for a mapping (blocking, bounded); answer with
     /// [`Connector::port_mapped`].
     MapPort(super::portmap::Request),
+    /// Have the main socket report ICMP errors (on while talking to the
+    /// server, so a dead port is noticed; off before punching, when the
+    /// partner's NAT may answer early probes with them); report them with
+    /// [`Connector::recv_error`].
+    IcmpErrors(bool),
 }
 
 /// What the router said, as the connector needs it (the driver keeps the lease).
@@ -213,6 +218,7 @@ impl Connector {
         };
         self.local = Some(local);
         self.mapped = None;
+        self.actions.push_back(Action::IcmpErrors(true));
         // Classifying takes two server ports; with one, a STUN question
         // would only delay registration.
         if self.cfg.classify && self.cfg.stun_server().is_some() {
@@ -338,6 +344,19 @@ impl Connector {
         }
     }
 
+    /// A receive on `socket` failed (ICMP errors arrive this way).
+    pub fn recv_error(&mut self, now: Instant, socket: SocketId, error: &std::io::Error) {
+        if socket != SocketId::Main || error.kind() != std::io::ErrorKind::ConnectionRefused {
+            return;
+        }
+        if let Phase::Register(r) = &mut self.phase {
+            self.last_error = " (the server's port refused it)".into();
+            if let Some(e) = r.refused(now) {
+                self.finish(Err(e));
+            }
+        }
+    }
+
     /// A datagram arrived on `socket` from `from`.
     pub fn handle(&mut self, now: Instant, socket: SocketId, from: SocketAddr, datagram: &[u8]) {
         match &mut self.phase {
@@ -434,6 +453,7 @@ impl Connector {
             birthday: self.cfg.birthday,
             seed: self.rng.next_u64(),
         };
+        self.actions.push_back(Action::IcmpErrors(false));
         let mut punch = Punch::new(params, now);
         while let Some(c) = punch.poll_command() {
             self.actions.push_back(Action::Punch(c));

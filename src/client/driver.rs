@@ -153,7 +153,13 @@ pub(super) fn run(cfg: &ClientConfig) -> Result<Connection, Failure> {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => log::debug!("receive on {id:?}: {e}"),
+                    Err(e) => {
+                        log::debug!("receive on {id:?}: {e}");
+                        c.recv_error(Instant::now(), id, &e);
+                        if c.is_over() {
+                            break 'events;
+                        }
+                    }
                 }
             }
         }
@@ -204,6 +210,14 @@ fn act(
                 if failed {
                     // Out of descriptors or ports: the rest would fail too.
                     break;
+                }
+            }
+        }
+        Action::IcmpErrors(on) => {
+            if let Some(s) = sockets.main.as_ref() {
+                // Turning it off also drops the reports queued meanwhile.
+                if let Err(e) = crate::sys::set_recv_errors(s, cfg.server.is_ipv6(), on) {
+                    log::debug!("cannot set ICMP error reports on the main socket: {e}");
                 }
             }
         }

@@ -29,6 +29,17 @@ pub enum ClientError {
         /// The last send error, if any, as ` (last send error: ...)`.
         last_error: String,
     },
+    /// Nothing listens at the server's port: every registration for
+    /// [`REFUSED_GRACE`](super::registration::REFUSED_GRACE) was refused by
+    /// the kernel there (exit 3).
+    #[error(
+        "the rendezvous server {server} refused the registration: nothing listens on that UDP port \
+         (is psync-server running there, and is the port right?)"
+    )]
+    Refused {
+        /// The server asked.
+        server: SocketAddr,
+    },
     /// The server (or something at its address) sent a malformed reply (exit 1).
     #[error("bad reply from the rendezvous server {server}: {reason}")]
     BadReply {
@@ -68,12 +79,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The exit status the CLI uses: 2 bad usage, 3 no server reply, 4 no path,
+    /// The exit status the CLI uses: 2 bad usage, 3 no server reply (or a
+    /// refusing port), 4 no path,
     /// 1 anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Config(_) => 2,
-            ClientError::NoReply { .. } => 3,
+            ClientError::NoReply { .. } | ClientError::Refused { .. } => 3,
             ClientError::Punch { .. } => 4,
             ClientError::BadReply { .. }
             | ClientError::PeerSilent { .. }

@@ -18,6 +18,12 @@ pub const REGISTER_BACKOFF_START: Duration = Duration::from_millis(250);
 /// Longest registration retransmit delay: the server's pending lifetime is
 /// 30 s by default, so a 2 s refresh keeps the registration alive with margin.
 pub const REGISTER_BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// How long the server's port may refuse (ICMP port unreachable) before the
+/// client gives up with [`ClientError::Refused`]: long enough for a server
+/// that is restarting (the NAT lab restarts one for 1 s), short next to the
+/// default 10 s timeout. While refused, the client retries every
+/// [`REGISTER_BACKOFF_START`].
+pub const REFUSED_GRACE: Duration = Duration::from_secs(2);
 
 /// Sans-IO registration with one server.
 #[derive(Debug)]
@@ -27,6 +33,10 @@ pub struct Registration {
     next_send: Instant,
     backoff: Duration,
     sent: u32,
+    /// Since when every registration sent was refused.
+    refused_since: Option<Instant>,
+    /// Whether the latest one was: a send that draws no refusal ends the streak.
+    refused_latest: bool,
 }
 
 impl Registration {
@@ -38,6 +48,8 @@ impl Registration {
             next_send: now,
             backoff: REGISTER_BACKOFF_START,
             sent: 0,
+            refused_since: None,
+            refused_latest: false,
         }
     }
 
@@ -46,6 +58,10 @@ impl Registration {
         if now < self.next_send {
             return None;
         }
+        if !self.refused_latest {
+            self.refused_since = None;
+        }
+        self.refused_latest = false;
         self.next_send = now + self.backoff;
         self.backoff = (self.backoff * 2).min(REGISTER_BACKOFF_CAP);
         self.sent += 1;
@@ -60,6 +76,31 @@ impl Registration {
     /// Requests sent so far.
     pub fn sent(&self) -> u32 {
         self.sent
+    }
+
+    /// The server's port refused a registration (an ICMP port unreachable
+    /// surfaced as `ECONNREFUSED`). After [`REFUSED_GRACE`] of nothing but
+    /// refusals this is the error to end with; until then the next request
+    /// goes out within [`REGISTER_BACKOFF_START`].
+    pub fn refused(&mut self, now: Instant) -> Option<ClientError> {
+        let since = *self.refused_since.get_or_insert(now);
+        if !self.refused_latest && since == now {
+            log::warn!(
+                "{}: connection refused (nothing listens there?); retrying for {} ms \
+                 in case the server is restarting",
+                self.server,
+                REFUSED_GRACE.as_millis()
+            );
+        }
+        self.refused_latest = true;
+        if now.duration_since(since) >= REFUSED_GRACE {
+            return Some(ClientError::Refused {
+                server: self.server,
+            });
+        }
+        self.next_send = self.next_send.min(now + REGISTER_BACKOFF_START);
+        self.backoff = REGISTER_BACKOFF_START;
+        None
     }
 
     /// A datagram from `from`: `None` if it is not the server's reply (another
@@ -112,6 +153,33 @@ mod tests {
         assert_eq!(sends, [0, 250, 750, 1750, 3750, 5750, 7750]);
         assert_eq!(r.sent(), 7);
         assert_eq!(r.poll_transmit(t0), None);
+    }
+
+    #[test]
+    fn a_port_that_keeps_refusing_ends_after_the_grace() {
+        let t0 = Instant::now();
+        let server = "192.0.2.1:1024".parse().unwrap();
+        let mut r = Registration::new(server, PeerId::from_u32(1), PeerId::from_u32(2), t0);
+        let mut t = t0;
+        let err = loop {
+            assert!(r.poll_transmit(t).is_some());
+            if let Some(e) = r.refused(t) {
+                break e;
+            }
+            t = r.poll_timeout();
+            assert!(r.poll_timeout() - t0 <= REFUSED_GRACE + REGISTER_BACKOFF_START);
+        };
+        assert_eq!(err.exit_code(), 3);
+        assert!(t - t0 >= REFUSED_GRACE);
+        // One answered send (no refusal) ends the streak.
+        let mut r = Registration::new(server, PeerId::from_u32(1), PeerId::from_u32(2), t0);
+        r.poll_transmit(t0);
+        assert!(r.refused(t0).is_none());
+        let t1 = r.poll_timeout();
+        r.poll_transmit(t1);
+        let t2 = t1 + REFUSED_GRACE;
+        r.poll_transmit(t2);
+        assert!(r.refused(t2).is_none(), "a send without refusal restarts the grace");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Port mapping: ask the home router to forward a public port to our socket,
-//! with PCP (RFC 6887), NAT-PMP (RFC 6886) or UPnP IGD (through the
-//! `igd-next` crate), so that a peer behind a NAT that changes ports per
+//! with PCP (RFC 6887), NAT-PMP (RFC 6886) or UPnP IGD (a small client of
+//! its own, see `upnp`), so that a peer behind a NAT that changes ports per
 //! destination can still be reached at the address the server saw.
 //!
 //! [`map`] first asks all three at once whether the router speaks them
@@ -92,7 +92,7 @@ pub struct Lease {
     pub internal: SocketAddrV4,
     gateway: Ipv4Addr,
     pcp_nonce: [u8; 12],
-    upnp: Option<Box<igd_next::Gateway>>,
+    upnp: Option<Box<upnp::Gateway>>,
 }
 
 impl fmt::Debug for Lease {
@@ -130,7 +130,7 @@ impl Drop for Lease {
             )
             .map(|_| ()),
             Protocol::Upnp => match &self.upnp {
-                Some(gw) => upnp::remove(gw, self.external.port()),
+                Some(gw) => upnp::remove(gw, self.external.port(), RELEASE_WAIT),
                 None => Ok(()),
             },
         };
@@ -164,7 +164,7 @@ pub struct MapOutcome {
 enum Found {
     Pcp,
     NatPmp(Ipv4Addr),
-    Upnp(Box<igd_next::Gateway>),
+    Upnp(Box<upnp::Gateway>),
 }
 
 /// Asks the router for a mapping; see the module docs. Blocks for at most
@@ -319,7 +319,7 @@ pub fn map(req: &Request) -> MapOutcome {
                 pcp_nonce: nonce,
                 upnp: None,
             }),
-            Found::Upnp(gw) => upnp::add(&gw, req.external_port, internal, lifetime, DESCRIPTION)
+            Found::Upnp(gw) => upnp::add(&gw, req.external_port, internal, lifetime, DESCRIPTION, MAP_WAIT)
                 .map(|ext_ip| Lease {
                     protocol: p,
                     external: SocketAddr::new(ext_ip, req.external_port),
