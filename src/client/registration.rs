@@ -179,7 +179,10 @@ mod tests {
         r.poll_transmit(t1);
         let t2 = t1 + REFUSED_GRACE;
         r.poll_transmit(t2);
-        assert!(r.refused(t2).is_none(), "a send without refusal restarts the grace");
+        assert!(
+            r.refused(t2).is_none(),
+            "a send without refusal restarts the grace"
+        );
     }
 
     #[test]

@@ -319,15 +319,22 @@ pub fn map(req: &Request) -> MapOutcome {
                 pcp_nonce: nonce,
                 upnp: None,
             }),
-            Found::Upnp(gw) => upnp::add(&gw, req.external_port, internal, lifetime, DESCRIPTION, MAP_WAIT)
-                .map(|ext_ip| Lease {
-                    protocol: p,
-                    external: SocketAddr::new(ext_ip, req.external_port),
-                    internal,
-                    gateway,
-                    pcp_nonce: nonce,
-                    upnp: Some(gw),
-                }),
+            Found::Upnp(gw) => upnp::add(
+                &gw,
+                req.external_port,
+                internal,
+                lifetime,
+                DESCRIPTION,
+                MAP_WAIT,
+            )
+            .map(|ext_ip| Lease {
+                protocol: p,
+                external: SocketAddr::new(ext_ip, req.external_port),
+                internal,
+                gateway,
+                pcp_nonce: nonce,
+                upnp: Some(gw),
+            }),
         };
         match result {
             Ok(lease) => {

@@ -41,7 +41,10 @@ pub(super) fn discover(client: Ipv4Addr, wait: Duration) -> Result<Gateway, Stri
     let location = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!("no gateway answered the SSDP search in {} ms", wait.as_millis()));
+            return Err(format!(
+                "no gateway answered the SSDP search in {} ms",
+                wait.as_millis()
+            ));
         }
         s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
         match s.recv(&mut buf) {
@@ -51,7 +54,10 @@ pub(super) fn discover(client: Ipv4Addr, wait: Duration) -> Result<Gateway, Stri
                 }
             }
             Err(_) => {
-                return Err(format!("no gateway answered the SSDP search in {} ms", wait.as_millis()));
+                return Err(format!(
+                    "no gateway answered the SSDP search in {} ms",
+                    wait.as_millis()
+                ));
             }
         }
     };
@@ -61,7 +67,8 @@ pub(super) fn discover(client: Ipv4Addr, wait: Duration) -> Result<Gateway, Stri
     if status != 200 {
         return Err(format!("device description: HTTP {status}"));
     }
-    let (service, control) = wan_service(&body).ok_or("no WAN connection service in the device description")?;
+    let (service, control) =
+        wan_service(&body).ok_or("no WAN connection service in the device description")?;
     // The control URL may be absolute or a path.
     let control = match parse_url(&control) {
         Some((_, p)) => p,
@@ -128,7 +135,9 @@ fn soap(gw: &Gateway, action: &str, args: &str, deadline: Instant) -> Result<Str
     }
     let code = element(&resp, "errorCode").unwrap_or("?");
     let what = element(&resp, "errorDescription").unwrap_or("");
-    Err(format!("{action}: HTTP {status}, UPnP error {code} {what}").trim_end().to_string())
+    Err(format!("{action}: HTTP {status}, UPnP error {code} {what}")
+        .trim_end()
+        .to_string())
 }
 
 /// The SOAP envelope of `action` with `args`.
@@ -143,17 +152,24 @@ fn soap_body(service: &str, action: &str, args: &str) -> String {
 /// Sends `request` to `to` and reads the whole response (the server closes),
 /// all before `deadline`. Returns the status and the body.
 fn exchange(to: SocketAddr, request: &[u8], deadline: Instant) -> Result<(u16, String), String> {
-    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
     let mut s = TcpStream::connect_timeout(&to, left()).map_err(|e| format!("HTTP {to}: {e}"))?;
-    s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
-    s.write_all(request).map_err(|e| format!("HTTP {to}: {e}"))?;
+    s.set_write_timeout(Some(left()))
+        .map_err(|e| e.to_string())?;
+    s.write_all(request)
+        .map_err(|e| format!("HTTP {to}: {e}"))?;
     let mut resp = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         if Instant::now() >= deadline {
             return Err(format!("HTTP {to}: no complete answer in time"));
         }
-        s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(left()))
+            .map_err(|e| e.to_string())?;
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
@@ -186,7 +202,13 @@ fn response_complete(resp: &[u8]) -> bool {
 fn parse_response(resp: &[u8]) -> Option<(u16, String)> {
     let head_end = find(resp, b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&resp[..head_end]);
-    let status: u16 = head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let status: u16 = head
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     let mut body = resp[head_end + 4..].to_vec();
     if header(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         body = dechunk(&body)?;
@@ -250,7 +272,8 @@ fn wan_service(xml: &str) -> Option<(String, String)> {
     while let Some(start) = rest.find("<service>") {
         let block_end = rest[start..].find("</service>")? + start;
         let block = &rest[start..block_end];
-        if let (Some(ty), Some(ctl)) = (element(block, "serviceType"), element(block, "controlURL")) {
+        if let (Some(ty), Some(ctl)) = (element(block, "serviceType"), element(block, "controlURL"))
+        {
             let ty = ty.trim();
             if ty.contains(":WANIPConnection:") || ty.contains(":WANPPPConnection:") {
                 return Some((ty.to_string(), ctl.trim().to_string()));
@@ -318,8 +341,14 @@ mod tests {
             parse_url(&loc),
             Some(("10.1.0.1:42437".parse().unwrap(), "/rootDesc.xml".into()))
         );
-        assert_eq!(parse_url("http://10.1.0.1"), Some(("10.1.0.1:80".parse().unwrap(), "/".into())));
-        assert_eq!(ssdp_location(b"NOTIFY * HTTP/1.1\r\nLOCATION: x\r\n\r\n"), None);
+        assert_eq!(
+            parse_url("http://10.1.0.1"),
+            Some(("10.1.0.1:80".parse().unwrap(), "/".into()))
+        );
+        assert_eq!(
+            ssdp_location(b"NOTIFY * HTTP/1.1\r\nLOCATION: x\r\n\r\n"),
+            None
+        );
         assert_eq!(
             wan_service(DESCRIPTION),
             Some((
@@ -332,7 +361,11 @@ mod tests {
 
     #[test]
     fn soap_envelopes_and_answers() {
-        let body = soap_body("urn:schemas-upnp-org:service:WANIPConnection:2", "DeletePortMapping", "<NewExternalPort>5000</NewExternalPort>");
+        let body = soap_body(
+            "urn:schemas-upnp-org:service:WANIPConnection:2",
+            "DeletePortMapping",
+            "<NewExternalPort>5000</NewExternalPort>",
+        );
         assert!(body.contains(
             "<u:DeletePortMapping xmlns:u=\"urn:schemas-upnp-org:service:WANIPConnection:2\">\
              <NewExternalPort>5000</NewExternalPort></u:DeletePortMapping>"
