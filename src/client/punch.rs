@@ -32,10 +32,6 @@ pub const CONFIRM_GRACE: Duration = Duration::from_millis(500);
 /// Extra time the punch window gives birthday probing after the easy side's
 /// last probe, for the answer to come back and the path to be proven.
 pub const BIRTHDAY_TAIL: Duration = Duration::from_millis(500);
-/// How much later than us the partner may start punching: its server reply
-/// was lost and came with its next registration retransmit (at most the
-/// 2 s backoff cap).
-pub const REPLY_SKEW: Duration = super::registration::REGISTER_BACKOFF_CAP;
 /// Most random probes sent in one call when the driver woke late: keeps a
 /// stalled process from bursting its whole backlog at once.
 const BIRTHDAY_BURST: u32 = 16;
@@ -305,10 +301,13 @@ impl Punch {
                 window = window.max(lead + delay + probing);
             }
             if p.roles.hard {
-                // Wait as long as an easy partner may probe, from as late as
-                // it may start: after its delay, and after a lost server
-                // reply made it register up to one backoff later.
-                window = window.max(lead + p.birthday.delay + probing + REPLY_SKEW);
+                // Waiting to be found costs nothing (the birthday sockets stay
+                // quiet), and the easy partner may start late: when its server
+                // reply is lost it gets it only with a later retransmit,
+                // seconds later under heavy loss (seen in the lab: 6 s). So the
+                // hard side waits until the deadline. Without the partner's
+                // type (protocol v2) it cannot tell "late" from "hard too".
+                window = window.max(p.deadline.saturating_duration_since(now));
             }
         }
         let window_end = (now + window).min(p.deadline);
