@@ -507,6 +507,14 @@ fn success_rate_batched(lab: &Lab, case: &str, batch: usize) -> Rate {
             }
         }
     }
+    if std::env::var("PSYNC_NAT_LAB_DEBUG").is_ok() {
+        let (a, b) = &pairs[0];
+        eprintln!(
+            "natlab: {case}: pair 0 JSON:\n{}{}",
+            a.stdout_text(),
+            b.stdout_text()
+        );
+    }
     for v in [&mut elapsed, &mut sent_a, &mut sent_b] {
         v.sort_unstable();
     }

@@ -474,12 +474,13 @@ impl Connector {
             self.transmits.push_back(t);
         }
         let stats = p.birthday_stats();
+        let tried = p.tried();
         self.report.birthday.sockets = self.report.birthday.sockets.max(stats.sockets);
         self.report.birthday.probes += stats.probes;
         self.report.birthday.meetings += stats.meetings;
         match outcome {
             Outcome::Connected(proven) => {
-                self.add_tried(&[proven.strategy]);
+                self.add_tried(&tried);
                 let Some(reply) = self.reply else { return };
                 self.finish(Ok(Finished {
                     proven,

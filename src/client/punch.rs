@@ -779,13 +779,7 @@ impl Punch {
             likely: None,
             final_verdict: false,
         };
-        for s in [Strategy::Seed, Strategy::Observed, Strategy::Birthday] {
-            let used = self.paths.iter().any(|p| p.strategy == s)
-                || (s == Strategy::Birthday && (self.stats.sockets > 0 || self.easy.is_some()));
-            if used && self.p.strategies.contains(&s) {
-                report.tried.push(s);
-            }
-        }
+        report.tried = self.tried();
         for p in self
             .paths
             .iter()
@@ -817,6 +811,20 @@ impl Punch {
             }
         }
         self.outcome = Some(Outcome::Failed(report));
+    }
+
+    /// The strategies this attempt used (a path, birthday sockets or probes).
+    pub fn tried(&self) -> Vec<Strategy> {
+        Strategy::ALL
+            .into_iter()
+            .filter(|&s| {
+                self.p.strategies.contains(&s)
+                    && (self.paths.iter().any(|p| p.strategy == s)
+                        || (s == Strategy::Birthday
+                            && (self.stats.sockets > 0
+                                || self.easy.as_ref().is_some_and(|e| e.ports.count() > 0))))
+            })
+            .collect()
     }
 
     /// When punching began.
