@@ -128,6 +128,12 @@ const REGISTER_BACKOFF_START: Duration = Duration::from_millis(250);
 /// Longest registration retransmit delay: the server's pending lifetime is
 /// 30 s by default, so a 2 s refresh keeps the registration alive with margin.
 const REGISTER_BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// How long the server's port may refuse (ICMP port unreachable) before the
+/// client gives up with [`ClientError::Refused`]: long enough for a server
+/// that is restarting (the NAT lab restarts one for 1 s), short next to the
+/// default 10 s timeout. While refused, the client retries every
+/// [`REGISTER_BACKOFF_START`].
+pub const REFUSED_GRACE: Duration = Duration::from_secs(2);
 /// How long the deciding peer waits for the echo of its `done`.
 const CONFIRM_WAIT: Duration = Duration::from_secs(1);
 /// How far the wait for the echo of `done` may run past the timeout.
@@ -252,6 +258,16 @@ pub enum ClientError {
         /// The last send error, if any, as ` (last send error: ...)`.
         last_error: String,
     },
+    /// Nothing listens at the server's port: every registration for
+    /// [`REFUSED_GRACE`] was refused by the kernel there (exit 3).
+    #[error(
+        "the rendezvous server {server} refused the registration: nothing listens on that UDP port \
+         (is psync-server running there, and is the port right?)"
+    )]
+    Refused {
+        /// The server asked.
+        server: SocketAddr,
+    },
     /// The server (or something at its address) sent a malformed reply (exit 1).
     #[error("bad reply from the rendezvous server {server}: {reason}")]
     BadReply {
@@ -294,7 +310,7 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Config(_) => 2,
-            ClientError::NoReply { .. } => 3,
+            ClientError::NoReply { .. } | ClientError::Refused { .. } => 3,
             ClientError::Punch { .. } => 4,
             ClientError::BadReply { .. }
             | ClientError::PeerSilent { .. }
@@ -624,7 +640,26 @@ const SEED: Token = Token(1);
 
 /// Sends the request until the server replies or `deadline` passes. The outer
 /// error is fatal; the inner `Err` is "no reply", with the last send error.
+/// While registering, the socket reports ICMP errors, so a port where
+/// nothing listens fails within [`REFUSED_GRACE`] instead of the timeout.
 fn register(
+    poll: &mut Poll,
+    reg: &mut MioSocket,
+    cfg: &ClientConfig,
+    deadline: Instant,
+) -> Result<Result<Reply, String>, ClientError> {
+    let v6 = cfg.server.is_ipv6();
+    if let Err(e) = crate::sys::set_recv_errors(reg, v6, true) {
+        log::debug!("cannot ask for ICMP errors on the registration socket: {e}");
+    }
+    let result = register_until_reply(poll, reg, cfg, deadline);
+    // Off again before punching: the peer's NAT may answer early probes
+    // with ICMP errors, which must not pile up in the socket.
+    let _ = crate::sys::set_recv_errors(reg, v6, false);
+    result
+}
+
+fn register_until_reply(
     poll: &mut Poll,
     reg: &mut MioSocket,
     cfg: &ClientConfig,
@@ -633,6 +668,10 @@ fn register(
     poll.registry()
         .register(reg, REG, Interest::READABLE)
         .map_err(io_err("cannot poll the registration socket"))?;
+    // Since when every registration sent was refused, and whether the
+    // latest one was: a send that draws no refusal ends the streak.
+    let mut refused_since: Option<Instant> = None;
+    let mut refused_latest = false;
     let request = Request {
         self_id: cfg.self_id,
         peer_id: cfg.peer_id,
@@ -649,6 +688,10 @@ fn register(
             return Ok(Err(last_error));
         }
         if now >= next_send {
+            if !refused_latest {
+                refused_since = None;
+            }
+            refused_latest = false;
             match reg.send_to(&request, cfg.server) {
                 Ok(_) => log::debug!("registration sent to {}", cfg.server),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -666,6 +709,25 @@ fn register(
                 }
                 Ok((_, from)) => log::debug!("ignored a datagram from {from} while registering"),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    let now = Instant::now();
+                    let since = *refused_since.get_or_insert(now);
+                    if !refused_latest && since == now {
+                        log::warn!(
+                            "{}: connection refused (nothing listens there?); retrying for {} ms \
+                             in case the server is restarting",
+                            cfg.server,
+                            REFUSED_GRACE.as_millis()
+                        );
+                    }
+                    refused_latest = true;
+                    if now.duration_since(since) >= REFUSED_GRACE {
+                        return Err(ClientError::Refused { server: cfg.server });
+                    }
+                    last_error = " (the server's port refused it)".into();
+                    next_send = next_send.min(now + REGISTER_BACKOFF_START);
+                    backoff = REGISTER_BACKOFF_START;
+                }
                 // ICMP errors surface here on some systems; the retransmit
                 // timer decides what happens next.
                 Err(e) => {

@@ -23,11 +23,13 @@
 //! - [`server`]: the single-threaded `mio` loop that owns the sockets.
 //! - [`metrics`]: the Prometheus endpoint, served from that loop.
 //! - [`client`]: the peer side: register, punch, prove the path.
+//! - [`cli`]: what the binaries share: flags' parsing, errors, `--version`.
 //! - [`sys`]: the only `unsafe`: `recvmmsg`/`sendmmsg` and socket options.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod limit;

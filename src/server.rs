@@ -145,21 +145,46 @@ struct Endpoint {
     stun_only: bool,
 }
 
-/// A handle that stops a running [`Server`] from another thread.
+/// A handle that controls a running [`Server`] from another thread (the
+/// binary's signal thread): each call sets a flag and wakes the loop, which
+/// acts on it between batches, in its own thread.
 #[derive(Clone)]
 pub struct ShutdownHandle {
     flag: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+    report: Arc<AtomicBool>,
     waker: Arc<Waker>,
 }
 
 impl ShutdownHandle {
-    /// Asks the server to finish the batch in hand and return from `run`.
+    /// Asks the server to finish the batch in hand and return from `run`
+    /// (SIGINT, SIGTERM, SIGQUIT).
     pub fn shutdown(&self) {
-        self.flag.store(true, Ordering::Release);
+        self.raise(&self.flag);
+    }
+
+    /// Asks the loop to run the reload hooks ([`Server::on_reload`]) (SIGHUP).
+    pub fn reload(&self) {
+        self.raise(&self.reload);
+    }
+
+    /// Asks the loop to log the counters now, at info level on the
+    /// [`crate::cli::REPORT_TARGET`] target (SIGUSR1).
+    pub fn report(&self) {
+        self.raise(&self.report);
+    }
+
+    fn raise(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
         // If the wake fails the loop still sees the flag at its next timer.
         let _ = self.waker.wake();
     }
 }
+
+/// What a reload (SIGHUP) runs, in the loop's thread between batches: it may
+/// change the engine, and says what it reloaded (`Ok`, logged at info) or why
+/// it kept the old state (`Err`, logged as a warning).
+pub type ReloadHook = Box<dyn FnMut(&mut Engine) -> Result<String, String> + std::marker::Send>;
 
 /// A bound, ready server. [`Server::run`] drives it.
 pub struct Server {
@@ -172,6 +197,9 @@ pub struct Server {
     stats_interval: Option<Duration>,
     start: Instant,
     stop: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+    report: Arc<AtomicBool>,
+    reload_hooks: Vec<ReloadHook>,
     waker: Arc<Waker>,
     /// When the oldest metrics connection must be closed.
     metrics_deadline: Option<Instant>,
@@ -286,6 +314,9 @@ impl Server {
             stats_interval: cfg.stats_interval,
             start: Instant::now(),
             stop: Arc::new(AtomicBool::new(false)),
+            reload: Arc::new(AtomicBool::new(false)),
+            report: Arc::new(AtomicBool::new(false)),
+            reload_hooks: Vec::new(),
             waker,
             metrics_deadline: None,
         })
@@ -321,6 +352,34 @@ impl Server {
             replay_entries: self.engine.replay_entries(),
             wait: self.engine.wait,
             uptime: self.start.elapsed().as_secs_f64(),
+            udp_sockets: self.endpoints.len(),
+            stopping: self.stop.load(Ordering::Acquire),
+        }
+    }
+
+    /// Adds a hook that [`ShutdownHandle::reload`] (SIGHUP) runs. Hooks run
+    /// in the order added; with none, a reload logs that there was nothing
+    /// to reload.
+    pub fn on_reload(&mut self, hook: ReloadHook) {
+        self.reload_hooks.push(hook);
+    }
+
+    /// Acts on the reload and report flags; called by the loop between batches.
+    fn control(&mut self) {
+        if self.report.swap(false, Ordering::AcqRel) {
+            let counters = self.counters();
+            info!(target: crate::cli::REPORT_TARGET, "counters {counters}");
+        }
+        if self.reload.swap(false, Ordering::AcqRel) {
+            if self.reload_hooks.is_empty() {
+                info!(target: crate::cli::REPORT_TARGET, "reload: nothing to reload");
+            }
+            for hook in &mut self.reload_hooks {
+                match hook(&mut self.engine) {
+                    Ok(what) => info!(target: crate::cli::REPORT_TARGET, "reload: {what}"),
+                    Err(why) => warn!("reload failed, keeping the old state: {why}"),
+                }
+            }
         }
     }
 
@@ -328,6 +387,8 @@ impl Server {
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             flag: self.stop.clone(),
+            reload: self.reload.clone(),
+            report: self.report.clone(),
             waker: self.waker.clone(),
         }
     }
@@ -387,6 +448,8 @@ impl Server {
                     let snapshot = self.snapshot();
                     if let Some(m) = self.metrics.as_mut() {
                         m.ready(self.poll.registry(), token, Instant::now(), &snapshot);
+                        // A new connection brings a deadline the poll must wake for.
+                        self.metrics_deadline = m.next_deadline();
                     }
                 } else if let Some(ep) = self.endpoints.get_mut(token.0) {
                     if event.is_readable() {
@@ -401,6 +464,7 @@ impl Server {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
+            self.control();
             let now = Instant::now();
             if now >= next_expiry || expiry_owed {
                 expiry_owed = self.engine.expire(self.now_ms());

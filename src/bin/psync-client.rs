@@ -1,5 +1,5 @@
-//! `psync-client`: the command line peer. Arguments become a
-//! [`ClientConfig`]; [`psync::client`] does the rest.
+//! `psync-client`: the command line peer. Arguments (and `PSYNC_CLIENT_*`
+//! variables) become a [`ClientConfig`]; [`psync::client`] does the rest.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -7,16 +7,21 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use log::LevelFilter;
+use psync::cli::{self, Bare, Program};
 use psync::client::{connect, ClientConfig, ClientError, PipeConfig, Strategy, DEFAULT_OPENER_TTL};
 use psync::PeerId;
 
 /// psync peer: registers with a psync server, punches a hole through both
 /// NATs to the partner and proves the path works both ways.
 ///
-/// Exit status: 0 connected; 2 bad usage; 3 no reply from the server; 4 the
-/// server answered but no path could be punched; 1 any other error.
+/// Exit status: 0 connected; 2 bad usage; 3 no reply from the server (or
+/// nothing listens at its port); 4 the server answered but no path could be
+/// punched; 1 any other error.
+///
+/// Durations take a unit (10s, 500ms, 2m); a bare number is seconds. Every
+/// flag can also be set with the environment variable shown beside it.
 #[derive(Parser, Debug)]
-#[command(name = "psync-client", version)]
+#[command(name = "psync-client")]
 struct Args {
     /// The rendezvous server.
     #[arg(long, value_name = "HOST:PORT")]
@@ -34,22 +39,24 @@ struct Args {
     #[arg(long, value_enum)]
     strategy: Option<StrategyArg>,
 
-    /// Seconds for the whole connect: registration, punching and every retry.
-    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
+    /// Time for the whole connect: registration, punching and every retry [10ms to 1d].
+    #[arg(long, default_value = "10s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     timeout: Duration,
 
-    /// Registrations to try; each retry uses a new socket and gets fresh ports.
-    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Registrations to try; each retry uses a new socket and gets fresh ports [1 to 100].
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     attempts: u32,
 
     /// TTL of the opener packets sent before punching (0: none, and no path is
     /// held until the peer is heard). 2 leaves one NAT router and dies at the
-    /// next hop; raise it behind double NAT.
+    /// next hop; raise it behind double NAT [0 to 255].
     #[arg(long, default_value_t = DEFAULT_OPENER_TTL, value_name = "N")]
     opener_ttl: u8,
 
-    /// Seconds one attempt punches before registering again.
-    #[arg(long, default_value = "3", value_name = "SECS", value_parser = parse_secs)]
+    /// How long one attempt punches before registering again [10ms to 1h].
+    #[arg(long, default_value = "3s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(3600), false))]
     punch_window: Duration,
 
     /// Print the result as one JSON object on stdout.
@@ -60,15 +67,18 @@ struct Args {
     #[arg(long)]
     pipe: bool,
 
-    /// With --pipe: seconds between keepalives.
-    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs)]
+    /// With --pipe: time between keepalives [10ms to 1h].
+    #[arg(long, default_value = "5s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(3600), false))]
     keepalive: Duration,
 
-    /// With --pipe: end the session when the peer has been silent this long.
-    #[arg(long, default_value = "20", value_name = "SECS", value_parser = parse_secs)]
+    /// With --pipe: end the session when the peer has been silent this long [10ms to 1d].
+    #[arg(long, default_value = "20s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     silence: Duration,
 
-    /// More output on stderr: -v each step, -vv socket-level detail.
+    /// More output on stderr: -v each step, -vv socket-level detail. RUST_LOG,
+    /// when set, refines it.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
 }
@@ -89,15 +99,11 @@ fn parse_id(s: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("'{s}' is not a 32-bit ID (decimal, or hex with 0x)"))
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !(secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!("{s} is outside 0 (excluded) to 86400 seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+const PROGRAM: Program = Program {
+    name: "psync-client",
+    env_prefix: "PSYNC_CLIENT",
+    version: env!("CARGO_PKG_VERSION"),
+};
 
 fn resolve(server: &str) -> Result<SocketAddr, String> {
     server
@@ -108,27 +114,26 @@ fn resolve(server: &str) -> Result<SocketAddr, String> {
 }
 
 fn fail(e: &ClientError) -> ExitCode {
-    eprintln!("psync-client: error: {e}");
+    cli::error(PROGRAM.name, &e.to_string());
     ExitCode::from(e.exit_code())
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let level = match args.verbose {
+    let args: Args = match cli::parse(&PROGRAM) {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    cli::init_logging(match args.verbose {
         0 => LevelFilter::Warn,
         1 => LevelFilter::Info,
         _ => LevelFilter::Debug,
-    };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_target(false)
-        .init();
+    });
 
     let server = match resolve(&args.server) {
         Ok(a) => a,
         Err(msg) => {
-            eprintln!("psync-client: error: {msg}");
-            return ExitCode::from(2);
+            cli::error(PROGRAM.name, &msg);
+            return ExitCode::from(cli::EXIT_USAGE);
         }
     };
     let mut cfg = ClientConfig::new(
@@ -149,14 +154,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    eprintln!(
+    cli::eprint(&format!(
         "connected via {} to {} in {} ms",
         conn.strategy,
         conn.peer,
         conn.elapsed.as_millis()
-    );
+    ));
     if args.json {
-        println!("{}", conn.to_json());
+        cli::print(&conn.to_json());
     }
     if !args.pipe {
         return ExitCode::SUCCESS;

@@ -114,3 +114,46 @@ pub fn bind_udp(
     socket.bind(&addr.into())?;
     Ok((socket.into(), buffers))
 }
+
+/// Asks the kernel to report ICMP errors (a port unreachable is "connection
+/// refused") on an unconnected UDP socket, as the error of its next receive.
+/// Without it, Linux reports them only on connected sockets. Turning it off
+/// again also drops the error reports queued meanwhile, so they cannot
+/// crowd the receive buffer. Returns `Ok(false)` where the option does not
+/// exist (not Linux): the caller then learns of a dead port by silence.
+#[cfg(unix)]
+pub fn set_recv_errors<S: std::os::fd::AsRawFd>(
+    socket: &S,
+    ipv6: bool,
+    on: bool,
+) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        let (level, name) = if ipv6 {
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+        } else {
+            (libc::IPPROTO_IP, libc::IP_RECVERR)
+        };
+        let value: libc::c_int = on.into();
+        // SAFETY: `value` is a live c_int and the length passed is its size;
+        // setsockopt reads nothing else, and a bad fd only returns an error.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (socket, ipv6, on);
+        Ok(false)
+    }
+}
