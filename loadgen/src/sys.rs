@@ -125,7 +125,7 @@ mod tests {
             assert!(outbox.push(to, &[k; 8]));
         }
         assert!(outbox.push(to, &[9; MAX_SEND]));
-        // The queue refuses what does not fit its slots.
+        // Longer than a queue slot: refused, not truncated.
         assert!(!outbox.push(to, &[0; psync::sys::SEND_SLOT_LEN + 1]));
         let done = outbox.flush(&tx);
         assert_eq!(done.sent, 101);

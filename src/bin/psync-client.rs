@@ -8,7 +8,11 @@ use std::time::Duration;
 use clap::{ArgAction, Parser, ValueEnum};
 use log::LevelFilter;
 use psync::cli::{self, Bare, Program};
-use psync::client::{connect, ClientConfig, ClientError, PipeConfig, Strategy, DEFAULT_OPENER_TTL};
+use psync::client::report::escape;
+use psync::client::{
+    connect_with_report, ClientConfig, ClientError, ConnectReport, PipeConfig, Strategy,
+    DEFAULT_BIRTHDAY_PROBES, DEFAULT_BIRTHDAY_RATE, DEFAULT_BIRTHDAY_SOCKETS, DEFAULT_OPENER_TTL,
+};
 use psync::PeerId;
 
 /// psync peer: registers with a psync server, punches a hole through both
@@ -39,6 +43,66 @@ struct Args {
     #[arg(long, value_enum)]
     strategy: Option<StrategyArg>,
 
+    /// Do not try the seed strategy (bind the server-chosen src_port).
+    #[arg(long)]
+    no_seed: bool,
+
+    /// Do not try the observed strategy (the registration socket).
+    #[arg(long)]
+    no_observed: bool,
+
+    /// Do not do birthday probing (when one NAT changes ports per destination).
+    #[arg(long)]
+    no_birthday: bool,
+
+    /// The server's STUN port (psync-server --stun-port): asking it and the
+    /// server's port tells whether our NAT changes ports per destination [1 to 65535].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    stun_port: Option<u16>,
+
+    /// Do not classify the NAT (no STUN requests before registering).
+    #[arg(long)]
+    no_classify: bool,
+
+    /// Do not ask the router for a port mapping (PCP, NAT-PMP and UPnP).
+    #[arg(long)]
+    no_port_mapping: bool,
+
+    /// Do not ask the router with PCP.
+    #[arg(long)]
+    no_pcp: bool,
+
+    /// Do not ask the router with NAT-PMP.
+    #[arg(long)]
+    no_natpmp: bool,
+
+    /// Do not ask the router with UPnP IGD.
+    #[arg(long)]
+    no_upnp: bool,
+
+    /// How long to wait for the router's answer to port mapping [50ms to 10s].
+    #[arg(long, default_value = "700ms", value_name = "DURATION",
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(50), Duration::from_secs(10), false))]
+    port_mapping_wait: Duration,
+
+    /// Birthday probing: sockets the hard side opens [1 to 1024].
+    #[arg(long, default_value_t = DEFAULT_BIRTHDAY_SOCKETS, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    birthday_sockets: u16,
+
+    /// Birthday probing: random ports the easy side probes per attempt [1 to 65535].
+    #[arg(long, default_value_t = DEFAULT_BIRTHDAY_PROBES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65535))]
+    birthday_probes: u32,
+
+    /// Birthday probing: probes per second from the easy side [1 to 5000].
+    #[arg(long, default_value_t = DEFAULT_BIRTHDAY_RATE, value_name = "PPS", value_parser = clap::value_parser!(u32).range(1..=5000))]
+    birthday_rate: u32,
+
+    /// Birthday probing: normal punching before the easy side probes random
+    /// ports, when the partner's NAT is unknown [0ms to 10s].
+    #[arg(long, default_value = "500ms", value_name = "DURATION",
+          value_parser = cli::duration(Bare::Seconds, Duration::ZERO, Duration::from_secs(10), false))]
+    birthday_delay: Duration,
+
     /// Time for the whole connect: registration, punching and every retry [10ms to 1d].
     #[arg(long, default_value = "10s", value_name = "DURATION", allow_negative_numbers = true,
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
@@ -59,7 +123,7 @@ struct Args {
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(3600), false))]
     punch_window: Duration,
 
-    /// Print the result as one JSON object on stdout.
+    /// Print the result as one JSON object on stdout, also on failure.
     #[arg(long)]
     json: bool,
 
@@ -89,6 +153,8 @@ enum StrategyArg {
     Seed,
     /// Reuse the registration socket, send to the peer's address as the server saw it.
     Observed,
+    /// Many sockets on the hard side, random probes from the easy side.
+    Birthday,
 }
 
 fn parse_id(s: &str) -> Result<u32, String> {
@@ -118,6 +184,17 @@ fn fail(e: &ClientError) -> ExitCode {
     ExitCode::from(e.exit_code())
 }
 
+/// The `--json` line of a failed connect.
+fn failure_json(e: &ClientError, report: &ConnectReport) -> String {
+    format!(
+        "{{\"ok\":false,\"exit\":{},\"error\":\"{}\",\"attempts\":{},{}}}",
+        e.exit_code(),
+        escape(&e.to_string()),
+        report.attempts,
+        report.json_fields()
+    )
+}
+
 fn main() -> ExitCode {
     let args: Args = match cli::parse(&PROGRAM) {
         Ok(args) => args,
@@ -144,15 +221,40 @@ fn main() -> ExitCode {
     cfg.strategy = args.strategy.map(|s| match s {
         StrategyArg::Seed => Strategy::Seed,
         StrategyArg::Observed => Strategy::Observed,
+        StrategyArg::Birthday => Strategy::Birthday,
     });
+    for (off, s) in [
+        (args.no_seed, Strategy::Seed),
+        (args.no_observed, Strategy::Observed),
+        (args.no_birthday, Strategy::Birthday),
+    ] {
+        if off {
+            cfg.disabled.push(s);
+        }
+    }
+    cfg.stun_port = args.stun_port;
+    cfg.classify = !args.no_classify;
+    cfg.port_mapping.pcp = !(args.no_port_mapping || args.no_pcp);
+    cfg.port_mapping.natpmp = !(args.no_port_mapping || args.no_natpmp);
+    cfg.port_mapping.upnp = !(args.no_port_mapping || args.no_upnp);
+    cfg.port_mapping.wait = args.port_mapping_wait;
+    cfg.birthday.sockets = args.birthday_sockets;
+    cfg.birthday.probes = args.birthday_probes;
+    cfg.birthday.rate = args.birthday_rate;
+    cfg.birthday.delay = args.birthday_delay;
     cfg.timeout = args.timeout;
     cfg.attempts = args.attempts;
     cfg.opener_ttl = args.opener_ttl;
     cfg.punch_window = args.punch_window;
 
-    let conn = match connect(&cfg) {
+    let conn = match connect_with_report(&cfg) {
         Ok(c) => c,
-        Err(e) => return fail(&e),
+        Err(f) => {
+            if args.json {
+                cli::print(&failure_json(&f.error, &f.report));
+            }
+            return fail(&f.error);
+        }
     };
     cli::eprint(&format!(
         "connected via {} to {} in {} ms",

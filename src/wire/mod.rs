@@ -6,6 +6,7 @@
 //!
 //! - [`seed`]: the original C psync's request and replies, which must stay
 //!   byte-for-byte compatible with it (re-exported here).
+//! - [`peer`]: the handshake two clients send each other once introduced.
 //! - [`v2`]: the authenticated protocol beside it: a token-carrying request,
 //!   a match reply with room for candidate addresses, and a cookie reply for
 //!   address validation; no reply is longer than its request.
@@ -14,6 +15,7 @@
 //!
 //! `PROTOCOL.md` at the repository root has the full byte tables.
 
+pub mod peer;
 pub mod seed;
 pub mod stun;
 pub mod v2;
