@@ -61,7 +61,7 @@ fn set_mode(path: &Path, mode: u32) {
 fn run(program: &str, args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(program)
         .args(args)
-        .env_remove("PSYNC_AUTH_KEY_FILE")
+        .env_remove("PSYNC_TOKEN_KEY_FILE")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -343,7 +343,7 @@ fn psync_token_issues_tokens_the_key_set_accepts() {
     // The environment variable stands for --key-file.
     let out = Command::new(TOKEN_BIN)
         .args(["--self", "1", "--peer", "2", "--key-id", "3"])
-        .env("PSYNC_AUTH_KEY_FILE", file.path())
+        .env("PSYNC_TOKEN_KEY_FILE", file.path())
         .output()
         .unwrap();
     let t = decode_token(&stdout(&out)).unwrap();
@@ -437,7 +437,7 @@ fn psync_token_errors_are_one_line() {
                 "--lifetime",
                 "0",
             ],
-            "outside 1s to 366d",
+            "must be 1s to 366d",
         ),
         (
             &[
@@ -450,7 +450,7 @@ fn psync_token_errors_are_one_line() {
                 "--lifetime",
                 "367d",
             ],
-            "outside 1s to 366d",
+            "must be 1s to 366d",
         ),
         (
             &[
@@ -463,7 +463,7 @@ fn psync_token_errors_are_one_line() {
                 "--lifetime",
                 "ten",
             ],
-            "not a duration",
+            "is not a duration",
         ),
         (
             &["--key-file", f, "--self", "-1", "--peer", "2"],

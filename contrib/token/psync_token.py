@@ -173,8 +173,8 @@ def main(argv=None):
         prog="psync_token.py",
         description="Print a psync v2 token (what psync-client --token takes).",
     )
-    parser.add_argument("--key-file", metavar="PATH", default=os.environ.get("PSYNC_AUTH_KEY_FILE"),
-                        help="the key file (env PSYNC_AUTH_KEY_FILE)")
+    parser.add_argument("--key-file", metavar="PATH", default=os.environ.get("PSYNC_TOKEN_KEY_FILE"),
+                        help="the key file (env PSYNC_TOKEN_KEY_FILE)")
     parser.add_argument("--key-id", type=int, metavar="N",
                         help="key to issue with (default: the key listed last)")
     parser.add_argument("--self", dest="self_id", type=parse_id, metavar="ID",
@@ -199,7 +199,7 @@ def main(argv=None):
         print(f"{self_test(args.self_test)} vectors ok")
         return 0
     if not args.key_file:
-        parser.error("--key-file (or PSYNC_AUTH_KEY_FILE) is required")
+        parser.error("--key-file (or PSYNC_TOKEN_KEY_FILE) is required")
     try:
         with open(args.key_file, encoding="utf-8") as f:
             keys, last = read_key_file(f.read())

@@ -8,7 +8,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use psync::auth::{decode_token, encode_token, KeySet, TokenError, CLOCK_SKEW_SECS};
+use psync::cli::{self, Bare, Program};
 use psync::wire::v2::Pair;
+
+const PROGRAM: Program = Program {
+    name: "psync-token",
+    env_prefix: "PSYNC_TOKEN",
+    version: env!("CARGO_PKG_VERSION"),
+};
 
 /// Longest token lifetime accepted: a year. Tokens are meant to live minutes.
 const MAX_LIFETIME: Duration = Duration::from_secs(366 * 86_400);
@@ -24,12 +31,7 @@ const MAX_LIFETIME: Duration = Duration::from_secs(366 * 86_400);
 #[command(name = "psync-token", version)]
 struct Args {
     /// The key file: `KEY_ID SECRET_HEX` per line (docs/auth.md).
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "PSYNC_AUTH_KEY_FILE",
-        required_unless_present = "new_key"
-    )]
+    #[arg(long, value_name = "PATH", required_unless_present = "new_key")]
     key_file: Option<PathBuf>,
 
     /// The key to issue with (default: the key listed last in the file).
@@ -56,8 +58,9 @@ struct Args {
     )]
     peer: Option<u64>,
 
-    /// How long the token is valid from now: 90, 30s, 10m, 2h or 1d (1 s to 366 d).
-    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration, allow_negative_numbers = true)]
+    /// How long the token is valid from now: 90 (seconds), 30s, 10m, 2h, 1d [1s to 366d].
+    #[arg(long, default_value = "10m", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_secs(1), MAX_LIFETIME, false))]
     lifetime: Duration,
 
     /// Expire at this Unix time (seconds) instead of after --lifetime.
@@ -86,30 +89,6 @@ fn parse_id(s: &str) -> Result<u64, String> {
     parsed.map_err(|_| format!("'{s}' is not a 64-bit ID (decimal, or hex with 0x)"))
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (digits, unit) = match s.char_indices().last() {
-        Some((i, c @ ('s' | 'm' | 'h' | 'd'))) => (&s[..i], c),
-        _ => (s, 's'),
-    };
-    let per = match unit {
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        _ => 1,
-    };
-    let secs = digits
-        .parse::<u64>()
-        .ok()
-        .filter(|_| digits.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|n| n.checked_mul(per))
-        .ok_or_else(|| format!("'{s}' is not a duration like 90, 30s, 10m, 2h or 1d"))?;
-    let d = Duration::from_secs(secs);
-    if d.is_zero() || d > MAX_LIFETIME {
-        return Err(format!("{s} is outside 1s to 366d"));
-    }
-    Ok(d)
-}
-
 fn now_unix() -> u64 {
     // A clock before 1970 is a broken host; treat it as 1970.
     SystemTime::now()
@@ -130,10 +109,10 @@ fn warn_if_shared(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         if meta.permissions().mode() & 0o077 != 0 {
-            eprintln!(
+            cli::eprint(&format!(
                 "psync-token: warning: key file {} can be read by other users (chmod 600 it)",
                 path.display()
-            );
+            ));
         }
     }
 }
@@ -173,18 +152,19 @@ fn issue(args: &Args, keys: &KeySet) -> Result<Vec<String>, String> {
 fn check(text: &str, keys: &KeySet) -> Result<bool, String> {
     let token = decode_token(text).map_err(|e| format!("--check: {e}"))?;
     let now = now_unix();
-    println!("self:    {}", token.pair.self_id);
-    println!("peer:    {}", token.pair.peer_id);
-    println!("key id:  {}", token.key_id);
     let left = i128::from(token.expiry) - i128::from(now);
-    if left >= 0 {
-        println!("expiry:  {} (in {left} s)", token.expiry);
+    let when = if left >= 0 {
+        format!("in {left} s")
     } else {
-        println!("expiry:  {} ({} s ago)", token.expiry, -left);
-    }
+        format!("{} s ago", -left)
+    };
+    cli::print(&format!(
+        "self:    {}\npeer:    {}\nkey id:  {}\nexpiry:  {} ({when})",
+        token.pair.self_id, token.pair.peer_id, token.key_id, token.expiry
+    ));
     match keys.verify(&token, now) {
         Ok(_) => {
-            println!("valid:   yes");
+            cli::print("valid:   yes");
             Ok(true)
         }
         Err(e) => {
@@ -194,7 +174,7 @@ fn check(text: &str, keys: &KeySet) -> Result<bool, String> {
                 }
                 _ => e.to_string(),
             };
-            println!("valid:   no: {why}");
+            cli::print(&format!("valid:   no: {why}"));
             Ok(false)
         }
     }
@@ -209,13 +189,13 @@ fn new_key_line(id: u32) -> Result<String, String> {
 
 fn run(args: &Args) -> Result<ExitCode, String> {
     if let Some(id) = args.new_key {
-        println!("{}", new_key_line(id)?);
+        print_or_fail(&new_key_line(id)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let path = args
         .key_file
         .as_deref()
-        .ok_or("--key-file (or PSYNC_AUTH_KEY_FILE) is required")?;
+        .ok_or("--key-file (or PSYNC_TOKEN_KEY_FILE) is required")?;
     let keys = read_keys(path)?;
     if let Some(text) = &args.check {
         let valid = check(text, &keys)?;
@@ -226,39 +206,30 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         });
     }
     for line in issue(args, &keys)? {
-        println!("{line}");
+        print_or_fail(&line)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints a line of output; a token nobody received is a failure.
+fn print_or_fail(line: &str) -> Result<(), String> {
+    if cli::print(line) {
+        Ok(())
+    } else {
+        Err("cannot write to stdout".into())
+    }
+}
+
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version: clap's own output, exit 0.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            // One line, like every other error: clap's message up to its
-            // usage hint, without its prefix.
-            let text = e.to_string();
-            let msg: Vec<&str> = text
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .map(str::trim)
-                .collect();
-            let msg = msg.join(" ");
-            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
-            eprintln!("psync-token: error: {msg} (see --help)");
-            return ExitCode::from(2);
-        }
+    let args: Args = match cli::parse(&PROGRAM) {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     match run(&args) {
         Ok(code) => code,
         Err(msg) => {
-            eprintln!("psync-token: error: {msg}");
-            ExitCode::from(2)
+            cli::error(PROGRAM.name, &msg);
+            ExitCode::from(cli::EXIT_USAGE)
         }
     }
 }
