@@ -764,6 +764,16 @@ fn port_mapping_case(name: &str, case: &str, loss: u8) {
         "only {} of {TRIALS} pairs connected",
         r.ok
     );
+    // Every client has exited: each deleted its mapping on the way out.
+    let rules = lab.exec(
+        Node::NatA,
+        "nft",
+        &["list", "chain", "inet", "filter", "prerouting_miniupnpd"],
+    );
+    assert!(rules.ok, "nft list chain: {}", rules.stderr);
+    let left = rules.stdout.matches("dnat").count();
+    eprintln!("natlab: {case}: {left} port mappings left on NAT A after the clients exited");
+    assert_eq!(left, 0, "mappings not released: {}", rules.stdout);
 }
 
 /// Case 7: both NATs random, miniupnpd on NAT A.
