@@ -452,6 +452,8 @@ impl Connector {
             roles,
             birthday: self.cfg.birthday,
             seed: self.rng.next_u64(),
+            // Protocol v2 will fill these from the server's reply.
+            partner_candidates: Vec::new(),
         };
         self.actions.push_back(Action::IcmpErrors(false));
         let mut punch = Punch::new(params, now);

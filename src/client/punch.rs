@@ -116,6 +116,11 @@ pub struct PunchParams {
     pub birthday: Birthday,
     /// Seed of the easy side's random port sequence.
     pub seed: u64,
+    /// More addresses of the partner to probe from the main socket, and to
+    /// accept its datagrams from: protocol v2 will carry its local addresses
+    /// (peers behind the same NAT, which rarely hairpins) and its router
+    /// mapping here. Empty with the seed protocol.
+    pub partner_candidates: Vec<SocketAddr>,
 }
 
 /// One path being punched.
@@ -342,6 +347,13 @@ impl Punch {
         if enabled(Strategy::Observed) {
             let peer = punch.p.reply.peer;
             punch.add_path(Strategy::Observed, SocketId::Main, peer, now);
+            // Candidates are probed like the observed address (v2 will name
+            // them as a strategy of their own in reports).
+            for c in punch.p.partner_candidates.clone() {
+                if c != peer {
+                    punch.add_path(Strategy::Observed, SocketId::Main, c, now);
+                }
+            }
         }
         if enabled(Strategy::Seed) {
             punch.commands.push_back(Command::BindSeed {
@@ -641,8 +653,7 @@ impl Punch {
     }
 
     fn is_partner(&self, ip: IpAddr) -> bool {
-        // Protocol v2 adds the partner's local candidates here.
-        ip == self.p.reply.peer.ip()
+        ip == self.p.reply.peer.ip() || self.p.partner_candidates.iter().any(|c| c.ip() == ip)
     }
 
     /// A datagram that arrived on `socket` from `from` at `now`.
