@@ -146,9 +146,21 @@ impl Driver {
                     Some((&d[..], *a))
                 },
                 self.now,
-                |t| {
-                    black_box(t.reply.emit(out));
-                    black_box(&*out);
+                |_, o| match o {
+                    Outcome::Matched {
+                        waiting,
+                        completing,
+                    } => {
+                        black_box(waiting.reply.emit(out));
+                        black_box(&*out);
+                        black_box(completing.reply.emit(out));
+                        black_box(&*out);
+                    }
+                    Outcome::Replayed(t) => {
+                        black_box(t.reply.emit(out));
+                        black_box(&*out);
+                    }
+                    _ => {}
                 },
             );
             self.pos = (pos + n) % len;

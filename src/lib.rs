@@ -17,7 +17,8 @@
 //!   full, and says so in a counter (`evicted`).
 //!
 //! Modules, from the bytes up:
-//! - [`wire`]: request and reply encode/decode; no I/O.
+//! - [`wire`]: request and reply encode/decode (the seed format and v2); no I/O.
+//! - [`auth`]: v2 tokens and address-validation cookies: issue and verify; pure.
 //! - [`table`]: the open-addressed table (SWAR probing, backward-shift
 //!   deletion, prefetch); no I/O, no clock.
 //! - [`engine`]: matching, replay, per-source counts, fair admission and port
@@ -28,10 +29,13 @@
 //! - [`server`]: the single-threaded `mio` loop that owns the sockets.
 //! - [`metrics`]: the Prometheus endpoint, served from that loop.
 //! - [`client`]: the peer side: register, punch, prove the path.
+//! - [`cli`]: what the binaries share: flags' parsing, errors, `--version`.
 //! - [`sys`]: the only `unsafe`: `recvmmsg`/`sendmmsg` and socket options.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
+pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod limit;

@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 use log::{debug, info, trace, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::engine::{ConfigError, Engine, EngineConfig, Transmit};
+use crate::engine::{ConfigError, Engine, EngineConfig, Outcome, Transmit};
 use crate::limit::{RateLimit, RateLimiter};
 use crate::metrics::{Metrics, Snapshot};
 use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
-use crate::wire::MAX_REPLY_LEN;
+use crate::wire::{stun, MAX_REPLY_LEN};
 
 /// How the server is set up. [`ServerConfig::default`] is what the binary
 /// uses without flags, except that it binds nothing until told.
@@ -51,6 +51,10 @@ pub struct ServerConfig {
     pub rate_limit: RateLimit,
     /// Serve Prometheus metrics over HTTP on this TCP address.
     pub metrics: Option<SocketAddr>,
+    /// Also answer STUN Binding requests on this port, on each bound address
+    /// (0 picks a free port). The main port answers them anyway; a second
+    /// port lets clients tell how their NAT maps (see `wire::stun`).
+    pub stun_port: Option<u16>,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +68,7 @@ impl Default for ServerConfig {
             stats_interval: Some(Duration::from_secs(10)),
             rate_limit: RateLimit::default(),
             metrics: None,
+            stun_port: None,
         }
     }
 }
@@ -83,6 +88,14 @@ pub enum ServerError {
     /// The port is taken.
     #[error("--port {port}: {addr} is already in use (another psync-server?)")]
     AddrInUse {
+        /// The port asked for.
+        port: u16,
+        /// The full address.
+        addr: SocketAddr,
+    },
+    /// The `--stun-port` is taken.
+    #[error("--stun-port {port}: {addr} is already in use")]
+    StunAddrInUse {
         /// The port asked for.
         port: u16,
         /// The full address.
@@ -128,23 +141,50 @@ struct Endpoint {
     queue: SendQueue,
     /// Data may be waiting: mio is edge-triggered, so read until `WouldBlock`.
     readable: bool,
+    /// A `--stun-port` socket: answers STUN Binding requests, drops the rest.
+    stun_only: bool,
 }
 
-/// A handle that stops a running [`Server`] from another thread.
+/// A handle that controls a running [`Server`] from another thread (the
+/// binary's signal thread): each call sets a flag and wakes the loop, which
+/// acts on it between batches, in its own thread.
 #[derive(Clone)]
 pub struct ShutdownHandle {
     flag: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+    report: Arc<AtomicBool>,
     waker: Arc<Waker>,
 }
 
 impl ShutdownHandle {
-    /// Asks the server to finish the batch in hand and return from `run`.
+    /// Asks the server to finish the batch in hand and return from `run`
+    /// (SIGINT, SIGTERM, SIGQUIT).
     pub fn shutdown(&self) {
-        self.flag.store(true, Ordering::Release);
+        self.raise(&self.flag);
+    }
+
+    /// Asks the loop to run the reload hooks ([`Server::on_reload`]) (SIGHUP).
+    pub fn reload(&self) {
+        self.raise(&self.reload);
+    }
+
+    /// Asks the loop to log the counters now, at info level on the
+    /// [`crate::cli::REPORT_TARGET`] target (SIGUSR1).
+    pub fn report(&self) {
+        self.raise(&self.report);
+    }
+
+    fn raise(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
         // If the wake fails the loop still sees the flag at its next timer.
         let _ = self.waker.wake();
     }
 }
+
+/// What a reload (SIGHUP) runs, in the loop's thread between batches: it may
+/// change the engine, and says what it reloaded (`Ok`, logged at info) or why
+/// it kept the old state (`Err`, logged as a warning).
+pub type ReloadHook = Box<dyn FnMut(&mut Engine) -> Result<String, String> + std::marker::Send>;
 
 /// A bound, ready server. [`Server::run`] drives it.
 pub struct Server {
@@ -154,13 +194,17 @@ pub struct Server {
     limiter: Option<RateLimiter>,
     /// What happened on the sockets (the engine counts its own decisions).
     io: IoCounters,
-    /// Per datagram of the batch in hand: passed the rate limiter.
-    allowed: Box<[bool]>,
+    /// Per datagram of the batch in hand: for the engine (passed the rate
+    /// limiter and is not STUN).
+    for_engine: Box<[bool]>,
     metrics: Option<Metrics>,
     batch: usize,
     stats_interval: Option<Duration>,
     start: Instant,
     stop: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+    report: Arc<AtomicBool>,
+    reload_hooks: Vec<ReloadHook>,
     waker: Arc<Waker>,
     /// When the oldest metrics connection must be closed.
     metrics_deadline: Option<Instant>,
@@ -185,10 +229,25 @@ impl Server {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut endpoints = Vec::new();
-        for (i, &addr) in cfg.bind.iter().enumerate() {
+        let stun_binds = cfg
+            .stun_port
+            .into_iter()
+            .flat_map(|port| cfg.bind.iter().map(move |a| SocketAddr::new(a.ip(), port)));
+        let binds: Vec<(SocketAddr, bool)> = cfg
+            .bind
+            .iter()
+            .map(|&a| (a, false))
+            .chain(stun_binds.map(|a| (a, true)))
+            .collect();
+        for (i, &(addr, stun_only)) in binds.iter().enumerate() {
             let (std_socket, buffers) =
                 sys::bind_udp(addr, cfg.rcvbuf, cfg.sndbuf).map_err(|source| {
-                    if source.kind() == io::ErrorKind::AddrInUse {
+                    if source.kind() == io::ErrorKind::AddrInUse && stun_only {
+                        ServerError::StunAddrInUse {
+                            port: addr.port(),
+                            addr,
+                        }
+                    } else if source.kind() == io::ErrorKind::AddrInUse {
                         ServerError::AddrInUse {
                             port: addr.port(),
                             addr,
@@ -227,6 +286,7 @@ impl Server {
                 queue: SendQueue::new(cfg.batch * 2 * QUEUE_BATCHES, cfg.batch),
                 // Data may have arrived between bind and register.
                 readable: true,
+                stun_only,
             });
         }
         let metrics = match cfg.metrics {
@@ -255,12 +315,15 @@ impl Server {
             engine,
             limiter: RateLimiter::new(cfg.rate_limit, limiter_seed),
             io: IoCounters::default(),
-            allowed: vec![false; cfg.batch].into_boxed_slice(),
+            for_engine: vec![false; cfg.batch].into_boxed_slice(),
             metrics,
             batch: cfg.batch,
             stats_interval: cfg.stats_interval,
             start: Instant::now(),
             stop: Arc::new(AtomicBool::new(false)),
+            reload: Arc::new(AtomicBool::new(false)),
+            report: Arc::new(AtomicBool::new(false)),
+            reload_hooks: Vec::new(),
             waker,
             metrics_deadline: None,
         })
@@ -268,7 +331,20 @@ impl Server {
 
     /// The bound addresses (with the real port when 0 was asked for).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.endpoints.iter().map(|e| e.local).collect()
+        self.endpoints
+            .iter()
+            .filter(|e| !e.stun_only)
+            .map(|e| e.local)
+            .collect()
+    }
+
+    /// The `--stun-port` addresses, one per bound address (empty without it).
+    pub fn stun_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.stun_only)
+            .map(|e| e.local)
+            .collect()
     }
 
     /// The metrics endpoint's address, when `--metrics` was given.
@@ -283,6 +359,34 @@ impl Server {
             replay_entries: self.engine.replay_entries(),
             wait: *self.engine.wait(),
             uptime: self.start.elapsed().as_secs_f64(),
+            udp_sockets: self.endpoints.len(),
+            stopping: self.stop.load(Ordering::Acquire),
+        }
+    }
+
+    /// Adds a hook that [`ShutdownHandle::reload`] (SIGHUP) runs. Hooks run
+    /// in the order added; with none, a reload logs that there was nothing
+    /// to reload.
+    pub fn on_reload(&mut self, hook: ReloadHook) {
+        self.reload_hooks.push(hook);
+    }
+
+    /// Acts on the reload and report flags; called by the loop between batches.
+    fn control(&mut self) {
+        if self.report.swap(false, Ordering::AcqRel) {
+            let counters = self.counters();
+            info!(target: crate::cli::REPORT_TARGET, "counters {counters}");
+        }
+        if self.reload.swap(false, Ordering::AcqRel) {
+            if self.reload_hooks.is_empty() {
+                info!(target: crate::cli::REPORT_TARGET, "reload: nothing to reload");
+            }
+            for hook in &mut self.reload_hooks {
+                match hook(&mut self.engine) {
+                    Ok(what) => info!(target: crate::cli::REPORT_TARGET, "reload: {what}"),
+                    Err(why) => warn!("reload failed, keeping the old state: {why}"),
+                }
+            }
         }
     }
 
@@ -290,6 +394,8 @@ impl Server {
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             flag: self.stop.clone(),
+            reload: self.reload.clone(),
+            report: self.report.clone(),
             waker: self.waker.clone(),
         }
     }
@@ -354,6 +460,8 @@ impl Server {
                     let snapshot = self.snapshot();
                     if let Some(m) = self.metrics.as_mut() {
                         m.ready(self.poll.registry(), token, Instant::now(), &snapshot);
+                        // A new connection brings a deadline the poll must wake for.
+                        self.metrics_deadline = m.next_deadline();
                     }
                 } else if let Some(ep) = self.endpoints.get_mut(token.0) {
                     if event.is_readable() {
@@ -368,6 +476,7 @@ impl Server {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
+            self.control();
             let now = Instant::now();
             if now >= next_expiry || expiry_owed {
                 expiry_owed = self.engine.expire(self.now_ms());
@@ -402,7 +511,7 @@ impl Server {
             engine,
             limiter,
             io,
-            allowed,
+            for_engine,
             ..
         } = self;
         let ep = &mut endpoints[i];
@@ -426,10 +535,14 @@ impl Server {
             };
             budget = budget.saturating_sub(n.max(1));
             let Endpoint {
-                recv, queue, local, ..
+                recv,
+                queue,
+                local,
+                stun_only,
+                ..
             } = ep;
             // The rate limiter first, in two passes like the engine: fetch
-            // every source's bucket, then decide.
+            // every source's bucket, then decide. STUN is answered here.
             if let Some(l) = limiter.as_ref() {
                 for k in 0..n {
                     if let Some(d) = recv.get(k) {
@@ -437,36 +550,55 @@ impl Server {
                     }
                 }
             }
-            for (k, ok) in allowed.iter_mut().enumerate().take(n) {
-                *ok = match recv.get(k) {
-                    None => {
-                        io.recv_errors += 1;
-                        false
-                    }
-                    Some(d) => {
-                        let ok = match limiter.as_mut() {
-                            Some(l) => l.allow(d.from.ip(), now_ms as u32),
-                            None => true,
-                        };
-                        io.rate_limited += u64::from(!ok);
-                        ok
-                    }
+            for (k, ok) in for_engine.iter_mut().enumerate().take(n) {
+                *ok = false;
+                let Some(d) = recv.get(k) else {
+                    io.recv_errors += 1;
+                    continue;
                 };
+                if let Some(l) = limiter.as_mut() {
+                    if !l.allow(d.from.ip(), now_ms as u32) {
+                        io.rate_limited += 1;
+                        continue;
+                    }
+                }
+                if *stun_only || stun::is_stun(d.data) {
+                    answer_stun(queue, io, d);
+                    continue;
+                }
+                *ok = true;
             }
-            let allowed = &*allowed;
+            let for_engine = &*for_engine;
             engine.handle_batch(
                 n,
                 |k| {
-                    if allowed[k] {
+                    if for_engine[k] {
                         recv.get(k).map(|d| (d.data, d.from))
                     } else {
                         None
                     }
                 },
                 now_ms,
-                |t| {
-                    trace!("{local}: reply to {} via {}: {:?}", t.to, t.via, t.reply);
-                    queue_reply(queue, io, t)
+                |k, outcome| {
+                    trace!("{local}: datagram {k} of the batch: {outcome:?}");
+                    match outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            debug!(
+                                "matched {} <-> {} ports {}/{}",
+                                waiting.to,
+                                completing.to,
+                                waiting.reply.src_port,
+                                waiting.reply.dst_port
+                            );
+                            queue_reply(queue, io, waiting);
+                            queue_reply(queue, io, completing);
+                        }
+                        Outcome::Replayed(t) => queue_reply(queue, io, t),
+                        _ => {}
+                    }
                 },
             );
             if ep.queue.len() >= batch {
@@ -495,6 +627,28 @@ fn queue_reply(queue: &mut SendQueue, io: &mut IoCounters, t: &Transmit) {
     let len = t.reply.emit(&mut buf);
     if !queue.push(t.to, &buf[..len]) {
         io.send_dropped += 1;
+    }
+}
+
+/// Queues the answer to a STUN Binding request, or counts the refusal. The
+/// per-source rate limit has already run.
+fn answer_stun(queue: &mut SendQueue, io: &mut IoCounters, d: sys::Datagram<'_>) {
+    let mut buf = [0u8; stun::MAX_ANSWER_LEN];
+    // A datagram longer than the receive buffer was cut short: never answer
+    // what could not be read whole.
+    let answered = if d.len == d.data.len() {
+        stun::answer(d.data, d.from, &mut buf)
+    } else {
+        Err(stun::Refusal::Malformed)
+    };
+    match answered {
+        Ok(len) => {
+            io.stun_answered += 1;
+            if !queue.push(d.from, &buf[..len]) {
+                io.send_dropped += 1;
+            }
+        }
+        Err(_) => io.stun_refused += 1,
     }
 }
 

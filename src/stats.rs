@@ -91,12 +91,18 @@ counters! {
         /// Datagrams the kernel dropped because a socket's receive buffer was
         /// full (read from the kernel's per-socket drop count).
         kernel_drops,
+        /// STUN Binding requests answered (on the main port or `--stun-port`).
+        stun_answered,
+        /// Dropped: STUN that is not a Binding request psync answers
+        /// (responses, indications, malformed, bad FINGERPRINT, unknown
+        /// required attributes), and anything that is not STUN on `--stun-port`.
+        stun_refused,
     }
 }
 
-/// Every count the server keeps, flat: the engine's and the sockets'.
-/// `received` counts every datagram read: those the rate limiter dropped and
-/// those handed to the engine.
+/// Every count the server keeps: the engine's and the sockets'. `received`
+/// counts every datagram read: those the rate limiter dropped, the STUN
+/// requests answered or refused, and those handed to the engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Datagrams received.
@@ -111,7 +117,7 @@ impl Counters {
     /// The two sets together.
     pub fn new(engine: EngineCounters, io: IoCounters) -> Counters {
         Counters {
-            received: engine.received + io.rate_limited,
+            received: engine.received + io.rate_limited + io.stun_answered + io.stun_refused,
             engine,
             io,
         }

@@ -368,7 +368,7 @@ impl Progress {
 
     fn finish(&mut self) {
         if self.tty && self.wrote {
-            eprintln!();
+            let _ = writeln!(std::io::stderr());
         }
     }
 }

@@ -24,7 +24,6 @@ mod report;
 mod sched;
 mod sys;
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,16 +32,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use psync::cli::{self, Bare, Program};
 
 use crate::sched::Load;
+
+const PROGRAM: Program = Program {
+    name: "psync-loadgen",
+    env_prefix: "PSYNC_LOADGEN",
+    version: env!("CARGO_PKG_VERSION"),
+};
 
 /// Most sockets: the pair table holds n(n-1)/2 socket pairs (half a million at 1024).
 const MAX_SOCKETS: usize = 1024;
 
 /// Load generator for psync-server: synthetic peer pairs, checked replies,
 /// latency percentiles from the scheduled send time (no coordinated omission).
+///
+/// Durations take a unit (10s, 500ms, 2m); a bare number is seconds, except
+/// for --timeout, where it is milliseconds as it always was. Every flag can
+/// also be set with the environment variable shown beside it.
 #[derive(Parser, Debug)]
-#[command(name = "psync-loadgen", version, about, long_about = None)]
+#[command(name = "psync-loadgen")]
 struct Args {
     /// The server, as HOST:PORT or [IPv6]:PORT (a name prefers its IPv4 address).
     #[arg(short, long, value_name = "ADDR")]
@@ -57,24 +67,31 @@ struct Args {
     #[arg(short, long, value_name = "W")]
     window: Option<usize>,
 
-    /// Seconds measured.
-    #[arg(short, long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
+    /// Length of the measured window [10ms to 1d].
+    #[arg(short, long, default_value = "10s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     duration: Duration,
 
-    /// Seconds of load before the measurement, not counted.
-    #[arg(long, default_value = "2", value_name = "SECS", value_parser = parse_secs)]
+    /// Load before the measurement, not counted [0 to 1d].
+    #[arg(long, default_value = "2s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::ZERO, Duration::from_secs(86_400), false))]
     warmup: Duration,
 
-    /// UDP sockets playing the peers; each pair uses two of them.
-    #[arg(long, default_value_t = 64, value_name = "N")]
-    sockets: usize,
+    /// UDP sockets playing the peers; each pair uses two of them [2 to 1024].
+    #[arg(long, default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(2..=MAX_SOCKETS as i64))]
+    sockets: u16,
 
-    /// Milliseconds a pair may take before it counts as lost.
-    #[arg(long, default_value_t = 1000, value_name = "MS")]
-    timeout: u64,
+    /// How long a pair may take before it counts as lost; a bare number is
+    /// milliseconds [1ms to 10m].
+    #[arg(long, default_value = "1s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Millis, Duration::from_millis(1), Duration::from_secs(600), false))]
+    timeout: Duration,
 
-    /// Send N one-sided registrations first (never matched), to load the table.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    /// Send N one-sided registrations first (never matched), to load the
+    /// table [0 to 100000000].
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
     pending: u64,
 
     /// Fraction of requests sent again after their reply (exercises the replay cache).
@@ -128,15 +145,6 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
     }
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.0..=86_400.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!(
-            "'{s}' is not a number of seconds between 0 and 86400"
-        )),
-    }
-}
-
 fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
@@ -159,13 +167,8 @@ fn resolve(server: &str) -> Result<SocketAddr, String> {
 
 fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> {
     let server = resolve(&args.server)?;
-    if !(2..=MAX_SOCKETS).contains(&args.sockets) {
-        return Err(format!("--sockets must be between 2 and {MAX_SOCKETS}"));
-    }
-    if args.timeout == 0 || args.timeout > 600_000 {
-        return Err("--timeout must be between 1 and 600000 ms".into());
-    }
-    let slots = pairs::socket_pairs(args.sockets);
+    let sockets = usize::from(args.sockets);
+    let slots = pairs::socket_pairs(sockets);
     let load = match (args.rate, args.window) {
         (Rate::Pairs(_), Some(_)) => {
             return Err("--window applies to --rate max (closed loop) only".into())
@@ -183,9 +186,6 @@ fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> 
             Load::Window(w)
         }
     };
-    if args.duration.is_zero() {
-        return Err("--duration must be more than 0 seconds".into());
-    }
     let local_ip = match args.bind {
         Some(ip) if ip.is_ipv4() != server.is_ipv4() => {
             return Err(format!("--bind {ip} is not of the server's address family"))
@@ -196,10 +196,10 @@ fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> 
     Ok(driver::Config {
         server,
         local_ip,
-        sockets: args.sockets,
+        sockets,
         duration: args.duration,
         warmup: args.warmup,
-        timeout: Duration::from_millis(args.timeout),
+        timeout: args.timeout,
         load,
         pending: args.pending,
         retransmit: args.retransmit,
@@ -211,7 +211,10 @@ fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> 
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = match cli::parse(&PROGRAM) {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // The first Ctrl-C ends the run early, with a report of what was
@@ -219,35 +222,50 @@ fn main() -> ExitCode {
         let registered = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
             .and_then(|_| signal_hook::flag::register(sig, stop.clone()));
         if let Err(e) = registered {
-            eprintln!("psync-loadgen: cannot handle signals: {e}");
+            cli::error(PROGRAM.name, &format!("cannot handle signals: {e}"));
         }
     }
     let cfg = match config(&args, stop) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("psync-loadgen: error: {e}");
-            return ExitCode::from(2);
+            cli::error(PROGRAM.name, &e);
+            return ExitCode::from(cli::EXIT_USAGE);
         }
     };
     let results = match driver::run(&cfg) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("psync-loadgen: error: {e}");
-            return ExitCode::from(2);
+            cli::error(PROGRAM.name, &e.to_string());
+            return ExitCode::from(cli::EXIT_USAGE);
         }
     };
+    // A dead server (or the wrong address or family) is the one thing to
+    // say first; everything else in the report follows from it.
+    let none_completed =
+        results.all.issued > 0 && results.all.completed == 0 && !results.any_wrong();
+    if none_completed {
+        cli::error(
+            PROGRAM.name,
+            &format!(
+                "no pair completed: no reply from {} (is psync-server running there, on that \
+                 address family, with --rate-limit 0 --max-pending-per-ip 0?)",
+                cfg.server
+            ),
+        );
+    }
     let out = if args.json {
         report::json(&results, cfg.server) + "\n"
     } else {
         report::text(&results, cfg.server)
     };
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(out.as_bytes());
-    let _ = stdout.flush();
+    cli::print(&out);
     let mut failed = false;
     if let Some(path) = &args.hgrm {
         if let Err(e) = report::save_hgrm(&results.histogram, path) {
-            eprintln!("psync-loadgen: cannot write {}: {e}", path.display());
+            cli::error(
+                PROGRAM.name,
+                &format!("cannot write {}: {e}", path.display()),
+            );
             failed = true;
         }
     }
@@ -258,19 +276,18 @@ fn main() -> ExitCode {
             results.histogram.len()
         );
         if let Err(e) = report::save_plot(&results.histogram, path, &title) {
-            eprintln!("psync-loadgen: cannot draw the plot: {e}");
+            cli::error(PROGRAM.name, &format!("cannot draw the plot: {e}"));
             failed = true;
         }
     }
     if results.any_wrong() {
-        eprintln!(
-            "psync-loadgen: FAILED: {} wrong replies",
-            results.wrong.total()
+        cli::error(
+            PROGRAM.name,
+            &format!("FAILED: {} wrong replies", results.wrong.total()),
         );
         return ExitCode::from(1);
     }
-    if results.all.issued > 0 && results.all.completed == 0 {
-        eprintln!("psync-loadgen: FAILED: no pair completed");
+    if none_completed {
         return ExitCode::from(1);
     }
     if failed {

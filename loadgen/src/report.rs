@@ -157,6 +157,11 @@ pub fn text(r: &Results, server: SocketAddr) -> String {
 /// Things that make the numbers less than they seem.
 fn warnings(r: &Results) -> Vec<String> {
     let mut w = Vec::new();
+    if r.all.issued > 0 && r.all.completed == 0 && r.wrong.total() == 0 {
+        // The rest (unsent pairs, busy socket pairs) would only follow from it.
+        w.push("no pair completed: is the server running at that address and family?".into());
+        return w;
+    }
     if r.warmup_skipped > 0 {
         w.push(format!(
             "the warmup fell {} pairs behind its schedule (dropped, not measured): \
@@ -191,9 +196,6 @@ fn warnings(r: &Results) -> Vec<String> {
              between the load generator and the server, run them without it"
                 .into(),
         );
-    }
-    if r.all.issued > 0 && r.all.completed == 0 && r.wrong.total() == 0 {
-        w.push("no pair completed: is the server running at that address and family?".into());
     }
     w
 }

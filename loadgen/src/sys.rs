@@ -125,7 +125,8 @@ mod tests {
             assert!(outbox.push(to, &[k; 8]));
         }
         assert!(outbox.push(to, &[9; MAX_SEND]));
-        assert!(!outbox.push(to, &[0; MAX_SEND + 1]));
+        // Longer than a queue slot: refused, not truncated.
+        assert!(!outbox.push(to, &[0; psync::sys::SEND_SLOT_LEN + 1]));
         let done = outbox.flush(&tx);
         assert_eq!(done.sent, 101);
         assert!(outbox.is_empty());

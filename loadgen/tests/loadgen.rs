@@ -334,3 +334,85 @@ fn bad_arguments_are_refused_with_a_message() {
         assert!(!out.stderr.is_empty());
     }
 }
+
+/// A dead server (a port nobody listens on) is the first thing said, in one
+/// error line, and the report's other warnings (such as raising --sockets)
+/// do not appear, since they would only follow from it.
+#[test]
+fn a_dead_server_is_said_first() {
+    let addr = {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let out = Command::new(LOADGEN)
+        .args([
+            "--server",
+            &addr.to_string(),
+            "--rate",
+            "20000",
+            "--duration",
+            "300ms",
+        ])
+        .args([
+            "--warmup",
+            "0",
+            "--timeout",
+            "50ms",
+            "--sockets",
+            "4",
+            "--quiet",
+        ])
+        .output()
+        .expect("run psync-loadgen");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("psync-loadgen: error: no pair completed: no reply from"),
+        "{err}"
+    );
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !report.contains("--sockets") && !err.contains("--sockets"),
+        "{report}{err}"
+    );
+}
+
+/// The shared CLI style: one error line with the flag, exit 2; --version
+/// with the commit; durations with units, bare --timeout still milliseconds.
+#[test]
+fn cli_style() {
+    for (args, flag) in [
+        (
+            &["--server", "127.0.0.1:9", "--duration", "1e-9"][..],
+            "--duration",
+        ),
+        (
+            &["--server", "127.0.0.1:9", "--timeout", "20m"],
+            "--timeout",
+        ),
+        (
+            &["--server", "127.0.0.1:9", "--sockets", "5000"],
+            "--sockets",
+        ),
+        (&["--rate", "5"], "--server"),
+    ] {
+        let out = Command::new(LOADGEN).args(args).output().unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("psync-loadgen: error: ") && err.contains(flag),
+            "{err}"
+        );
+    }
+    let out = Command::new(LOADGEN).arg("--version").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("psync-loadgen ") && text.contains("(commit "),
+        "{text}"
+    );
+    let help =
+        String::from_utf8(Command::new(LOADGEN).arg("--help").output().unwrap().stdout).unwrap();
+    assert!(help.contains("[env: PSYNC_LOADGEN_TIMEOUT="), "{help}");
+}

@@ -1,5 +1,5 @@
-//! `psync-client`: the command line peer. Arguments become a
-//! [`ClientConfig`]; [`psync::client`] does the rest.
+//! `psync-client`: the command line peer. Arguments (and `PSYNC_CLIENT_*`
+//! variables) become a [`ClientConfig`]; [`psync::client`] does the rest.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -7,16 +7,25 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use log::LevelFilter;
-use psync::client::{connect, ClientConfig, ClientError, PipeConfig, Strategy, DEFAULT_OPENER_TTL};
+use psync::cli::{self, Bare, Program};
+use psync::client::report::escape;
+use psync::client::{
+    connect_with_report, ClientConfig, ClientError, ConnectReport, PipeConfig, Strategy,
+    DEFAULT_BIRTHDAY_PROBES, DEFAULT_BIRTHDAY_RATE, DEFAULT_BIRTHDAY_SOCKETS, DEFAULT_OPENER_TTL,
+};
 use psync::PeerId;
 
 /// psync peer: registers with a psync server, punches a hole through both
 /// NATs to the partner and proves the path works both ways.
 ///
-/// Exit status: 0 connected; 2 bad usage; 3 no reply from the server; 4 the
-/// server answered but no path could be punched; 1 any other error.
+/// Exit status: 0 connected; 2 bad usage; 3 no reply from the server (or
+/// nothing listens at its port); 4 the server answered but no path could be
+/// punched; 1 any other error.
+///
+/// Durations take a unit (10s, 500ms, 2m); a bare number is seconds. Every
+/// flag can also be set with the environment variable shown beside it.
 #[derive(Parser, Debug)]
-#[command(name = "psync-client", version)]
+#[command(name = "psync-client")]
 struct Args {
     /// The rendezvous server.
     #[arg(long, value_name = "HOST:PORT")]
@@ -34,25 +43,87 @@ struct Args {
     #[arg(long, value_enum)]
     strategy: Option<StrategyArg>,
 
-    /// Seconds for the whole connect: registration, punching and every retry.
-    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
+    /// Do not try the seed strategy (bind the server-chosen src_port).
+    #[arg(long)]
+    no_seed: bool,
+
+    /// Do not try the observed strategy (the registration socket).
+    #[arg(long)]
+    no_observed: bool,
+
+    /// Do not do birthday probing (when one NAT changes ports per destination).
+    #[arg(long)]
+    no_birthday: bool,
+
+    /// The server's STUN port (psync-server --stun-port): asking it and the
+    /// server's port tells whether our NAT changes ports per destination [1 to 65535].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    stun_port: Option<u16>,
+
+    /// Do not classify the NAT (no STUN requests before registering).
+    #[arg(long)]
+    no_classify: bool,
+
+    /// Do not ask the router for a port mapping (PCP, NAT-PMP and UPnP).
+    #[arg(long)]
+    no_port_mapping: bool,
+
+    /// Do not ask the router with PCP.
+    #[arg(long)]
+    no_pcp: bool,
+
+    /// Do not ask the router with NAT-PMP.
+    #[arg(long)]
+    no_natpmp: bool,
+
+    /// Do not ask the router with UPnP IGD.
+    #[arg(long)]
+    no_upnp: bool,
+
+    /// How long to wait for the router's answer to port mapping [50ms to 10s].
+    #[arg(long, default_value = "700ms", value_name = "DURATION",
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(50), Duration::from_secs(10), false))]
+    port_mapping_wait: Duration,
+
+    /// Birthday probing: sockets the hard side opens [1 to 1024].
+    #[arg(long, default_value_t = DEFAULT_BIRTHDAY_SOCKETS, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    birthday_sockets: u16,
+
+    /// Birthday probing: random ports the easy side probes per attempt [1 to 65535].
+    #[arg(long, default_value_t = DEFAULT_BIRTHDAY_PROBES, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65535))]
+    birthday_probes: u32,
+
+    /// Birthday probing: probes per second from the easy side [1 to 5000].
+    #[arg(long, default_value_t = DEFAULT_BIRTHDAY_RATE, value_name = "PPS", value_parser = clap::value_parser!(u32).range(1..=5000))]
+    birthday_rate: u32,
+
+    /// Birthday probing: normal punching before the easy side probes random
+    /// ports, when the partner's NAT is unknown [0ms to 10s].
+    #[arg(long, default_value = "500ms", value_name = "DURATION",
+          value_parser = cli::duration(Bare::Seconds, Duration::ZERO, Duration::from_secs(10), false))]
+    birthday_delay: Duration,
+
+    /// Time for the whole connect: registration, punching and every retry [10ms to 1d].
+    #[arg(long, default_value = "10s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     timeout: Duration,
 
-    /// Registrations to try; each retry uses a new socket and gets fresh ports.
-    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Registrations to try; each retry uses a new socket and gets fresh ports [1 to 100].
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     attempts: u32,
 
     /// TTL of the opener packets sent before punching (0: none, and no path is
     /// held until the peer is heard). 2 leaves one NAT router and dies at the
-    /// next hop; raise it behind double NAT.
+    /// next hop; raise it behind double NAT [0 to 255].
     #[arg(long, default_value_t = DEFAULT_OPENER_TTL, value_name = "N")]
     opener_ttl: u8,
 
-    /// Seconds one attempt punches before registering again.
-    #[arg(long, default_value = "3", value_name = "SECS", value_parser = parse_secs)]
+    /// How long one attempt punches before registering again [10ms to 1h].
+    #[arg(long, default_value = "3s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(3600), false))]
     punch_window: Duration,
 
-    /// Print the result as one JSON object on stdout.
+    /// Print the result as one JSON object on stdout, also on failure.
     #[arg(long)]
     json: bool,
 
@@ -60,15 +131,18 @@ struct Args {
     #[arg(long)]
     pipe: bool,
 
-    /// With --pipe: seconds between keepalives.
-    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs)]
+    /// With --pipe: time between keepalives [10ms to 1h].
+    #[arg(long, default_value = "5s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(3600), false))]
     keepalive: Duration,
 
-    /// With --pipe: end the session when the peer has been silent this long.
-    #[arg(long, default_value = "20", value_name = "SECS", value_parser = parse_secs)]
+    /// With --pipe: end the session when the peer has been silent this long [10ms to 1d].
+    #[arg(long, default_value = "20s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     silence: Duration,
 
-    /// More output on stderr: -v each step, -vv socket-level detail.
+    /// More output on stderr: -v each step, -vv socket-level detail. RUST_LOG,
+    /// when set, refines it.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
 }
@@ -79,6 +153,8 @@ enum StrategyArg {
     Seed,
     /// Reuse the registration socket, send to the peer's address as the server saw it.
     Observed,
+    /// Many sockets on the hard side, random probes from the easy side.
+    Birthday,
 }
 
 fn parse_id(s: &str) -> Result<u32, String> {
@@ -89,15 +165,11 @@ fn parse_id(s: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("'{s}' is not a 32-bit ID (decimal, or hex with 0x)"))
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !(secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!("{s} is outside 0 (excluded) to 86400 seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+const PROGRAM: Program = Program {
+    name: "psync-client",
+    env_prefix: "PSYNC_CLIENT",
+    version: env!("CARGO_PKG_VERSION"),
+};
 
 fn resolve(server: &str) -> Result<SocketAddr, String> {
     server
@@ -108,27 +180,37 @@ fn resolve(server: &str) -> Result<SocketAddr, String> {
 }
 
 fn fail(e: &ClientError) -> ExitCode {
-    eprintln!("psync-client: error: {e}");
+    cli::error(PROGRAM.name, &e.to_string());
     ExitCode::from(e.exit_code())
 }
 
+/// The `--json` line of a failed connect.
+fn failure_json(e: &ClientError, report: &ConnectReport) -> String {
+    format!(
+        "{{\"ok\":false,\"exit\":{},\"error\":\"{}\",\"attempts\":{},{}}}",
+        e.exit_code(),
+        escape(&e.to_string()),
+        report.attempts,
+        report.json_fields()
+    )
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let level = match args.verbose {
+    let args: Args = match cli::parse(&PROGRAM) {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    cli::init_logging(match args.verbose {
         0 => LevelFilter::Warn,
         1 => LevelFilter::Info,
         _ => LevelFilter::Debug,
-    };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_target(false)
-        .init();
+    });
 
     let server = match resolve(&args.server) {
         Ok(a) => a,
         Err(msg) => {
-            eprintln!("psync-client: error: {msg}");
-            return ExitCode::from(2);
+            cli::error(PROGRAM.name, &msg);
+            return ExitCode::from(cli::EXIT_USAGE);
         }
     };
     let mut cfg = ClientConfig::new(
@@ -139,24 +221,49 @@ fn main() -> ExitCode {
     cfg.strategy = args.strategy.map(|s| match s {
         StrategyArg::Seed => Strategy::Seed,
         StrategyArg::Observed => Strategy::Observed,
+        StrategyArg::Birthday => Strategy::Birthday,
     });
+    for (off, s) in [
+        (args.no_seed, Strategy::Seed),
+        (args.no_observed, Strategy::Observed),
+        (args.no_birthday, Strategy::Birthday),
+    ] {
+        if off {
+            cfg.disabled.push(s);
+        }
+    }
+    cfg.stun_port = args.stun_port;
+    cfg.classify = !args.no_classify;
+    cfg.port_mapping.pcp = !(args.no_port_mapping || args.no_pcp);
+    cfg.port_mapping.natpmp = !(args.no_port_mapping || args.no_natpmp);
+    cfg.port_mapping.upnp = !(args.no_port_mapping || args.no_upnp);
+    cfg.port_mapping.wait = args.port_mapping_wait;
+    cfg.birthday.sockets = args.birthday_sockets;
+    cfg.birthday.probes = args.birthday_probes;
+    cfg.birthday.rate = args.birthday_rate;
+    cfg.birthday.delay = args.birthday_delay;
     cfg.timeout = args.timeout;
     cfg.attempts = args.attempts;
     cfg.opener_ttl = args.opener_ttl;
     cfg.punch_window = args.punch_window;
 
-    let conn = match connect(&cfg) {
+    let conn = match connect_with_report(&cfg) {
         Ok(c) => c,
-        Err(e) => return fail(&e),
+        Err(f) => {
+            if args.json {
+                cli::print(&failure_json(&f.error, &f.report));
+            }
+            return fail(&f.error);
+        }
     };
-    eprintln!(
+    cli::eprint(&format!(
         "connected via {} to {} in {} ms",
         conn.strategy,
         conn.peer,
         conn.elapsed.as_millis()
-    );
+    ));
     if args.json {
-        println!("{}", conn.to_json());
+        cli::print(&conn.to_json());
     }
     if !args.pipe {
         return ExitCode::SUCCESS;

@@ -1,5 +1,7 @@
-//! `psync-server`: the command line front end. Arguments become a
-//! [`ServerConfig`]; the library does the rest.
+//! `psync-server`: the command line front end. Arguments (and `PSYNC_SERVER_*`
+//! variables) become a [`ServerConfig`]; the library does the rest. Signals:
+//! SIGINT, SIGTERM and SIGQUIT stop it with its final counters; SIGHUP
+//! reloads; SIGUSR1 logs the counters; see docs/operations.md.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
@@ -7,142 +9,153 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 use log::LevelFilter;
+use psync::cli::{self, Bare, Program};
 use psync::limit::RateLimit;
 use psync::{EngineConfig, Server, ServerConfig, ServerError};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::signal::*;
+
+const PROGRAM: Program = Program {
+    name: "psync-server",
+    env_prefix: "PSYNC_SERVER",
+    version: env!("CARGO_PKG_VERSION"),
+};
+
+/// Largest --capacity: the engine's limit, 2^31 pairs (128 GiB of tables);
+/// the engine then says in one line whether the memory can be had.
+const MAX_TABLE: u64 = psync::engine::MAX_CAPACITY as u64;
+/// Largest per-source pending limit: 2^24, far above any table a limit
+/// would matter for.
+const MAX_PER_SOURCE: i64 = 1 << 24;
+/// Largest --rate-limit-sources: 2^24 sources (400 MiB of limiter).
+const MAX_SOURCES: u64 = 1 << 24;
 
 /// psync rendezvous server: lets two peers behind NAT learn each other's
 /// public address. Each peer sends {self_id, peer_id} (8 bytes); when both
 /// halves of a pair have arrived, each gets the other's address and two ports.
+///
+/// Durations take a unit (30s, 500ms, 2m, 1h); a bare number is seconds.
+/// Every flag can also be set with the environment variable shown beside it.
 #[derive(Parser, Debug)]
-#[command(name = "psync-server", version)]
+#[command(name = "psync-server")]
 struct Args {
     /// Serve IPv4 only.
-    #[arg(short = '4', conflicts_with = "ipv6_only")]
+    #[arg(short = '4', long = "ipv4-only", conflicts_with = "ipv6_only")]
     ipv4_only: bool,
 
     /// Serve IPv6 only.
-    #[arg(short = '6')]
+    #[arg(short = '6', long = "ipv6-only")]
     ipv6_only: bool,
 
     /// UDP port to listen on (0 picks a free one and prints it).
     #[arg(short, long, default_value_t = 1024)]
     port: u16,
 
-    /// Address to bind instead of the wildcard; at most one per family.
-    #[arg(long, value_name = "ADDR")]
+    /// Address to bind instead of the wildcard; at most one per family
+    /// (repeat the flag, or separate with commas).
+    #[arg(long, value_name = "ADDR", value_delimiter = ',')]
     bind: Vec<IpAddr>,
 
     /// More output: -v startup and periodic stats, -vv one line per match,
-    /// -vvv one line per packet.
+    /// -vvv one line per packet. RUST_LOG, when set, refines it.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
 
-    /// Seconds a registration waits for its partner.
-    #[arg(long, default_value = "30", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
+    /// How long a registration waits for its partner [10ms to 1d].
+    #[arg(long, default_value = "30s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     ttl: Duration,
 
-    /// Seconds a match's replies are resent to retransmitted requests.
-    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
+    /// How long a match's replies are resent to retransmitted requests [10ms to 1d].
+    #[arg(long, default_value = "5s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     replay_ttl: Duration,
 
-    /// Most pairs held at once, waiting or remembered for replay (1 to 2^31;
-    /// tables are allocated at start, about 60 bytes per pair).
-    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
-    capacity: usize,
+    /// Most pairs held at once, waiting or remembered for replay; tables of
+    /// about 60 bytes per pair are allocated at start [1 to 2147483648].
+    #[arg(long, default_value_t = 1 << 20, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TABLE))]
+    capacity: u64,
 
-    /// Ignored: matches now share --capacity with waiting registrations.
+    /// Ignored (matches now share --capacity with waiting registrations);
+    /// accepted so that old command lines keep working.
     #[arg(long, value_name = "N", hide = true)]
-    replay_capacity: Option<usize>,
+    replay_capacity: Option<u64>,
 
-    /// Ports handed to peers, inclusive.
+    /// Ports handed to peers, inclusive (at least two, none 0).
     #[arg(long, default_value = "1024-65535", value_name = "LO-HI", value_parser = psync::engine::parse_port_range)]
     port_range: (u16, u16),
 
-    /// Datagrams per recvmmsg/sendmmsg call.
-    #[arg(long, default_value_t = 64, value_name = "N")]
-    batch: usize,
+    /// Datagrams per recvmmsg/sendmmsg call [1 to 1024].
+    #[arg(long, default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=psync::server::MAX_BATCH as i64))]
+    batch: u16,
 
-    /// Socket receive buffer in bytes (K and M suffixes allowed; 0: kernel default).
-    #[arg(long, default_value = "4M", value_name = "BYTES", value_parser = parse_bytes)]
+    /// Socket receive buffer (4194304, 512K, 4M; 0: kernel default) [0, or 4K to 1G].
+    #[arg(long, default_value = "4M", value_name = "BYTES", value_parser = cli::size(4 << 10, 1 << 30, true))]
     rcvbuf: usize,
 
-    /// Socket send buffer in bytes (K and M suffixes allowed; 0: kernel default).
-    #[arg(long, default_value = "4M", value_name = "BYTES", value_parser = parse_bytes)]
+    /// Socket send buffer (0: kernel default) [0, or 4K to 1G].
+    #[arg(long, default_value = "4M", value_name = "BYTES", value_parser = cli::size(4 << 10, 1 << 30, true))]
     sndbuf: usize,
 
-    /// Seconds between stats lines at -v (0: never).
-    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
+    /// Time between stats lines at -v [0 (never), or 1s to 1d].
+    #[arg(long, default_value = "10s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_secs(1), Duration::from_secs(86_400), true))]
     stats_interval: Duration,
 
-    /// Datagrams per second allowed from one source (IPv4 address or IPv6 /64); 0: no limit.
-    #[arg(long, default_value_t = 100, value_name = "PPS")]
+    /// Datagrams per second allowed from one source (IPv4 address or IPv6
+    /// /64); 0: no limit [0 to 10000000].
+    #[arg(long, default_value_t = 100, value_name = "PPS",
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
     rate_limit: u32,
 
-    /// Datagrams a source may send at once before --rate-limit applies.
-    #[arg(long, default_value_t = 200, value_name = "N")]
+    /// Datagrams a source may send at once before --rate-limit applies [1 to 10000000].
+    #[arg(long, default_value_t = 200, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     burst: u32,
 
-    /// Sources the rate limiter tracks at once (memory: 24 bytes each).
-    #[arg(long, default_value_t = 1 << 16, value_name = "N")]
-    rate_limit_sources: usize,
+    /// Sources the rate limiter tracks at once, 24 bytes each [1 to 16777216].
+    #[arg(long, default_value_t = 1 << 16, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SOURCES))]
+    rate_limit_sources: u64,
 
-    /// Most registrations one IPv4 address or IPv6 /64 may hold pending; 0: no limit.
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    /// Most registrations one IPv4 address or IPv6 /64 may hold pending; 0: no
+    /// limit [0 to 16777216].
+    #[arg(long, default_value_t = 256, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=MAX_PER_SOURCE))]
     max_pending_per_ip: u32,
 
-    /// Most registrations one IPv4 /24 may hold pending; 0: no limit.
-    #[arg(long, default_value_t = 2048, value_name = "N")]
+    /// Most registrations one IPv4 /24 may hold pending; 0: no limit [0 to 16777216].
+    #[arg(long, default_value_t = 2048, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=MAX_PER_SOURCE))]
     max_pending_per_v4_24: u32,
 
-    /// Most registrations one IPv6 /56 may hold pending; 0: no limit.
-    #[arg(long, default_value_t = 1024, value_name = "N")]
+    /// Most registrations one IPv6 /56 may hold pending; 0: no limit [0 to 16777216].
+    #[arg(long, default_value_t = 1024, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=MAX_PER_SOURCE))]
     max_pending_per_v6_56: u32,
 
-    /// Most registrations one IPv6 /48 may hold pending; 0: no limit. With
-    /// all four limits 0 no per-source counts are kept and a full table
-    /// refuses newcomers instead of making room by fairness.
-    #[arg(long, default_value_t = 4096, value_name = "N")]
+    /// Most registrations one IPv6 /48 may hold pending; 0: no limit [0 to
+    /// 16777216]. With all four limits 0 no per-source counts are kept, and a
+    /// full table refuses newcomers instead of making room by fairness.
+    #[arg(long, default_value_t = 4096, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=MAX_PER_SOURCE))]
     max_pending_per_v6_48: u32,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    /// Serve HTTP on ADDR: /metrics (Prometheus), /healthz and /readyz
+    /// (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+
+    /// Also answer STUN Binding requests (RFC 8489) on this UDP port. The main
+    /// port answers them anyway; a second port lets psync-client tell whether
+    /// its NAT keeps one public port for every destination [1 to 65535, not --port].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    stun_port: Option<u16>,
 
     /// Seed for port choice and hashing, for reproducible runs (default: from the OS).
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
-}
-
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !(0.0..=86_400.0).contains(&secs) {
-        return Err(format!("{s} is outside 0 to 86400 seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-fn parse_bytes(s: &str) -> Result<usize, String> {
-    let (num, mult) = match s.as_bytes().last() {
-        Some(b'k' | b'K') => (&s[..s.len() - 1], 1 << 10),
-        Some(b'm' | b'M') => (&s[..s.len() - 1], 1 << 20),
-        _ => (s, 1),
-    };
-    num.parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|&n| n <= i32::MAX as usize)
-        .ok_or_else(|| format!("'{s}' is not a size in bytes (like 4194304 or 4M)"))
-}
-
-fn millis(d: Duration, flag: &str) -> Result<u32, String> {
-    let ms = d.as_millis();
-    if ms == 0 {
-        return Err(format!("--{flag} must be at least 1 ms"));
-    }
-    Ok(ms as u32)
 }
 
 fn config(args: &Args) -> Result<ServerConfig, String> {
@@ -168,22 +181,20 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         return Err("--bind gives an IPv4 address but -6 asks for IPv6 only".into());
     }
     bind.dedup();
-    if args.capacity == 0 {
-        return Err("--capacity must be at least 1".into());
+    if args.stun_port.is_some_and(|p| p == args.port) {
+        return Err("--stun-port must differ from --port (which answers STUN anyway)".into());
     }
-    if args.rate_limit > 0 && (args.burst == 0 || args.rate_limit_sources == 0) {
-        return Err(
-            "--burst and --rate-limit-sources must be at least 1 when --rate-limit is on".into(),
-        );
-    }
-    if args.replay_capacity.is_some() {
-        log::warn!("--replay-capacity is ignored: matches now share --capacity");
-    }
+    let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    // The ranges above keep these conversions exact on 64-bit systems; on a
+    // 32-bit one a huge table is refused here instead of wrapping.
+    let count = |n: u64, flag: &str| {
+        usize::try_from(n).map_err(|_| format!("--{flag} {n} does not fit this system"))
+    };
     Ok(ServerConfig {
         engine: EngineConfig {
-            capacity: args.capacity,
-            ttl_ms: millis(args.ttl, "ttl")?,
-            replay_ttl_ms: millis(args.replay_ttl, "replay-ttl")?,
+            capacity: count(args.capacity, "capacity")?,
+            ttl_ms: millis(args.ttl),
+            replay_ttl_ms: millis(args.replay_ttl),
             port_lo: args.port_range.0,
             port_hi: args.port_range.1,
             seed: args.seed,
@@ -197,16 +208,17 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
             },
         },
         bind,
-        batch: args.batch,
+        batch: usize::from(args.batch),
         rcvbuf: args.rcvbuf,
         sndbuf: args.sndbuf,
         stats_interval: (!args.stats_interval.is_zero()).then_some(args.stats_interval),
         rate_limit: RateLimit {
             per_second: args.rate_limit,
             burst: args.burst,
-            sources: args.rate_limit_sources,
+            sources: count(args.rate_limit_sources, "rate-limit-sources")?,
         },
         metrics: args.metrics,
+        stun_port: args.stun_port,
     })
 }
 
@@ -225,82 +237,126 @@ fn bind(args: &Args, mut cfg: ServerConfig) -> Result<Server, ServerError> {
     }
 }
 
+/// Signals that stop the server with its final counters. Besides the usual
+/// three: the CPU and file-size limits (a hard kill follows) and power failure.
+#[cfg(target_os = "linux")]
+const STOP: &[i32] = &[SIGINT, SIGTERM, SIGQUIT, SIGXCPU, SIGXFSZ, libc::SIGPWR];
+#[cfg(not(target_os = "linux"))]
+const STOP: &[i32] = &[SIGINT, SIGTERM, SIGQUIT, SIGXCPU, SIGXFSZ];
+/// Signals whose default action would end the process, but which mean
+/// nothing to this server: logged and otherwise ignored, so that no signal
+/// but SIGKILL (and the faults a bug raises) ends it without final counters.
+#[cfg(target_os = "linux")]
+const IGNORED: &[i32] = &[SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, libc::SIGSTKFLT];
+#[cfg(not(target_os = "linux"))]
+const IGNORED: &[i32] = &[SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO];
+
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let level = match args.verbose {
+    let args: Args = match cli::parse(&PROGRAM) {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    cli::init_logging(match args.verbose {
         0 => LevelFilter::Warn,
         1 => LevelFilter::Info,
         2 => LevelFilter::Debug,
         _ => LevelFilter::Trace,
-    };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_target(false)
-        .init();
+    });
 
     let cfg = match config(&args) {
         Ok(cfg) => cfg,
         Err(msg) => {
-            eprintln!("psync-server: error: {msg}");
-            return ExitCode::from(2);
+            cli::error(PROGRAM.name, &msg);
+            return ExitCode::from(cli::EXIT_USAGE);
         }
     };
+    if args.replay_capacity.is_some() {
+        log::warn!("--replay-capacity is ignored: matches now share --capacity");
+    }
     // What the tables will cost, said before they are allocated.
     let e = &cfg.engine;
+    let need = e.memory().unwrap_or(usize::MAX);
     log::info!(
         "tables need {} MiB ({:.1} bytes per unit of --capacity), plus up to {} MiB for \
          IPv6 matches, resident only as they are held",
-        e.memory().unwrap_or(usize::MAX) >> 20,
-        e.memory().unwrap_or(usize::MAX) as f64 / e.capacity.max(1) as f64,
+        need >> 20,
+        need as f64 / e.capacity.max(1) as f64,
         e.ipv6_store_bytes().unwrap_or(usize::MAX) >> 20,
     );
     let mut server = match bind(&args, cfg) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("psync-server: error: {e}");
-            return ExitCode::from(2);
+            cli::error(PROGRAM.name, &e.to_string());
+            return ExitCode::from(cli::EXIT_USAGE);
         }
     };
+    // Signals first: once "listening" is out, a SIGTERM must find its handler.
+    let handle = server.shutdown_handle();
+    let all: Vec<i32> = [STOP, IGNORED, &[SIGHUP, SIGUSR1]].concat();
+    let mut signals = match signal_hook::iterator::Signals::new(&all) {
+        Ok(s) => s,
+        Err(e) => {
+            cli::error(
+                PROGRAM.name,
+                &format!("cannot install signal handlers: {e}"),
+            );
+            return ExitCode::from(1);
+        }
+    };
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            let name = signal_name(sig);
+            if sig == SIGHUP {
+                log::info!("{name}: reloading");
+                handle.reload();
+            } else if sig == SIGUSR1 {
+                handle.report();
+            } else if STOP.contains(&sig) {
+                log::info!("{name}: shutting down");
+                handle.shutdown();
+            } else {
+                log::warn!("{name} ignored (SIGINT or SIGTERM stop the server)");
+            }
+        }
+    });
+
     for addr in server.local_addrs() {
-        eprintln!("psync-server: listening on udp {addr}");
+        cli::eprint(&format!("psync-server: listening on udp {addr}"));
+    }
+    for addr in server.stun_addrs() {
+        cli::eprint(&format!("psync-server: STUN on udp {addr}"));
     }
     if let Some(addr) = server.metrics_addr() {
-        eprintln!("psync-server: metrics on http://{addr}/metrics");
+        cli::eprint(&format!(
+            "psync-server: metrics on http://{addr}/metrics (health: /healthz, /readyz)"
+        ));
     }
     log::info!(
-        "capacity {} pairs, ttl {:?}, replay ttl {:?}, ports {}-{}, batch {}, tables {} MiB",
+        "psync-server {}; capacity {} pairs, ttl {}, replay ttl {}, ports {}-{}, batch {}, tables {} MiB",
+        cli::version(PROGRAM.version),
         args.capacity,
-        args.ttl,
-        args.replay_ttl,
+        cli::format_duration(args.ttl),
+        cli::format_duration(args.replay_ttl),
         args.port_range.0,
         args.port_range.1,
         args.batch,
         server.table_bytes() >> 20
     );
 
-    let handle = server.shutdown_handle();
-    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("psync-server: error: cannot install signal handlers: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            log::info!("signal {sig}: shutting down");
-            handle.shutdown();
-        }
-    });
-
     match server.run() {
         Ok(counters) => {
-            eprintln!("psync-server: final counters: {counters}");
+            cli::eprint(&format!("psync-server: final counters: {counters}"));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("psync-server: error: event loop failed: {e}");
+            cli::error(PROGRAM.name, &format!("event loop failed: {e}"));
             ExitCode::from(1)
         }
     }
+}
+
+fn signal_name(sig: i32) -> String {
+    signal_hook::low_level::signal_name(sig)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("signal {sig}"))
 }

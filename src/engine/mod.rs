@@ -343,8 +343,12 @@ pub struct Engine {
     pace: Pace,
     wait: WaitHistogram,
     /// One chunk of a batch, classified: see [`Engine::handle_batch`].
-    scratch: Box<[Option<(Result<PairKey, DropReason>, SocketAddr)>]>,
+    scratch: Box<[Option<Classified>]>,
 }
+
+/// A datagram of a batch, classified: its pair key or why it is dropped,
+/// and its source.
+type Classified = (Result<PairKey, DropReason>, SocketAddr);
 
 /// Requests [`Engine::handle_batch`] classifies ahead at most (a batch of
 /// more is handled in chunks of this many).
@@ -516,7 +520,8 @@ impl Engine {
     }
 
     /// Handles a received batch of `n` datagrams (`get(k)` gives the k-th,
-    /// or `None` to skip it), calling `emit` for every reply, in order.
+    /// or `None` to skip it), calling `done(k, outcome)` for each handled,
+    /// in order. The replies to send are in the outcomes.
     ///
     /// The same outcomes as calling [`Engine::handle`] on each in turn. The
     /// batch is handled in three passes, so that its cache misses overlap
@@ -529,14 +534,14 @@ impl Engine {
         n: usize,
         get: impl Fn(usize) -> Option<(&'d [u8], SocketAddr)>,
         now: u64,
-        mut emit: impl FnMut(&Transmit),
+        mut done: impl FnMut(usize, &Outcome),
     ) {
         let now = now as Millis;
-        let mut done = 0;
-        while done < n {
-            let m = (n - done).min(SCRATCH);
+        let mut base = 0;
+        while base < n {
+            let m = (n - base).min(SCRATCH);
             for k in 0..m {
-                self.scratch[k] = get(done + k).map(|(d, src)| {
+                self.scratch[k] = get(base + k).map(|(d, src)| {
                     let key = self.classify(d, src);
                     if let Ok(key) = &key {
                         self.pairs.prefetch(self.pairs.hash(key.hash_input()));
@@ -563,19 +568,10 @@ impl Engine {
                 let Some((key, src)) = self.scratch[k] else {
                     continue;
                 };
-                match self.handle_classified(key, src, now) {
-                    Outcome::Matched {
-                        waiting,
-                        completing,
-                    } => {
-                        emit(&waiting);
-                        emit(&completing);
-                    }
-                    Outcome::Replayed(t) => emit(&t),
-                    _ => {}
-                }
+                let outcome = self.handle_classified(key, src, now);
+                done(base + k, &outcome);
             }
-            done += m;
+            base += m;
         }
     }
 

@@ -252,6 +252,7 @@ impl Sketch {
         block[c2] = block[c2].saturating_sub(1);
     }
 
+    #[cfg(test)]
     fn is_zero(&self) -> bool {
         self.blocks.iter().all(|b| b.iter().all(|&x| x == 0))
     }

@@ -341,7 +341,14 @@ fn batch_outcomes_equal_one_by_one() {
         batch.len(),
         |k| Some((&batch[k].0[..], batch[k].1)),
         5,
-        |t| got.push(*t),
+        |_, o| match *o {
+            Outcome::Matched {
+                waiting,
+                completing,
+            } => got.extend([waiting, completing]),
+            Outcome::Replayed(t) => got.push(t),
+            _ => {}
+        },
     );
     assert_eq!(got, want);
     assert_eq!(got.len(), 7);

@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 
 use mio::net::UdpSocket;
 
-use super::{Datagram, Flushed, RECV_BUF_LEN};
-use crate::wire::MAX_REPLY_LEN;
+use super::{Datagram, Flushed, RECV_BUF_LEN, SEND_SLOT_LEN};
 
 /// Received datagrams, read one system call each.
 pub struct RecvBatch {
@@ -73,7 +72,7 @@ impl RecvBatch {
 
 /// A bounded FIFO of replies, sent one `send_to` each.
 pub struct SendQueue {
-    items: VecDeque<(SocketAddr, usize, [u8; MAX_REPLY_LEN])>,
+    items: VecDeque<(SocketAddr, usize, [u8; SEND_SLOT_LEN])>,
     capacity: usize,
 }
 
@@ -103,10 +102,10 @@ impl SendQueue {
 
     /// Queues `payload` for `to`; false when full.
     pub fn push(&mut self, to: SocketAddr, payload: &[u8]) -> bool {
-        if self.items.len() == self.capacity || payload.len() > MAX_REPLY_LEN {
+        if self.items.len() == self.capacity || payload.len() > SEND_SLOT_LEN {
             return false;
         }
-        let mut bytes = [0u8; MAX_REPLY_LEN];
+        let mut bytes = [0u8; SEND_SLOT_LEN];
         bytes[..payload.len()].copy_from_slice(payload);
         self.items.push_back((to, payload.len(), bytes));
         true

@@ -8,8 +8,7 @@ use std::ptr;
 
 use mio::net::UdpSocket;
 
-use super::{Datagram, Flushed, RECV_BUF_LEN};
-use crate::wire::MAX_REPLY_LEN;
+use super::{Datagram, Flushed, RECV_BUF_LEN, SEND_SLOT_LEN};
 
 /// Turns a `-1` return into the `errno` error.
 macro_rules! syscall {
@@ -171,7 +170,7 @@ struct Item {
     addr: RawAddr,
     addr_len: libc::socklen_t,
     len: usize,
-    bytes: [u8; MAX_REPLY_LEN],
+    bytes: [u8; SEND_SLOT_LEN],
 }
 
 /// A bounded FIFO of replies, flushed with `sendmmsg`.
@@ -197,7 +196,7 @@ impl SendQueue {
             },
             addr_len: 0,
             len: 0,
-            bytes: [0; MAX_REPLY_LEN],
+            bytes: [0; SEND_SLOT_LEN],
         };
         let batch = batch.max(1);
         SendQueue {
@@ -234,7 +233,7 @@ impl SendQueue {
 
     /// Queues `payload` for `to`; false (and nothing queued) when full.
     pub fn push(&mut self, to: SocketAddr, payload: &[u8]) -> bool {
-        if self.len == self.items.len() || payload.len() > MAX_REPLY_LEN {
+        if self.len == self.items.len() || payload.len() > SEND_SLOT_LEN {
             return false;
         }
         let mut i = self.head + self.len;

@@ -25,11 +25,26 @@ mod imp;
 
 pub use imp::{RecvBatch, SendQueue};
 
-/// Bytes a server keeps of each received datagram. A request is 8 bytes;
-/// anything longer is invalid, and 16 bytes are enough to see that it is
-/// longer. (The fallback reads at most the buffer, so a longer datagram shows
-/// as exactly this length: still not 8.)
-pub const RECV_BUF_LEN: usize = 16;
+/// Bytes a server keeps of each received datagram: the longest message it
+/// must read whole. A seed request is 8 bytes; a STUN Binding request is 20
+/// to 28 bytes from psync's client, and about 100 from an ICE stack that adds
+/// SOFTWARE, PRIORITY and ICE attributes; protocol v2 requests will be about
+/// 100 to 200 bytes. 512 holds all of them with room. Anything longer is
+/// invalid in every format, and the real length (`Datagram::len`, from
+/// `MSG_TRUNC`) shows it. (The fallback reads at most the buffer, so a longer
+/// datagram shows as exactly this length: still invalid.) recvmmsg copies
+/// only what arrived, so a larger buffer costs memory (batch x 512 bytes per
+/// socket), not time per datagram.
+pub const RECV_BUF_LEN: usize = 512;
+
+/// Bytes of one queued reply in a [`SendQueue`]: the longest datagram the
+/// server sends, a STUN Binding success for IPv6 with FINGERPRINT (52 bytes;
+/// seed replies are 20 or 32), rounded up. Protocol v2 replies, never longer
+/// than their requests, will need it raised.
+pub const SEND_SLOT_LEN: usize = 64;
+
+const _: () = assert!(crate::wire::MAX_REPLY_LEN <= SEND_SLOT_LEN);
+const _: () = assert!(crate::wire::stun::MAX_ANSWER_LEN <= SEND_SLOT_LEN);
 
 /// One datagram of a received batch.
 #[derive(Clone, Copy, Debug)]
@@ -170,5 +185,48 @@ pub fn socket_drops(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
     {
         let _ = socket;
         Ok(0)
+    }
+}
+
+/// Asks the kernel to report ICMP errors (a port unreachable is "connection
+/// refused") on an unconnected UDP socket, as the error of its next receive.
+/// Without it, Linux reports them only on connected sockets. Turning it off
+/// again also drops the error reports queued meanwhile, so they cannot
+/// crowd the receive buffer. Returns `Ok(false)` where the option does not
+/// exist (not Linux): the caller then learns of a dead port by silence.
+#[cfg(unix)]
+pub fn set_recv_errors<S: std::os::fd::AsRawFd>(
+    socket: &S,
+    ipv6: bool,
+    on: bool,
+) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        let (level, name) = if ipv6 {
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+        } else {
+            (libc::IPPROTO_IP, libc::IP_RECVERR)
+        };
+        let value: libc::c_int = on.into();
+        // SAFETY: `value` is a live c_int and the length passed is its size;
+        // setsockopt reads nothing else, and a bad fd only returns an error.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (socket, ipv6, on);
+        Ok(false)
     }
 }

@@ -6,9 +6,18 @@
 //!
 //! - [`seed`]: the original C psync's request and replies, which must stay
 //!   byte-for-byte compatible with it (re-exported here).
+//! - [`peer`]: the handshake two clients send each other once introduced.
+//! - [`v2`]: the authenticated protocol beside it: a token-carrying request,
+//!   a match reply with room for candidate addresses, and a cookie reply for
+//!   address validation; no reply is longer than its request.
+//! - [`stun`]: STUN Binding (RFC 8489), which the server answers and the
+//!   client uses to classify its NAT.
 //!
 //! `PROTOCOL.md` at the repository root has the full byte tables.
 
+pub mod peer;
 pub mod seed;
+pub mod stun;
+pub mod v2;
 
 pub use seed::*;

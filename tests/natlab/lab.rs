@@ -4,7 +4,7 @@
 //! them with a deadline.
 //!
 //! ```text
-//!  ca 10.1.0.2 ── na [nat] 198.18.11.2 ── ia ──┐
+//!  ca 10.1.0.2 ── na [nat] 11.0.10.2 ─── ia ──┐
 //!                                              core ── srv 198.18.0.2
 //!  cb 10.2.0.2 ── nb [nat] 198.18.21.2 ── ib ──┘
 //! ```
@@ -13,13 +13,17 @@
 //! real internet: a datagram from `ca` with TTL 2, 3 or 4 passes its own NAT
 //! (creating the mapping) and dies before it reaches the other NAT, which is
 //! what a low-TTL opener relies on. The private networks are not routed on
-//! the "internet": `core` knows only 198.18.0.0/15 routes.
+//! the "internet": `core` knows only the public routes. NAT A's public
+//! address is 11.0.10.2, outside the reserved ranges, because miniupnpd (the
+//! port-mapping daemon some cases run on NAT A) refuses to serve a router
+//! whose WAN address is reserved.
 //!
 //! Everything is named `psl<pid>-<lab>-<node>`, so parallel tests and parallel
 //! runs never collide, and [`Lab`]'s `Drop` removes it (killing whatever still
 //! runs inside), also when a test panics. Namespaces left by runs that died
 //! (their pid is gone) are removed the first time a lab is built. Traffic
-//! never leaves these namespaces: 198.18.0.0/15 and 10.0.0.0/8 exist only here.
+//! never leaves these namespaces: 198.18.0.0/15, 11.0.10.0/24 and 10.0.0.0/8
+//! exist only here.
 #![allow(dead_code)]
 
 use std::fmt::Write as _;
@@ -36,7 +40,7 @@ const PREFIX: &str = "psl";
 /// The rendezvous server's address on the lab's internet.
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// NAT A's public (WAN) address.
-pub const NAT_A_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 11, 2);
+pub const NAT_A_PUBLIC: Ipv4Addr = Ipv4Addr::new(11, 0, 10, 2);
 /// NAT B's public (WAN) address.
 pub const NAT_B_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 21, 2);
 /// The client behind NAT A.
@@ -116,7 +120,7 @@ type Link = (
 #[rustfmt::skip]
 const LINKS: [Link; 7] = [
     (Node::ClientA, "lan",    "10.1.0.2/24",    Node::NatA, "lan",      "10.1.0.1/24"),
-    (Node::NatA,    "wan",    "198.18.11.2/24", Node::IspA, "downlink", "198.18.11.1/24"),
+    (Node::NatA,    "wan",    "11.0.10.2/24",   Node::IspA, "downlink", "11.0.10.1/24"),
     (Node::IspA,    "uplink", "198.18.10.2/24", Node::Core, "to-ia",    "198.18.10.1/24"),
     (Node::ClientB, "lan",    "10.2.0.2/24",    Node::NatB, "lan",      "10.2.0.1/24"),
     (Node::NatB,    "wan",    "198.18.21.2/24", Node::IspB, "downlink", "198.18.21.1/24"),
@@ -127,9 +131,9 @@ const LINKS: [Link; 7] = [
 /// Routes as `ip route add` arguments, per node.
 const ROUTES: [(Node, &str); 9] = [
     (Node::ClientA, "default via 10.1.0.1"),
-    (Node::NatA, "default via 198.18.11.1"),
+    (Node::NatA, "default via 11.0.10.1"),
     (Node::IspA, "default via 198.18.10.1"),
-    (Node::Core, "198.18.11.0/24 via 198.18.10.2"),
+    (Node::Core, "11.0.10.0/24 via 198.18.10.2"),
     (Node::Core, "198.18.21.0/24 via 198.18.20.2"),
     (Node::IspB, "default via 198.18.20.1"),
     (Node::NatB, "default via 198.18.21.1"),
@@ -155,6 +159,8 @@ pub struct LabConfig {
     pub nat_b: Nat,
     /// Percent of UDP datagrams the core router drops at random (0: none).
     pub core_loss_percent: u8,
+    /// Run miniupnpd (UPnP IGD, NAT-PMP and PCP) on NAT A.
+    pub upnp_a: bool,
 }
 
 impl Default for LabConfig {
@@ -163,6 +169,7 @@ impl Default for LabConfig {
             nat_a: Nat::PortPreserving,
             nat_b: Nat::PortPreserving,
             core_loss_percent: 0,
+            upnp_a: false,
         }
     }
 }
@@ -176,8 +183,12 @@ pub fn unavailable(extra_tools: &[&str]) -> Option<String> {
     }
     for tool in extra_tools {
         if !runs(tool, &["-h"]) {
+            let package = match *tool {
+                "miniupnpd" => "miniupnpd-nftables",
+                _ => "netcat-openbsd",
+            };
             return Some(format!(
-                "`{tool}` is not installed (apt-get install -y netcat-openbsd)"
+                "`{tool}` is not installed (apt-get install -y {package})"
             ));
         }
     }
@@ -379,6 +390,8 @@ pub struct Lab {
     prefix: String,
     /// Namespaces created so far, so a half-built lab is removed too.
     created: Vec<String>,
+    /// Files written for daemons, removed with the lab.
+    files: Vec<std::path::PathBuf>,
 }
 
 impl Lab {
@@ -387,6 +400,7 @@ impl Lab {
         let mut lab = Lab {
             prefix: format!("{PREFIX}{}-{name}", std::process::id()),
             created: Vec::new(),
+            files: Vec::new(),
         };
         if let Err(e) = lab.try_build(cfg) {
             panic!("natlab: building lab {}: {e}", lab.prefix);
@@ -447,7 +461,11 @@ impl Lab {
                 )?;
             }
         }
-        self.nft(Node::NatA, &nat_rules(cfg.nat_a))?;
+        if cfg.upnp_a {
+            self.nft(Node::NatA, &upnp_nat_rules(cfg.nat_a))?;
+        } else {
+            self.nft(Node::NatA, &nat_rules(cfg.nat_a))?;
+        }
         self.nft(Node::NatB, &nat_rules(cfg.nat_b))?;
         if cfg.core_loss_percent > 0 {
             self.nft(Node::Core, &loss_rules(cfg.core_loss_percent))?;
@@ -542,6 +560,35 @@ impl Lab {
         }
     }
 
+    /// Starts miniupnpd on NAT A (built with `upnp_a`) and waits until it
+    /// listens for NAT-PMP/PCP and HTTP. It dies with the lab.
+    pub fn start_miniupnpd(&mut self, timeout: Duration) -> Proc {
+        let dir = std::env::temp_dir();
+        let conf = dir.join(format!("{}-miniupnpd.conf", self.prefix));
+        let pid = dir.join(format!("{}-miniupnpd.pid", self.prefix));
+        std::fs::write(&conf, MINIUPNPD_CONF).expect("write the miniupnpd config");
+        self.files.push(conf.clone());
+        self.files.push(pid.clone());
+        let (conf, pid) = (conf.display().to_string(), pid.display().to_string());
+        // -d: foreground with debug output; -P: a pid file of our own, so
+        // that labs running at once do not take each other for a running copy.
+        let mut daemon = self.spawn(
+            Node::NatA,
+            "miniupnpd",
+            &["-f", &conf, "-d", "-P", &pid],
+            None,
+            Duration::from_secs(600),
+        );
+        for needle in ["Listening for NAT-PMP/PCP", "HTTP listening on port"] {
+            assert!(
+                daemon.wait_stderr(needle, timeout),
+                "miniupnpd did not start: {}",
+                daemon.stderr_so_far()
+            );
+        }
+        daemon
+    }
+
     /// Packets the core router's loss rule has dropped.
     pub fn core_dropped(&self) -> u64 {
         let out = self.exec(Node::Core, "nft", &["list", "table", "ip", "psl_loss"]);
@@ -556,6 +603,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
         for ns in &self.created {
             kill_namespace_processes(ns);
         }
@@ -608,6 +658,58 @@ fn nat_rules(nat: Nat) -> String {
 "
     )
 }
+
+/// A home router with a port-mapping daemon: the structure miniupnpd's
+/// nftables backend expects (Debian's `nft_init.sh` cannot run: its helper
+/// file is missing), the same masquerade and stateful filter as
+/// [`nat_rules`], and `ct status dnat` accepted so that mapped inbound flows
+/// pass the filter.
+fn upnp_nat_rules(nat: Nat) -> String {
+    let masquerade = match nat {
+        Nat::PortPreserving => "masquerade",
+        Nat::Random => "masquerade random",
+    };
+    format!(
+        "table inet filter {{
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    ct status dnat accept
+    iifname \"lan\" oifname \"wan\" accept
+    jump miniupnpd
+  }}
+  chain miniupnpd {{
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority -100; policy accept;
+    jump prerouting_miniupnpd
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    jump postrouting_miniupnpd
+    ip saddr 10.0.0.0/8 oifname \"wan\" {masquerade}
+  }}
+  chain prerouting_miniupnpd {{
+  }}
+  chain postrouting_miniupnpd {{
+  }}
+}}
+"
+    )
+}
+
+/// miniupnpd's configuration for NAT A: WAN `wan`, LAN `lan`, every
+/// protocol on, any LAN host may map any unprivileged port to itself.
+pub const MINIUPNPD_CONF: &str = "ext_ifname=wan
+listening_ip=lan
+enable_natpmp=yes
+enable_upnp=yes
+secure_mode=no
+system_uptime=yes
+uuid=8e1a9d36-7c52-4f7e-9b0e-5ea7e2c0a001
+allow 1024-65535 10.0.0.0/8 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+";
 
 /// Random loss of UDP on a router; the counter proves the rule bit.
 fn loss_rules(percent: u8) -> String {

@@ -14,6 +14,8 @@ pub struct TestServer {
     pub addrs: Vec<SocketAddr>,
     /// The metrics endpoint, when the config asked for one.
     pub metrics_addr: Option<SocketAddr>,
+    /// The `stun_port` addresses, when the config asked for one.
+    pub stun_addrs: Vec<SocketAddr>,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<Counters>>,
 }
@@ -30,11 +32,13 @@ impl TestServer {
         let mut server = Server::bind(&cfg).expect("server binds");
         let addrs = server.local_addrs();
         let metrics_addr = server.metrics_addr();
+        let stun_addrs = server.stun_addrs();
         let handle = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run().expect("server runs"));
         TestServer {
             addrs,
             metrics_addr,
+            stun_addrs,
             handle,
             thread: Some(thread),
         }
@@ -125,6 +129,8 @@ pub fn assert_accounted(c: &Counters) {
         + c.engine.registered
         + c.engine.refreshed
         + c.engine.matched
-        + c.engine.replayed;
+        + c.engine.replayed
+        + c.io.stun_answered
+        + c.io.stun_refused;
     assert_eq!(c.received, outcomes, "every datagram accounted for: {c}");
 }
