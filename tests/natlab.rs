@@ -433,6 +433,28 @@ fn connected(exit: &lab::Exit, other_nat: Ipv4Addr) -> Result<Connected, String>
     })
 }
 
+/// With `PSYNC_NAT_LAB_RECORD=FILE`, appends one line per client to FILE:
+/// `case<TAB>side<TAB>exit<TAB>elapsed_ms<TAB>datagrams_sent`, for the
+/// tables in docs/nat-traversal.md.
+fn record(case: &str, side: &str, exit: &lab::Exit) {
+    let Ok(path) = std::env::var("PSYNC_NAT_LAB_RECORD") else {
+        return;
+    };
+    let json = exit.stdout_text();
+    let line = format!(
+        "{case}\t{side}\t{}\t{}\t{}\n",
+        exit.code().map_or(-1, |c| c),
+        json_field(&json, "elapsed_ms")
+            .map_or_else(|| exit.elapsed.as_millis().to_string(), str::to_string),
+        json_field(&json, "datagrams_sent").unwrap_or("0")
+    );
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+}
+
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[u64], p: usize) -> u64 {
     if sorted.is_empty() {
@@ -465,6 +487,8 @@ fn success_rate_batched(lab: &Lab, case: &str, batch: usize) -> Rate {
     let mut elapsed = Vec::new();
     let (mut sent_a, mut sent_b) = (Vec::new(), Vec::new());
     for (a, b) in &pairs {
+        record(case, "A", a);
+        record(case, "B", b);
         match (connected(a, NAT_B_PUBLIC), connected(b, NAT_A_PUBLIC)) {
             (Ok(ca), Ok(cb)) => {
                 ok += 1;
@@ -482,6 +506,14 @@ fn success_rate_batched(lab: &Lab, case: &str, batch: usize) -> Rate {
                 }
             }
         }
+    }
+    if std::env::var("PSYNC_NAT_LAB_DEBUG").is_ok() {
+        let (a, b) = &pairs[0];
+        eprintln!(
+            "natlab: {case}: pair 0 JSON:\n{}{}",
+            a.stdout_text(),
+            b.stdout_text()
+        );
     }
     for v in [&mut elapsed, &mut sent_a, &mut sent_b] {
         v.sort_unstable();
@@ -588,6 +620,8 @@ fn random_nats_fail(lab: &Lab, case: &str) {
     let mut elapsed = Vec::new();
     let mut sent = Vec::new();
     for (a, b) in &pairs {
+        record(case, "A", a);
+        record(case, "B", b);
         failed_cleanly(a);
         failed_cleanly(b);
         for e in [a, b] {
@@ -730,6 +764,16 @@ fn port_mapping_case(name: &str, case: &str, loss: u8) {
         "only {} of {TRIALS} pairs connected",
         r.ok
     );
+    // Every client has exited: each deleted its mapping on the way out.
+    let rules = lab.exec(
+        Node::NatA,
+        "nft",
+        &["list", "chain", "inet", "filter", "prerouting_miniupnpd"],
+    );
+    assert!(rules.ok, "nft list chain: {}", rules.stderr);
+    let left = rules.stdout.matches("dnat").count();
+    eprintln!("natlab: {case}: {left} port mappings left on NAT A after the clients exited");
+    assert_eq!(left, 0, "mappings not released: {}", rules.stdout);
 }
 
 /// Case 7: both NATs random, miniupnpd on NAT A.

@@ -4,9 +4,9 @@
 //! for Linux masquerade, 1024-65535); the easy side probes `k` distinct ports
 //! of that range. No probe meets with probability
 //! `C(N-n, k) / C(N, k) = prod_{j<k} (1 - n / (N - j))`, about
-//! `exp(-k n / N)`. With n = 256 and k = 2048 that is 0.03%: 99.97% of tries
-//! meet, and the first meeting comes after `(N + 1) / (n + 1)`, about 251,
-//! probes on average. [`success_probability`] and [`expected_probes`] compute
+//! `exp(-k n / N)`. With n = 256 and k = 3072 (the default) that is 5 in a
+//! million, and the first meeting comes after `(N + 1) / (n + 1)`, about
+//! 251, probes on average. [`success_probability`] and [`expected_probes`] compute
 //! these; `docs/nat-traversal.md` has the table.
 
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
@@ -100,6 +100,12 @@ mod tests {
     fn the_documented_odds() {
         let p = success_probability(256, 2048, PORT_RANGE);
         assert!((p - 0.9997).abs() < 0.0001, "{p}");
+        // The default budget, and what is left of it when the hard side
+        // starts 2 s late at 1000 probes/s (1.4 s of probes spent).
+        let p = success_probability(256, 3072, PORT_RANGE);
+        assert!(1.0 - p < 1e-5, "{p}");
+        let p = success_probability(256, 3072 - 1400, PORT_RANGE);
+        assert!((p - 0.9987).abs() < 0.0005, "{p}");
         // Tailscale's figure: 256 ports and 1024 probes meet about 98% of the time.
         let p = success_probability(256, 1024, PORT_RANGE);
         assert!((p - 0.982).abs() < 0.002, "{p}");

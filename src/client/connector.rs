@@ -452,6 +452,8 @@ impl Connector {
             roles,
             birthday: self.cfg.birthday,
             seed: self.rng.next_u64(),
+            // Protocol v2 will fill these from the server's reply.
+            partner_candidates: Vec::new(),
         };
         self.actions.push_back(Action::IcmpErrors(false));
         let mut punch = Punch::new(params, now);
@@ -474,12 +476,13 @@ impl Connector {
             self.transmits.push_back(t);
         }
         let stats = p.birthday_stats();
+        let tried = p.tried();
         self.report.birthday.sockets = self.report.birthday.sockets.max(stats.sockets);
         self.report.birthday.probes += stats.probes;
         self.report.birthday.meetings += stats.meetings;
         match outcome {
             Outcome::Connected(proven) => {
-                self.add_tried(&[proven.strategy]);
+                self.add_tried(&tried);
                 let Some(reply) = self.reply else { return };
                 self.finish(Ok(Finished {
                     proven,

@@ -32,8 +32,8 @@
 //!    - `birthday`, when one NAT is hard: the hard side opens 256 sockets and
 //!      sends an opener from each toward the easy side's observed address;
 //!      the easy side, once [`DEFAULT_BIRTHDAY_DELAY`] of normal punching has
-//!      not connected, probes random ports of the hard side's IP (500/s, at
-//!      most 2048) until one of them is a mapping the hard side just made.
+//!      not connected, probes random ports of the hard side's IP (1000/s, at
+//!      most 3072) until one of them is a mapping the hard side just made.
 //!      Each side picks its role from its own classification
 //!      ([`nat::roles`]); the arithmetic is in [`birthday`] and
 //!      `docs/nat-traversal.md`.
@@ -61,8 +61,9 @@
 //! 6. **Retry.** If no path completes within the punch window, register again
 //!    from a *new* socket, up to `attempts` times: the server replays the old
 //!    reply to a retransmit from the same source, while a new source is a
-//!    fresh registration. A hard side that was never found gives up at once
-//!    instead: registering again cannot help when both NATs are hard.
+//!    fresh registration. A hard side waits to be found until the timeout
+//!    instead (its partner may start late), then gives up without
+//!    registering again: that cannot help when both NATs are hard.
 //!
 //! Everything, retries included, fits in `timeout`; the only overrun is the
 //! deciding peer's wait for the partner's echo of `done`, at most 500 ms past it.

@@ -32,10 +32,6 @@ pub const CONFIRM_GRACE: Duration = Duration::from_millis(500);
 /// Extra time the punch window gives birthday probing after the easy side's
 /// last probe, for the answer to come back and the path to be proven.
 pub const BIRTHDAY_TAIL: Duration = Duration::from_millis(500);
-/// How much later than us the partner may start punching: its server reply
-/// was lost and came with its next registration retransmit (at most the
-/// 2 s backoff cap).
-pub const REPLY_SKEW: Duration = super::registration::REGISTER_BACKOFF_CAP;
 /// Most random probes sent in one call when the driver woke late: keeps a
 /// stalled process from bursting its whole backlog at once.
 const BIRTHDAY_BURST: u32 = 16;
@@ -120,6 +116,11 @@ pub struct PunchParams {
     pub birthday: Birthday,
     /// Seed of the easy side's random port sequence.
     pub seed: u64,
+    /// More addresses of the partner to probe from the main socket, and to
+    /// accept its datagrams from: protocol v2 will carry its local addresses
+    /// (peers behind the same NAT, which rarely hairpins) and its router
+    /// mapping here. Empty with the seed protocol.
+    pub partner_candidates: Vec<SocketAddr>,
 }
 
 /// One path being punched.
@@ -305,10 +306,13 @@ impl Punch {
                 window = window.max(lead + delay + probing);
             }
             if p.roles.hard {
-                // Wait as long as an easy partner may probe, from as late as
-                // it may start: after its delay, and after a lost server
-                // reply made it register up to one backoff later.
-                window = window.max(lead + p.birthday.delay + probing + REPLY_SKEW);
+                // Waiting to be found costs nothing (the birthday sockets stay
+                // quiet), and the easy partner may start late: when its server
+                // reply is lost it gets it only with a later retransmit,
+                // seconds later under heavy loss (seen in the lab: 6 s). So the
+                // hard side waits until the deadline. Without the partner's
+                // type (protocol v2) it cannot tell "late" from "hard too".
+                window = window.max(p.deadline.saturating_duration_since(now));
             }
         }
         let window_end = (now + window).min(p.deadline);
@@ -343,6 +347,13 @@ impl Punch {
         if enabled(Strategy::Observed) {
             let peer = punch.p.reply.peer;
             punch.add_path(Strategy::Observed, SocketId::Main, peer, now);
+            // Candidates are probed like the observed address (v2 will name
+            // them as a strategy of their own in reports).
+            for c in punch.p.partner_candidates.clone() {
+                if c != peer {
+                    punch.add_path(Strategy::Observed, SocketId::Main, c, now);
+                }
+            }
         }
         if enabled(Strategy::Seed) {
             punch.commands.push_back(Command::BindSeed {
@@ -642,8 +653,7 @@ impl Punch {
     }
 
     fn is_partner(&self, ip: IpAddr) -> bool {
-        // Protocol v2 adds the partner's local candidates here.
-        ip == self.p.reply.peer.ip()
+        ip == self.p.reply.peer.ip() || self.p.partner_candidates.iter().any(|c| c.ip() == ip)
     }
 
     /// A datagram that arrived on `socket` from `from` at `now`.
@@ -780,13 +790,7 @@ impl Punch {
             likely: None,
             final_verdict: false,
         };
-        for s in [Strategy::Seed, Strategy::Observed, Strategy::Birthday] {
-            let used = self.paths.iter().any(|p| p.strategy == s)
-                || (s == Strategy::Birthday && (self.stats.sockets > 0 || self.easy.is_some()));
-            if used && self.p.strategies.contains(&s) {
-                report.tried.push(s);
-            }
-        }
+        report.tried = self.tried();
         for p in self
             .paths
             .iter()
@@ -818,6 +822,20 @@ impl Punch {
             }
         }
         self.outcome = Some(Outcome::Failed(report));
+    }
+
+    /// The strategies this attempt used (a path, birthday sockets or probes).
+    pub fn tried(&self) -> Vec<Strategy> {
+        Strategy::ALL
+            .into_iter()
+            .filter(|&s| {
+                self.p.strategies.contains(&s)
+                    && (self.paths.iter().any(|p| p.strategy == s)
+                        || (s == Strategy::Birthday
+                            && (self.stats.sockets > 0
+                                || self.easy.as_ref().is_some_and(|e| e.ports.count() > 0))))
+            })
+            .collect()
     }
 
     /// When punching began.

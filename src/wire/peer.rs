@@ -324,6 +324,25 @@ mod tests {
         assert_eq!(Header::parse(&REPLY_FIXTURE), Ok((reply, &[][..])));
     }
 
+    /// The dumps in PROTOCOL.md are these fixtures.
+    #[test]
+    fn protocol_md_shows_the_fixtures() {
+        let doc = include_str!("../../PROTOCOL.md");
+        let dump = |name: &str| -> Vec<u8> {
+            let marker = format!("<!-- fixture:{name} -->");
+            let start = doc.find(&marker).expect("marker in PROTOCOL.md") + marker.len();
+            let block = &doc[start..];
+            let body = &block[block.find("```text\n").unwrap() + 8..];
+            let body = &body[..body.find("```").unwrap()];
+            body.lines()
+                .flat_map(|l| l.split_once(':').unwrap().1.split_whitespace())
+                .map(|h| u8::from_str_radix(h, 16).unwrap())
+                .collect()
+        };
+        assert_eq!(dump("peer-probe"), PROBE_FIXTURE);
+        assert_eq!(dump("peer-reply"), REPLY_FIXTURE);
+    }
+
     #[test]
     fn header_rejects_foreign_datagrams() {
         assert_eq!(

@@ -460,6 +460,21 @@ mod tests {
         0xe1, 0x12, 0xa6, 0x43, // 192.0.2.1 ^ cookie
     ];
 
+    /// The answer shown in PROTOCOL.md is this fixture.
+    #[test]
+    fn protocol_md_shows_the_answer() {
+        let doc = include_str!("../../PROTOCOL.md");
+        let marker = "<!-- fixture:stun-answer -->";
+        let block = &doc[doc.find(marker).expect("marker in PROTOCOL.md") + marker.len()..];
+        let body = &block[block.find("```text\n").unwrap() + 8..];
+        let body = &body[..body.find("```").unwrap()];
+        let bytes: Vec<u8> = body
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        assert_eq!(bytes, V4_ANSWER);
+    }
+
     #[test]
     fn rfc5769_request_is_parsed_and_its_fingerprint_checks() {
         let req = hex(RFC5769_REQUEST);

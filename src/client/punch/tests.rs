@@ -103,6 +103,7 @@ fn params(
         roles: roles(our, None, Birthday::DEFAULT.delay),
         birthday: Birthday::DEFAULT,
         seed,
+        partner_candidates: Vec::new(),
     }
 }
 
@@ -378,6 +379,45 @@ fn foreign_datagrams_are_ignored() {
         (h.kind, h.echo, t.to, t.ttl),
         (Kind::Reply, 7, reply.peer, None)
     );
+}
+
+/// Protocol v2's candidates (here a LAN address, as for two peers behind
+/// one NAT that does not hairpin): probed from the main socket, and the
+/// partner's datagrams from them are accepted and answered there.
+#[test]
+fn partner_candidates_are_probed_and_accepted() {
+    let t0 = Instant::now();
+    let reply = Reply {
+        src_port: 2000,
+        dst_port: 3000,
+        peer: "203.0.113.2:40001".parse().unwrap(),
+    };
+    let lan: SocketAddr = "192.168.1.20:40001".parse().unwrap();
+    let mut p = params(1, 2, reply, t0, NatType::Easy, 1);
+    p.partner_candidates = vec![lan];
+    let mut punch = Punch::new(p, t0);
+    punch.handle_timeout(t0 + Duration::from_millis(150));
+    let mut to_lan = 0;
+    while let Some(t) = punch.poll_transmit() {
+        if t.to == lan && t.socket == SocketId::Main {
+            to_lan += 1;
+        }
+    }
+    assert!(to_lan >= 1, "the candidate was not probed");
+    let probe = Header {
+        kind: Kind::Probe,
+        from: PeerId::from_u32(2),
+        to: PeerId::from_u32(1),
+        nonce: 7,
+        echo: 0,
+        stamp: 0,
+        echo_stamp: 0,
+    }
+    .to_bytes();
+    punch.handle(t0 + Duration::from_millis(160), SocketId::Main, lan, &probe);
+    let answered = std::iter::from_fn(|| punch.poll_transmit())
+        .any(|t| t.to == lan && Header::parse(t.data()).is_ok_and(|(h, _)| h.kind == Kind::Reply));
+    assert!(answered, "the candidate's probe was not answered");
 }
 
 #[test]
