@@ -674,6 +674,19 @@ mod tests {
         assert!(page.contains("psync_ready 1\n"));
     }
 
+    /// Every counter has a row in the operator's table (docs/operations.md),
+    /// so a counter added to `Counters::fields` cannot go undocumented.
+    #[test]
+    fn every_counter_is_documented() {
+        let doc = include_str!("../docs/operations.md");
+        for (name, _) in Counters::default().fields() {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "counter {name} has no row in docs/operations.md's Counters table"
+            );
+        }
+    }
+
     #[test]
     fn health_paths() {
         let mut s = Snapshot {
