@@ -26,6 +26,8 @@
 //! - [`stats`]: the counters (the engine's and the sockets') and the
 //!   pair-wait histogram.
 //! - [`limit`]: the per-source rate limiter the server loop applies first.
+//! - [`cluster`]: several servers as one: membership, owner choice,
+//!   forwarding and its authentication; pure but for the DNS thread.
 //! - [`server`]: the single-threaded `mio` loop that owns the sockets.
 //! - [`metrics`]: the Prometheus endpoint, served from that loop.
 //! - [`client`]: the peer side: register, punch, prove the path.
@@ -37,6 +39,7 @@
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod engine;
 pub mod limit;
 pub mod metrics;

@@ -492,7 +492,23 @@ impl Engine {
     /// caller's monotonic clock).
     pub fn handle(&mut self, datagram: &[u8], src: SocketAddr, now: u64) -> Outcome {
         let key = self.classify(datagram, src);
-        self.handle_classified(key, src, now as Millis)
+        self.handle_classified(key, src, 0, now as Millis)
+    }
+
+    /// Handles a request that another member of a cluster received from
+    /// `src` and forwarded here; `via` (never 0) names that member. Its side
+    /// of the pair remembers `via`, so every reply to it (the match, and
+    /// replays) carries it in [`Transmit::via`] and goes back the same way.
+    /// Otherwise the same as [`Engine::handle`].
+    pub fn handle_relayed(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        via: u8,
+        now: u64,
+    ) -> Outcome {
+        let key = self.classify(datagram, src);
+        self.handle_classified(key, src, via, now as Millis)
     }
 
     /// Counts a datagram already classified, and handles it if valid.
@@ -501,12 +517,13 @@ impl Engine {
         &mut self,
         key: Result<PairKey, DropReason>,
         src: SocketAddr,
+        via: u8,
         now: Millis,
     ) -> Outcome {
         let c = &mut self.books.counters;
         c.received += 1;
         match key {
-            Ok(key) => self.process(&key, src, 0, 0, now),
+            Ok(key) => self.process(&key, src, via, 0, now),
             Err(why) => {
                 match why {
                     DropReason::BadSize => c.bad_size += 1,
@@ -568,7 +585,7 @@ impl Engine {
                 let Some((key, src)) = self.scratch[k] else {
                     continue;
                 };
-                let outcome = self.handle_classified(key, src, now);
+                let outcome = self.handle_classified(key, src, 0, now);
                 done(base + k, &outcome);
             }
             base += m;
