@@ -529,7 +529,23 @@ impl Engine {
     /// caller's monotonic clock).
     pub fn handle(&mut self, datagram: &[u8], src: SocketAddr, now: u64) -> Outcome {
         let key = self.classify(datagram, src);
-        self.handle_classified(key, src, 0, now as Millis)
+        self.handle_classified(key, src, 0, 0, now as Millis)
+    }
+
+    /// Handles a request that another member of a cluster received from
+    /// `src` and forwarded here; `via` (never 0) names that member. Its side
+    /// of the pair remembers `via`, so every reply to it (the match, and
+    /// replays) carries it in [`Transmit::via`] and goes back the same way.
+    /// Otherwise the same as [`Engine::handle`].
+    pub fn handle_relayed(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        via: u8,
+        now: u64,
+    ) -> Outcome {
+        let key = self.classify(datagram, src);
+        self.handle_classified(key, src, via, 0, now as Millis)
     }
 
     /// Counts a datagram already classified, and handles it if valid.
@@ -538,13 +554,14 @@ impl Engine {
         &mut self,
         key: Result<PairKey, DropReason>,
         src: SocketAddr,
+        via: u8,
         info: u8,
         now: Millis,
     ) -> Outcome {
         let c = &mut self.books.counters;
         c.received += 1;
         match key {
-            Ok(key) => self.process(&key, src, 0, info, now),
+            Ok(key) => self.process(&key, src, via, info, now),
             Err(why) => {
                 match why {
                     DropReason::BadSize => c.bad_size += 1,
@@ -595,7 +612,7 @@ impl Engine {
                 let Some((key, src)) = self.scratch[k] else {
                     continue;
                 };
-                let outcome = self.handle_classified(key, src, 0, now);
+                let outcome = self.handle_classified(key, src, 0, 0, now);
                 done(base + k, &outcome);
             }
             base += m;
@@ -676,7 +693,21 @@ impl Engine {
         now: u64,
     ) -> Outcome<v2::Reply> {
         let key = self.classify_v2(req, src);
-        self.handle_classified_v2(key, req, src, now as Millis)
+        self.handle_classified_v2(key, req, src, 0, now as Millis)
+    }
+
+    /// [`Engine::handle_relayed`] for an admitted v2 request: forwarded by
+    /// the cluster member that `via` (never 0) names, which its replies go
+    /// back through.
+    pub fn handle_relayed_v2(
+        &mut self,
+        req: &v2::Request,
+        src: SocketAddr,
+        via: u8,
+        now: u64,
+    ) -> Outcome<v2::Reply> {
+        let key = self.classify_v2(req, src);
+        self.handle_classified_v2(key, req, src, via, now as Millis)
     }
 
     /// Handles a batch of `n` admitted v2 requests (`get(k)` gives the k-th,
@@ -712,7 +743,7 @@ impl Engine {
                 let (Some((key, src)), Some((req, _))) = (self.scratch[k], get(base + k)) else {
                     continue;
                 };
-                let outcome = self.handle_classified_v2(key, req, src, now);
+                let outcome = self.handle_classified_v2(key, req, src, 0, now);
                 done(base + k, &outcome);
             }
             base += m;
@@ -726,10 +757,11 @@ impl Engine {
         key: Result<PairKey, DropReason>,
         req: &v2::Request,
         src: SocketAddr,
+        via: u8,
         now: Millis,
     ) -> Outcome<v2::Reply> {
         let info = req.info.0 & INFO_BITS;
-        let outcome = self.handle_classified(key, src, info, now);
+        let outcome = self.handle_classified(key, src, via, info, now);
         let pair = req.pair();
         // The partner's info is in the pair's slot, now matched.
         let partner_info = |engine: &Engine| key.as_ref().map_or(0, |k| engine.partner_info(k));
