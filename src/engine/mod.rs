@@ -372,18 +372,21 @@ impl Engine {
             }
         };
         let mut seed = || [rng.next_u64(), rng.next_u64()];
-        let pairs = Table::try_new(cfg.capacity, Load::DEFAULT, seed(), PairEntry::default())
-            .map_err(|_: AllocError| memory_error())?;
+        let (pair_seed, source_seed) = (seed(), seed());
+        // The IPv6 store first (address space only), then the smaller table,
+        // then the larger: what cannot be had fails before much is written.
+        let v6 =
+            V6Matches::try_new(if cfg.ipv6 { cfg.capacity } else { 0 }).ok_or_else(memory_error)?;
         let sources = if cfg.limits.is_off() {
             None
         } else {
             Some(
-                SourceCounts::try_new(cfg.capacity, cfg.limits, seed())
+                SourceCounts::try_new(cfg.capacity, cfg.limits, source_seed)
                     .map_err(|_| memory_error())?,
             )
         };
-        let v6 =
-            V6Matches::try_new(if cfg.ipv6 { cfg.capacity } else { 0 }).ok_or_else(memory_error)?;
+        let pairs = Table::try_new(cfg.capacity, Load::DEFAULT, pair_seed, PairEntry::default())
+            .map_err(|_: AllocError| memory_error())?;
         let period = u64::from((cfg.ttl_ms.min(cfg.replay_ttl_ms) / 4).max(1));
         let rate_x1024 = (pairs.slots() as u64 * 1024).div_ceil(period);
         Ok(Engine {
