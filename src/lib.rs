@@ -25,8 +25,11 @@
 //!   choice over the table; pure: bytes and `now` in, replies out.
 //! - [`stats`]: the counters (the engine's and the sockets') and the
 //!   pair-wait histogram.
-//! - [`limit`]: the per-source rate limiter the server loop applies first.
-//! - [`server`]: the single-threaded `mio` loop that owns the sockets.
+//! - [`cluster`]: several servers as one: membership, owner choice,
+//!   forwarding and its authentication; pure but for the DNS thread.
+//! - [`server`]: the process (configuration, sockets, controls), its worker
+//!   loop, and the per-source rate limiter the loop applies first
+//!   ([`limit`] is [`server::ratelimit`]).
 //! - [`metrics`]: the Prometheus endpoint, served from that loop.
 //! - [`client`]: the peer side: register, punch, prove the path.
 //! - [`cli`]: what the binaries share: flags' parsing, errors, `--version`.
@@ -37,8 +40,8 @@
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod engine;
-pub mod limit;
 pub mod metrics;
 pub mod server;
 pub mod stats;
@@ -47,6 +50,9 @@ pub mod table;
 pub mod wire;
 
 pub use engine::{Engine, EngineConfig, Outcome};
+/// The per-source rate limiter, where it lived before the server became a
+/// folder: [`server::ratelimit`].
+pub use server::ratelimit as limit;
 pub use server::{Server, ServerConfig, ServerError, ShutdownHandle};
 pub use stats::Counters;
 pub use wire::{PeerId, Reply, Request};

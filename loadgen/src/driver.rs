@@ -27,8 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::pairs::{Nanos, Outcome, Pairs, PairsConfig, Ports, Tally, Wrong, WrongCounts};
 use crate::sched::{Load, Scheduler};
-use crate::sys::{self, BATCH, OUTBOX_LEN, RECV_LEN};
-use psync::sys::{RecvBatch, SendQueue};
+use psync::sys::{self, RecvBatch, SendQueue};
 
 /// Everything a run needs, validated by the front end.
 #[derive(Clone, Debug)]
@@ -60,6 +59,18 @@ pub struct Config {
     /// Set (by SIGINT) to end the run early and report what was measured.
     pub stop: Arc<AtomicBool>,
 }
+
+/// Datagrams per `sendmmsg`/`recvmmsg` call.
+pub const BATCH: usize = 64;
+/// Longest datagram we send: requests are 8 bytes, malformed ones up to a
+/// reply's 32 (to check that a reflected reply is not taken for a request).
+pub const MAX_SEND: usize = 32;
+/// Bytes kept of a received datagram: more than any reply, so that with
+/// `MSG_TRUNC` a longer datagram is seen at its real length.
+pub const RECV_LEN: usize = 64;
+/// Datagrams one socket can hold unsent (its `SendQueue`). Callers flush at
+/// [`BATCH`], so this only fills while the kernel refuses to take more.
+pub const OUTBOX_LEN: usize = 4 * BATCH;
 
 /// How long a timed-out socket pair rests at least, so a straggling reply
 /// is counted late rather than taken for the next pair's.
@@ -320,7 +331,7 @@ impl Peers {
 /// The bytes of malformed datagram number `k`: wrong lengths around the
 /// real ones (built from a real request, so a server that ignored the length
 /// would answer), and a self-pair.
-fn malformed(k: u64, req: Request, buf: &mut [u8; sys::MAX_SEND]) -> usize {
+fn malformed(k: u64, req: Request, buf: &mut [u8; MAX_SEND]) -> usize {
     let bytes = req.emit();
     for (i, b) in buf.iter_mut().enumerate() {
         *b = bytes[i % REQUEST_LEN];
@@ -422,7 +433,7 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
     let mut stray = 0u64;
     let mut first_wrong: Option<WrongSample> = None;
     let mut timer_target: Option<Nanos> = None;
-    let mut bad_buf = [0u8; sys::MAX_SEND];
+    let mut bad_buf = [0u8; MAX_SEND];
     // The measured window, and the pairs (of any schedule time) completed in it.
     let mut window: (Nanos, Nanos) = (Nanos::MAX, Nanos::MAX);
     let mut window_completed = 0u64;

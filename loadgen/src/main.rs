@@ -10,9 +10,10 @@
 //! hiding them; `--rate max --window W` runs closed loop to find saturation.
 //!
 //! Modules: [`sched`] (when pairs are due), [`pairs`] (socket pairs and reply
-//! judgement), [`driver`] (sockets and the loop), [`report`] (output), and
-//! `sys` (the only `unsafe`: batched UDP calls, a timerfd, getrusage).
-#![deny(unsafe_code)]
+//! judgement), [`driver`] (sockets and the loop) and [`report`] (output). All
+//! system calls (batched UDP, a timerfd, getrusage) are `psync::sys`'s: this
+//! crate has no `unsafe`.
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 #[cfg(not(target_os = "linux"))]
@@ -22,7 +23,6 @@ mod driver;
 mod pairs;
 mod report;
 mod sched;
-mod sys;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;

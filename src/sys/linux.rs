@@ -10,18 +10,6 @@ use mio::net::UdpSocket;
 
 use super::{Datagram, Flushed, RECV_BUF_LEN, SEND_SLOT_LEN};
 
-/// Turns a `-1` return into the `errno` error.
-macro_rules! syscall {
-    ($e:expr) => {{
-        let ret = $e;
-        if ret < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(ret)
-        }
-    }};
-}
-
 /// Received datagrams of one `recvmmsg` call, in buffers allocated once.
 pub struct RecvBatch {
     /// `batch` buffers of `buf_len` bytes, end to end.

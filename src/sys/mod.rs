@@ -8,12 +8,30 @@
 //! CI tests it). Buffers are allocated once, in `new`; `recv` and
 //! `flush` never allocate. Errors are `io::Error`; `WouldBlock` means the
 //! socket has nothing more (or no room) right now.
+//!
+//! Besides the sockets: a `timerfd` ([`Timer`]) for waits shorter than the
+//! millisecond `epoll_wait` offers, and CPU time from `getrusage`
+//! ([`cpu_time`], [`thread_cpu_time`]), which the load generator needs.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+/// Turns a `-1` return into the `errno` error: the one copy of this macro in
+/// the workspace (the load generator uses this module too).
+#[cfg(unix)]
+macro_rules! syscall {
+    ($e:expr) => {{
+        let ret = $e;
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }};
+}
 
 #[cfg(all(target_os = "linux", not(feature = "portable-io")))]
 #[path = "linux.rs"]
@@ -231,6 +249,94 @@ pub fn set_recv_errors<S: std::os::fd::AsRawFd>(
     }
 }
 
+/// A one-shot monotonic timer with nanosecond resolution, pollable by mio
+/// (edge-triggered: every expiry after a re-arm is a new event). Linux only.
+#[cfg(target_os = "linux")]
+pub struct Timer {
+    fd: std::os::fd::OwnedFd,
+}
+
+#[cfg(target_os = "linux")]
+impl Timer {
+    /// A disarmed timer.
+    pub fn new() -> io::Result<Timer> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain system call with constant flags; the result is
+        // checked before it is used as a descriptor.
+        let fd = syscall!(unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        })?;
+        Ok(Timer {
+            // SAFETY: fd is a fresh descriptor that nothing else owns.
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Fires once, `after` from now (a zero duration fires at once).
+    pub fn arm(&mut self, after: std::time::Duration) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // A zero it_value would disarm the timer: use the smallest non-zero.
+        let after = after.max(std::time::Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec on the stack; the old value
+        // is not asked for.
+        syscall!(unsafe {
+            libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut())
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl std::os::fd::AsRawFd for Timer {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(unix)]
+fn rusage(who: libc::c_int) -> std::time::Duration {
+    // SAFETY: all-zero bytes are a valid rusage, and getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid `who` with a pointer to a live rusage.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec as u64)
+            + std::time::Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU time (user + system) this process has used so far.
+#[cfg(unix)]
+pub fn cpu_time() -> std::time::Duration {
+    rusage(libc::RUSAGE_SELF)
+}
+
+/// CPU time (user + system) the calling thread has used so far (Linux;
+/// elsewhere the process's).
+#[cfg(unix)]
+pub fn thread_cpu_time() -> std::time::Duration {
+    #[cfg(target_os = "linux")]
+    return rusage(libc::RUSAGE_THREAD);
+    #[cfg(not(target_os = "linux"))]
+    return rusage(libc::RUSAGE_SELF);
+}
+
 /// Asks the kernel to back `len` bytes at `p` with transparent huge pages
 /// where it can (`madvise(MADV_HUGEPAGE)`), before they are first touched.
 /// For the engine's big tables, which are probed at random: with 4 KiB pages
@@ -255,4 +361,108 @@ pub fn advise_huge_pages(p: *const u8, len: usize) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (p, len);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+
+    /// A nonblocking mio socket on loopback.
+    fn mio_socket() -> mio::net::UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_nonblocking(true).unwrap();
+        mio::net::UdpSocket::from_std(s)
+    }
+
+    #[test]
+    fn sends_and_receives_batches_over_loopback() {
+        let rx = mio_socket();
+        let tx = mio_socket();
+        let to = rx.local_addr().unwrap();
+        let mut outbox = SendQueue::new(256, 64);
+        for k in 0..100u8 {
+            assert!(outbox.push(to, &[k; 8]));
+        }
+        assert!(outbox.push(to, &[9; 32]));
+        // Longer than a queue slot: refused, not truncated.
+        assert!(!outbox.push(to, &[0; SEND_SLOT_LEN + 1]));
+        let done = outbox.flush(&tx);
+        assert_eq!(done.sent, 101);
+        assert!(outbox.is_empty());
+
+        let mut recv = RecvBatch::with_buf_len(64, 64);
+        let mut got = Vec::new();
+        let tx_port = tx.local_addr().unwrap().port();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() < 101 && Instant::now() < deadline {
+            match recv.recv(&rx) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let d = recv.get(i).expect("an IPv4 sender");
+                        assert_eq!(d.from.port(), tx_port);
+                        assert_eq!(d.data.len(), d.len);
+                        got.push(d.data.to_vec());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got.len(), 101);
+        assert_eq!(got[7], vec![7u8; 8]);
+        assert_eq!(got[100], vec![9u8; 32]);
+        assert_eq!(
+            recv.recv(&rx).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+    }
+
+    #[test]
+    fn an_oversized_datagram_shows_its_real_length() {
+        let rx = mio_socket();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(&[1u8; 200], rx.local_addr().unwrap()).unwrap();
+        let mut recv = RecvBatch::with_buf_len(64, 64);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match recv.recv(&rx) {
+                Ok(1) => break,
+                Ok(n) => panic!("{n} datagrams"),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let d = recv.get(0).expect("an IPv4 sender");
+        // The fallback reads at most the buffer, so it cannot see the real length.
+        let real = if cfg!(all(target_os = "linux", not(feature = "portable-io"))) {
+            200
+        } else {
+            64
+        };
+        assert_eq!((d.data.len(), d.len), (64, real));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn timer_fires_and_cpu_time_counts() {
+        use std::os::fd::AsRawFd;
+        let mut t = Timer::new().unwrap();
+        t.arm(Duration::from_micros(200)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let mut ticks = [0u8; 8];
+        // SAFETY: a read of 8 bytes into a live buffer of 8 bytes.
+        let n = unsafe { libc::read(t.as_raw_fd(), ticks.as_mut_ptr().cast(), 8) };
+        assert_eq!(n, 8);
+        assert_eq!(u64::from_ne_bytes(ticks), 1);
+        // Burn a little CPU so that both clocks move.
+        let mut x = 0u64;
+        while thread_cpu_time() == Duration::ZERO {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_time() >= thread_cpu_time());
+    }
 }

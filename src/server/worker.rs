@@ -1,0 +1,359 @@
+//! One worker: a single-threaded `mio` loop over its sockets, with its own
+//! engine, rate limiter, receive batches and send queues.
+//!
+//! A turn of the loop: wait for readiness or the next timer; for each
+//! readable socket, receive batches until `WouldBlock` or the per-wakeup
+//! budget, hand each datagram to the engine and queue its replies; flush
+//! queues with `sendmmsg`; run a bounded slice of expiry; print stats when
+//! due.
+//!
+//! Back-pressure: when a send queue cannot take another batch of replies (the
+//! kernel's send buffer is full), the socket is not read until the queue
+//! drains, so requests wait in the kernel rather than replies being thrown
+//! away. A reply that still finds no room is counted in `send_dropped`.
+//!
+//! Nothing here allocates, logs or formats per packet, except `trace!` and
+//! `debug!` lines that cost one level check unless `-vvv`/`-vv` asked for them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, trace, warn};
+use mio::{Events, Poll, Token, Waker};
+
+use super::ratelimit::RateLimiter;
+use super::ReloadHook;
+use crate::engine::{Engine, Outcome, Transmit};
+use crate::metrics::{Metrics, Snapshot};
+use crate::stats::{Counters, IoCounters};
+use crate::sys::{self, RecvBatch, SendQueue};
+use crate::wire::{stun, MAX_REPLY_LEN};
+
+/// Datagrams received per socket per wakeup before the loop looks at timers
+/// and the other socket (as boringtun's MAX_ITR): fairness and bounded latency.
+pub(super) const RECV_BUDGET: usize = 4096;
+/// Send-queue capacity in batches: room for bursts while the kernel drains.
+pub(super) const QUEUE_BATCHES: usize = 16;
+/// How often expiry runs while the tables hold entries.
+pub(super) const EXPIRY_TICK: Duration = Duration::from_millis(10);
+
+pub(super) const WAKER: Token = Token(usize::MAX);
+
+pub(super) struct Endpoint {
+    pub(super) socket: mio::net::UdpSocket,
+    pub(super) local: SocketAddr,
+    pub(super) recv: RecvBatch,
+    pub(super) queue: SendQueue,
+    /// Data may be waiting: mio is edge-triggered, so read until `WouldBlock`.
+    pub(super) readable: bool,
+    /// A `--stun-port` socket: answers STUN Binding requests, drops the rest.
+    pub(super) stun_only: bool,
+}
+
+/// One worker: its sockets, engine, rate limiter, counters and loop.
+pub(super) struct Worker {
+    pub(super) poll: Poll,
+    pub(super) endpoints: Vec<Endpoint>,
+    pub(super) engine: Engine,
+    pub(super) limiter: Option<RateLimiter>,
+    /// What happened on the sockets (the engine counts its own decisions).
+    pub(super) io: IoCounters,
+    /// Per datagram of the batch in hand: for the engine (passed the rate
+    /// limiter and is not STUN).
+    pub(super) for_engine: Box<[bool]>,
+    pub(super) metrics: Option<Metrics>,
+    pub(super) batch: usize,
+    pub(super) stats_interval: Option<Duration>,
+    pub(super) start: Instant,
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) reload: Arc<AtomicBool>,
+    pub(super) report: Arc<AtomicBool>,
+    pub(super) reload_hooks: Vec<ReloadHook>,
+    pub(super) waker: Arc<Waker>,
+    /// When the oldest metrics connection must be closed.
+    pub(super) metrics_deadline: Option<Instant>,
+}
+
+impl Worker {
+    pub(super) fn snapshot(&mut self) -> Snapshot {
+        Snapshot {
+            counters: self.counters(),
+            capacity: self.engine.capacity(),
+            replay_entries: self.engine.replay_entries(),
+            wait: *self.engine.wait(),
+            uptime: self.start.elapsed().as_secs_f64(),
+            udp_sockets: self.endpoints.len(),
+            stopping: self.stop.load(Ordering::Acquire),
+        }
+    }
+
+    /// Acts on the reload and report flags; called by the loop between batches.
+    pub(super) fn control(&mut self) {
+        if self.report.swap(false, Ordering::AcqRel) {
+            let counters = self.counters();
+            info!(target: crate::cli::REPORT_TARGET, "counters {counters}");
+        }
+        if self.reload.swap(false, Ordering::AcqRel) {
+            if self.reload_hooks.is_empty() {
+                info!(target: crate::cli::REPORT_TARGET, "reload: nothing to reload");
+            }
+            for hook in &mut self.reload_hooks {
+                match hook(&mut self.engine) {
+                    Ok(what) => info!(target: crate::cli::REPORT_TARGET, "reload: {what}"),
+                    Err(why) => warn!("reload failed, keeping the old state: {why}"),
+                }
+            }
+        }
+    }
+
+    /// The counters now, gauges included.
+    pub(super) fn counters(&mut self) -> Counters {
+        let mut io = self.io;
+        io.kernel_drops = self
+            .endpoints
+            .iter()
+            .map(|e| sys::socket_drops(&e.socket).unwrap_or(0))
+            .sum();
+        Counters::new(self.engine.counters(), io)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Runs until [`ShutdownHandle::shutdown`]; returns the final counters.
+    pub(super) fn run(&mut self) -> io::Result<Counters> {
+        let mut events = Events::with_capacity(64);
+        let mut next_stats = self.stats_interval.map(|d| Instant::now() + d);
+        let mut next_expiry = Instant::now();
+        let mut expiry_owed = false;
+        loop {
+            let now = Instant::now();
+            let timeout = if self
+                .endpoints
+                .iter()
+                .any(|e| e.readable && can_read(e, self.batch))
+            {
+                Some(Duration::ZERO)
+            } else {
+                let mut t = next_stats.map(|s| s.saturating_duration_since(now));
+                if expiry_owed {
+                    t = Some(Duration::from_millis(1));
+                } else if self.engine.pending() + self.engine.replay_entries() > 0 {
+                    let e = next_expiry.saturating_duration_since(now);
+                    t = Some(t.map_or(e, |t| t.min(e)));
+                }
+                if let Some(d) = self.metrics_deadline {
+                    let m = d.saturating_duration_since(now);
+                    t = Some(t.map_or(m, |t| t.min(m)));
+                }
+                t
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for event in events.iter() {
+                let token = event.token();
+                if Metrics::owns(token) {
+                    let snapshot = self.snapshot();
+                    if let Some(m) = self.metrics.as_mut() {
+                        m.ready(self.poll.registry(), token, Instant::now(), &snapshot);
+                        // A new connection brings a deadline the poll must wake for.
+                        self.metrics_deadline = m.next_deadline();
+                    }
+                } else if let Some(ep) = self.endpoints.get_mut(token.0) {
+                    if event.is_readable() {
+                        ep.readable = true;
+                    }
+                }
+            }
+            let now_ms = self.now_ms();
+            for i in 0..self.endpoints.len() {
+                self.service(i, now_ms);
+            }
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            self.control();
+            let now = Instant::now();
+            if now >= next_expiry || expiry_owed {
+                expiry_owed = self.engine.expire(self.now_ms());
+                next_expiry = now + EXPIRY_TICK;
+                if let Some(m) = self.metrics.as_mut() {
+                    self.metrics_deadline = m.expire(self.poll.registry(), now);
+                }
+            }
+            if let Some(due) = next_stats {
+                if now >= due {
+                    info!("stats {}", self.counters());
+                    next_stats = self.stats_interval.map(|d| now + d);
+                }
+            }
+        }
+        // Last chance for queued replies; what cannot go now is counted.
+        for ep in &mut self.endpoints {
+            let done = ep.queue.flush(&ep.socket);
+            self.io.sent += done.sent;
+            self.io.send_errors += done.errors;
+            self.io.send_dropped += ep.queue.len() as u64;
+        }
+        Ok(self.counters())
+    }
+
+    /// Reads, handles and answers on endpoint `i` until `WouldBlock`, the
+    /// budget, or a full send queue.
+    fn service(&mut self, i: usize, now_ms: u64) {
+        let batch = self.batch;
+        let Worker {
+            endpoints,
+            engine,
+            limiter,
+            io,
+            for_engine,
+            ..
+        } = self;
+        let ep = &mut endpoints[i];
+        flush(ep, io);
+        let mut budget = RECV_BUDGET;
+        while ep.readable && budget > 0 && can_read(ep, batch) {
+            let n = match ep.recv.recv(&ep.socket) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ep.readable = false;
+                    break;
+                }
+                Err(e) => {
+                    // Not expected on an unconnected UDP socket; count it and
+                    // yield to the poller rather than spin on it.
+                    io.recv_errors += 1;
+                    debug!("{}: receive failed: {e}", ep.local);
+                    ep.readable = false;
+                    break;
+                }
+            };
+            budget = budget.saturating_sub(n.max(1));
+            let Endpoint {
+                recv,
+                queue,
+                local,
+                stun_only,
+                ..
+            } = ep;
+            // The rate limiter first, in two passes like the engine: fetch
+            // every source's bucket, then decide. STUN is answered here.
+            if let Some(l) = limiter.as_ref() {
+                for k in 0..n {
+                    if let Some(d) = recv.get(k) {
+                        l.prefetch(d.from.ip());
+                    }
+                }
+            }
+            for (k, ok) in for_engine.iter_mut().enumerate().take(n) {
+                *ok = false;
+                let Some(d) = recv.get(k) else {
+                    io.recv_errors += 1;
+                    continue;
+                };
+                if let Some(l) = limiter.as_mut() {
+                    if !l.allow(d.from.ip(), now_ms as u32) {
+                        io.rate_limited += 1;
+                        continue;
+                    }
+                }
+                if *stun_only || stun::is_stun(d.data) {
+                    answer_stun(queue, io, d);
+                    continue;
+                }
+                *ok = true;
+            }
+            let for_engine = &*for_engine;
+            engine.handle_batch(
+                n,
+                |k| {
+                    if for_engine[k] {
+                        recv.get(k).map(|d| (d.data, d.from))
+                    } else {
+                        None
+                    }
+                },
+                now_ms,
+                |k, outcome| {
+                    trace!("{local}: datagram {k} of the batch: {outcome:?}");
+                    match outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            debug!(
+                                "matched {} <-> {} ports {}/{}",
+                                waiting.to,
+                                completing.to,
+                                waiting.reply.src_port,
+                                waiting.reply.dst_port
+                            );
+                            queue_reply(queue, io, waiting);
+                            queue_reply(queue, io, completing);
+                        }
+                        Outcome::Replayed(t) => queue_reply(queue, io, t),
+                        _ => {}
+                    }
+                },
+            );
+            if ep.queue.len() >= batch {
+                flush(ep, io);
+            }
+        }
+        flush(ep, io);
+    }
+}
+
+/// True when the queue has room for the replies of one more full batch
+/// (at most two per request).
+fn can_read(ep: &Endpoint, batch: usize) -> bool {
+    ep.queue.free() >= 2 * batch
+}
+
+fn queue_reply(queue: &mut SendQueue, io: &mut IoCounters, t: &Transmit) {
+    let mut buf = [0u8; MAX_REPLY_LEN];
+    let len = t.reply.emit(&mut buf);
+    if !queue.push(t.to, &buf[..len]) {
+        io.send_dropped += 1;
+    }
+}
+
+/// Queues the answer to a STUN Binding request, or counts the refusal. The
+/// per-source rate limit has already run.
+fn answer_stun(queue: &mut SendQueue, io: &mut IoCounters, d: sys::Datagram<'_>) {
+    let mut buf = [0u8; stun::MAX_ANSWER_LEN];
+    // A datagram longer than the receive buffer was cut short: never answer
+    // what could not be read whole.
+    let answered = if d.len == d.data.len() {
+        stun::answer(d.data, d.from, &mut buf)
+    } else {
+        Err(stun::Refusal::Malformed)
+    };
+    match answered {
+        Ok(len) => {
+            io.stun_answered += 1;
+            if !queue.push(d.from, &buf[..len]) {
+                io.send_dropped += 1;
+            }
+        }
+        Err(_) => io.stun_refused += 1,
+    }
+}
+
+fn flush(ep: &mut Endpoint, io: &mut IoCounters) {
+    if ep.queue.is_empty() {
+        return;
+    }
+    let done = ep.queue.flush(&ep.socket);
+    io.sent += done.sent;
+    io.send_errors += done.errors;
+}
