@@ -24,13 +24,14 @@ use std::time::{Duration, Instant};
 use log::{debug, info, trace, warn};
 use mio::{Events, Poll, Token, Waker};
 
+use super::gate::{Clock, Gate, Verdict};
 use super::ratelimit::RateLimiter;
 use super::ReloadHook;
 use crate::engine::{Engine, Outcome, Transmit};
 use crate::metrics::{Metrics, Snapshot};
 use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
-use crate::wire::{stun, MAX_REPLY_LEN};
+use crate::wire::{stun, v2, MAX_REPLY_LEN};
 
 /// Datagrams received per socket per wakeup before the loop looks at timers
 /// and the other socket (as boringtun's MAX_ITR): fairness and bounded latency.
@@ -64,6 +65,11 @@ pub(super) struct Worker {
     /// Per datagram of the batch in hand: for the engine (passed the rate
     /// limiter and is not STUN).
     pub(super) for_engine: Box<[bool]>,
+    /// Protocol v2: what the engine gets (auth, cookies; see `gate.rs`).
+    pub(super) gate: Gate,
+    /// The v2 requests of the batch in hand the gate admitted (capacity:
+    /// one batch, so pushing never allocates).
+    pub(super) v2_in: Vec<(v2::Request, SocketAddr)>,
     pub(super) metrics: Option<Metrics>,
     pub(super) batch: usize,
     pub(super) stats_interval: Option<Duration>,
@@ -97,7 +103,13 @@ impl Worker {
             info!(target: crate::cli::REPORT_TARGET, "counters {counters}");
         }
         if self.reload.swap(false, Ordering::AcqRel) {
-            if self.reload_hooks.is_empty() {
+            let keys = self.gate.reload();
+            match &keys {
+                Some(Ok(what)) => info!(target: crate::cli::REPORT_TARGET, "reload: {what}"),
+                Some(Err(why)) => warn!("reload failed, keeping the old auth keys: {why}"),
+                None => {}
+            }
+            if self.reload_hooks.is_empty() && keys.is_none() {
                 info!(target: crate::cli::REPORT_TARGET, "reload: nothing to reload");
             }
             for hook in &mut self.reload_hooks {
@@ -216,6 +228,8 @@ impl Worker {
             limiter,
             io,
             for_engine,
+            gate,
+            v2_in,
             ..
         } = self;
         let ep = &mut endpoints[i];
@@ -254,23 +268,34 @@ impl Worker {
                     }
                 }
             }
+            // The wall clock for tokens and cookies, once per batch.
+            let clock = Clock {
+                unix_secs: Clock::unix_now(),
+                millis: now_ms as u32,
+            };
             for (k, ok) in for_engine.iter_mut().enumerate().take(n) {
                 *ok = false;
                 let Some(d) = recv.get(k) else {
                     io.recv_errors += 1;
                     continue;
                 };
-                if let Some(l) = limiter.as_mut() {
-                    if !l.allow(d.from.ip(), now_ms as u32) {
-                        io.rate_limited += 1;
-                        continue;
-                    }
-                }
+                let within_rate = limiter
+                    .as_mut()
+                    .map_or(true, |l| l.allow(d.from.ip(), now_ms as u32));
                 if *stun_only || stun::is_stun(d.data) {
-                    answer_stun(queue, io, d);
+                    if within_rate {
+                        answer_stun(queue, io, d);
+                    } else {
+                        io.rate_limited += 1;
+                    }
                     continue;
                 }
-                *ok = true;
+                match gate.admit(d.data, d.from, within_rate, clock, io) {
+                    Verdict::Engine => *ok = true,
+                    Verdict::V2(req) => v2_in.push((req, d.from)),
+                    Verdict::Cookie(c) => queue_bytes(queue, io, d.from, &c.to_bytes()),
+                    Verdict::Drop => {}
+                }
             }
             let for_engine = &*for_engine;
             engine.handle_batch(
@@ -305,6 +330,28 @@ impl Worker {
                     }
                 },
             );
+            let admitted = &*v2_in;
+            engine.handle_batch_v2(
+                admitted.len(),
+                |k| admitted.get(k).map(|(req, from)| (req, *from)),
+                now_ms,
+                |k, outcome| {
+                    trace!("{local}: v2 request {k} of the batch: {outcome:?}");
+                    match outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            debug!("matched v2 {} <-> {}", waiting.to, completing.to);
+                            queue_bytes(queue, io, waiting.to, &waiting.reply.to_bytes());
+                            queue_bytes(queue, io, completing.to, &completing.reply.to_bytes());
+                        }
+                        Outcome::Replayed(t) => queue_bytes(queue, io, t.to, &t.reply.to_bytes()),
+                        _ => {}
+                    }
+                },
+            );
+            v2_in.clear();
             if ep.queue.len() >= batch {
                 flush(ep, io);
             }
@@ -323,6 +370,13 @@ fn queue_reply(queue: &mut SendQueue, io: &mut IoCounters, t: &Transmit) {
     let mut buf = [0u8; MAX_REPLY_LEN];
     let len = t.reply.emit(&mut buf);
     if !queue.push(t.to, &buf[..len]) {
+        io.send_dropped += 1;
+    }
+}
+
+/// Queues a datagram already encoded (v2 replies and cookie replies).
+fn queue_bytes(queue: &mut SendQueue, io: &mut IoCounters, to: SocketAddr, bytes: &[u8]) {
+    if !queue.push(to, bytes) {
         io.send_dropped += 1;
     }
 }
