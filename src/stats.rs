@@ -97,12 +97,21 @@ counters! {
         /// (responses, indications, malformed, bad FINGERPRINT, unknown
         /// required attributes), and anything that is not STUN on `--stun-port`.
         stun_refused,
+        /// Cluster: client requests forwarded to the member that owns their pair.
+        forwarded_out,
+        /// Cluster: requests other members forwarded here (handled by the engine).
+        forwarded_in,
+        /// Cluster: datagrams from the cluster socket refused (malformed,
+        /// unknown sender, stale, bad MAC, replayed).
+        forward_rejected,
     }
 }
 
 /// Every count the server keeps: the engine's and the sockets'. `received`
 /// counts every datagram read: those the rate limiter dropped, the STUN
-/// requests answered or refused, and those handed to the engine.
+/// requests answered or refused, those forwarded to the cluster member that
+/// owns their pair, and those handed to the engine (which include requests
+/// other members forwarded here).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Datagrams received.
@@ -117,7 +126,11 @@ impl Counters {
     /// The two sets together.
     pub fn new(engine: EngineCounters, io: IoCounters) -> Counters {
         Counters {
-            received: engine.received + io.rate_limited + io.stun_answered + io.stun_refused,
+            received: engine.received
+                + io.rate_limited
+                + io.stun_answered
+                + io.stun_refused
+                + io.forwarded_out,
             engine,
             io,
         }

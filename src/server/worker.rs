@@ -26,10 +26,13 @@ use mio::{Events, Poll, Token, Waker};
 
 use super::ratelimit::RateLimiter;
 use super::ReloadHook;
+use crate::cluster::port::{unix_ms, Incoming};
+use crate::cluster::{ClusterPort, Now};
 use crate::engine::{Engine, Outcome, Transmit};
 use crate::metrics::{Metrics, Snapshot};
 use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
+use crate::wire::cluster::MAX_PAYLOAD;
 use crate::wire::{stun, MAX_REPLY_LEN};
 
 /// Datagrams received per socket per wakeup before the loop looks at timers
@@ -41,6 +44,8 @@ pub(super) const QUEUE_BATCHES: usize = 16;
 pub(super) const EXPIRY_TICK: Duration = Duration::from_millis(10);
 
 pub(super) const WAKER: Token = Token(usize::MAX);
+/// The cluster socket's token: below the metrics' tokens, above any endpoint.
+pub(super) const CLUSTER: Token = Token(crate::metrics::TOKEN_BASE - 1);
 
 pub(super) struct Endpoint {
     pub(super) socket: mio::net::UdpSocket,
@@ -75,6 +80,8 @@ pub(super) struct Worker {
     pub(super) waker: Arc<Waker>,
     /// When the oldest metrics connection must be closed.
     pub(super) metrics_deadline: Option<Instant>,
+    /// Cluster mode: the cluster socket and membership.
+    pub(super) cluster: Option<ClusterPort>,
 }
 
 impl Worker {
@@ -87,6 +94,14 @@ impl Worker {
             uptime: self.start.elapsed().as_secs_f64(),
             udp_sockets: self.endpoints.len(),
             stopping: self.stop.load(Ordering::Acquire),
+            cluster: self.cluster.as_ref().map(|c| c.status(self.cluster_now())),
+        }
+    }
+
+    fn cluster_now(&self) -> Now {
+        Now {
+            mono_ms: self.now_ms(),
+            unix_ms: unix_ms(),
         }
     }
 
@@ -117,6 +132,9 @@ impl Worker {
             .iter()
             .map(|e| sys::socket_drops(&e.socket).unwrap_or(0))
             .sum();
+        if let Some(c) = self.cluster.as_ref() {
+            (io.forwarded_in, io.forward_rejected) = c.totals();
+        }
         Counters::new(self.engine.counters(), io)
     }
 
@@ -130,16 +148,26 @@ impl Worker {
         let mut next_stats = self.stats_interval.map(|d| Instant::now() + d);
         let mut next_expiry = Instant::now();
         let mut expiry_owed = false;
+        // Cluster mode: when the next heartbeat or liveness check is due
+        // (loop ms), and after SIGTERM, when the drain ends.
+        let mut cluster_due: Option<u64> = None;
+        let mut drain_until: Option<u64> = None;
         loop {
             let now = Instant::now();
-            let timeout = if self
-                .endpoints
-                .iter()
-                .any(|e| e.readable && can_read(e, self.batch))
+            let cluster_ready = self.cluster.as_ref().is_some_and(|c| c.readable());
+            let timeout = if cluster_ready
+                || self
+                    .endpoints
+                    .iter()
+                    .any(|e| e.readable && can_read(e, self.batch))
             {
                 Some(Duration::ZERO)
             } else {
                 let mut t = next_stats.map(|s| s.saturating_duration_since(now));
+                if let Some(due) = cluster_due {
+                    let c = Duration::from_millis(due.saturating_sub(self.now_ms()));
+                    t = Some(t.map_or(c, |t| t.min(c)));
+                }
                 if expiry_owed {
                     t = Some(Duration::from_millis(1));
                 } else if self.engine.pending() + self.engine.replay_entries() > 0 {
@@ -167,6 +195,10 @@ impl Worker {
                         // A new connection brings a deadline the poll must wake for.
                         self.metrics_deadline = m.next_deadline();
                     }
+                } else if token == CLUSTER {
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.set_readable();
+                    }
                 } else if let Some(ep) = self.endpoints.get_mut(token.0) {
                     if event.is_readable() {
                         ep.readable = true;
@@ -177,8 +209,28 @@ impl Worker {
             for i in 0..self.endpoints.len() {
                 self.service(i, now_ms);
             }
+            if self.cluster.is_some() {
+                self.service_cluster(now_ms);
+                let now = self.cluster_now();
+                if let Some(c) = self.cluster.as_mut() {
+                    cluster_due = Some(c.timers(now));
+                }
+            }
             if self.stop.load(Ordering::Acquire) {
-                break;
+                // A member first tells the others it leaves, and keeps
+                // relaying for --cluster-drain; a single server stops now.
+                let now = self.cluster_now();
+                match (self.cluster.as_mut(), drain_until) {
+                    (Some(c), None) => {
+                        let drain = c.leave(now);
+                        drain_until = Some(now.mono_ms + drain.as_millis() as u64);
+                        cluster_due = Some(now.mono_ms);
+                    }
+                    (Some(_), Some(end)) if now.mono_ms < end => {
+                        cluster_due = Some(cluster_due.map_or(end, |d| d.min(end)));
+                    }
+                    _ => break,
+                }
             }
             self.control();
             let now = Instant::now();
@@ -191,7 +243,8 @@ impl Worker {
             }
             if let Some(due) = next_stats {
                 if now >= due {
-                    info!("stats {}", self.counters());
+                    let cluster = self.cluster_line();
+                    info!("stats {}{cluster}", self.counters());
                     next_stats = self.stats_interval.map(|d| now + d);
                 }
             }
@@ -216,8 +269,10 @@ impl Worker {
             limiter,
             io,
             for_engine,
+            cluster,
             ..
         } = self;
+        let unix = if cluster.is_some() { unix_ms() } else { 0 };
         let ep = &mut endpoints[i];
         flush(ep, io);
         let mut budget = RECV_BUDGET;
@@ -270,6 +325,14 @@ impl Worker {
                     answer_stun(queue, io, d);
                     continue;
                 }
+                // Cluster: a pair another member owns goes there.
+                if let Some(port) = cluster.as_mut() {
+                    if let Some(via) = port.owner(d.data) {
+                        io.forwarded_out += 1;
+                        port.forward(via, d.from, d.data, unix);
+                        continue;
+                    }
+                }
                 *ok = true;
             }
             let for_engine = &*for_engine;
@@ -297,10 +360,10 @@ impl Worker {
                                 waiting.reply.src_port,
                                 waiting.reply.dst_port
                             );
-                            queue_reply(queue, io, waiting);
-                            queue_reply(queue, io, completing);
+                            send_reply(queue, io, cluster, waiting, unix);
+                            send_reply(queue, io, cluster, completing, unix);
                         }
-                        Outcome::Replayed(t) => queue_reply(queue, io, t),
+                        Outcome::Replayed(t) => send_reply(queue, io, cluster, t, unix),
                         _ => {}
                     }
                 },
@@ -311,6 +374,110 @@ impl Worker {
         }
         flush(ep, io);
     }
+}
+
+impl Worker {
+    /// Cluster mode: hands forwarded requests to the engine and relayed
+    /// replies to their clients, until the cluster socket is drained.
+    fn service_cluster(&mut self, now_ms: u64) {
+        let now = self.cluster_now();
+        let Worker {
+            endpoints,
+            engine,
+            io,
+            cluster,
+            ..
+        } = self;
+        let mut buf = [0u8; MAX_PAYLOAD];
+        loop {
+            let Some(incoming) = cluster.as_mut().and_then(|c| c.next(now, &mut buf)) else {
+                break;
+            };
+            match incoming {
+                Incoming::Request { via, client, len } => {
+                    let outcome = engine.handle_relayed(&buf[..len], client, via, now_ms);
+                    trace!("cluster: forwarded from member {via}: {outcome:?}");
+                    let Some(ep) = client_endpoint(endpoints, client) else {
+                        continue;
+                    };
+                    match &outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            send_reply(&mut ep.queue, io, cluster, waiting, now.unix_ms);
+                            send_reply(&mut ep.queue, io, cluster, completing, now.unix_ms);
+                        }
+                        Outcome::Replayed(t) => {
+                            send_reply(&mut ep.queue, io, cluster, t, now.unix_ms)
+                        }
+                        _ => {}
+                    }
+                }
+                Incoming::Reply { client, len } => {
+                    let queued = client_endpoint(endpoints, client)
+                        .is_some_and(|ep| ep.queue.push(client, &buf[..len]));
+                    if !queued {
+                        io.send_dropped += 1;
+                    }
+                }
+            }
+        }
+        for ep in endpoints.iter_mut() {
+            flush(ep, io);
+        }
+    }
+
+    /// The cluster's part of the stats line: live members and how long ago
+    /// each was heard from.
+    fn cluster_line(&self) -> String {
+        let Some(c) = self.cluster.as_ref() else {
+            return String::new();
+        };
+        let s = c.status(self.cluster_now());
+        let mut line = format!(" cluster_live={}", s.live);
+        for m in &s.members {
+            let age = m.heard_ms_ago.map_or("never".to_string(), |ms| {
+                format!("{:.1}s", ms as f64 / 1000.0)
+            });
+            line.push_str(&format!(
+                " member={}:{}:{}",
+                m.addr,
+                if m.live { "live" } else { "down" },
+                age
+            ));
+        }
+        line
+    }
+}
+
+/// The client socket of `client`'s family (never a `--stun-port` one).
+fn client_endpoint(endpoints: &mut [Endpoint], client: SocketAddr) -> Option<&mut Endpoint> {
+    endpoints
+        .iter_mut()
+        .find(|e| !e.stun_only && e.local.is_ipv4() == client.is_ipv4())
+}
+
+/// Sends an engine reply: to the client from this member, or, when its
+/// request came through another member (`via` > 0), back to that member.
+fn send_reply(
+    queue: &mut SendQueue,
+    io: &mut IoCounters,
+    cluster: &mut Option<ClusterPort>,
+    t: &Transmit,
+    unix_ms: u64,
+) {
+    if let (true, Some(port)) = (t.via != 0, cluster.as_mut()) {
+        let mut buf = [0u8; MAX_REPLY_LEN];
+        let len = t.reply.emit(&mut buf);
+        if port.relay(t.via, t.to, &buf[..len], unix_ms) {
+            io.sent += 1;
+        } else {
+            io.send_dropped += 1;
+        }
+        return;
+    }
+    queue_reply(queue, io, t);
 }
 
 /// True when the queue has room for the replies of one more full batch
