@@ -389,10 +389,7 @@ impl Worker {
             ..
         } = self;
         let mut buf = [0u8; MAX_PAYLOAD];
-        loop {
-            let Some(incoming) = cluster.as_mut().and_then(|c| c.next(now, &mut buf)) else {
-                break;
-            };
+        while let Some(incoming) = cluster.as_mut().and_then(|c| c.next(now, &mut buf)) {
             match incoming {
                 Incoming::Request { via, client, len } => {
                     let outcome = engine.handle_relayed(&buf[..len], client, via, now_ms);
