@@ -195,6 +195,11 @@ impl Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for line in self.stderr.lock().unwrap().iter() {
+                eprintln!("{}: {line}", self.cluster);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
