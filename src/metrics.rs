@@ -406,6 +406,12 @@ pub const DROP_REASONS: &[&str] = &[
     "per_ip_limit",
     "per_prefix_limit",
     "stun_refused",
+    "seed_refused",
+    "v2_malformed",
+    "v2_bad_source",
+    "auth_failed_unknown_key",
+    "auth_failed_expired",
+    "auth_failed_bad_mac",
 ];
 
 /// HELP text of the counters known when this was written; a counter added
@@ -432,6 +438,11 @@ fn help(name: &str) -> &'static str {
         "recv_errors" => "Receive calls that failed unexpectedly.",
         "pending" => "Pending registrations held now.",
         "stun_answered" => "STUN Binding requests answered.",
+        "v2_admitted" => "Protocol v2 requests with a valid token, handed to the engine.",
+        "cookie_sent" => "Cookie replies sent to v2 requests from sources over their rate.",
+        "cookie_validated" => {
+            "v2 requests from sources over their rate let through by a valid cookie."
+        }
         "forwarded_out" => "Cluster: requests forwarded to the member that owns their pair.",
         "forwarded_in" => "Cluster: requests other members forwarded here.",
         "forward_rejected" => "Cluster: datagrams from the cluster socket refused.",

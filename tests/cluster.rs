@@ -746,8 +746,11 @@ struct Dnsmasq {
 }
 
 impl Dnsmasq {
-    fn start(scratch: &Scratch, ip: &str) -> Option<Dnsmasq> {
-        let hosts = scratch.file("hosts", "");
+    /// Starts serving `ips` as the A records of `name`, and waits until it
+    /// answers (a SIGHUP before its handler is installed would kill it).
+    fn start(scratch: &Scratch, ip: &str, name: &str, ips: &[&str]) -> Option<Dnsmasq> {
+        let text: String = ips.iter().map(|a| format!("{a} {name}\n")).collect();
+        let hosts = scratch.file("hosts", &text);
         let child = Command::new("dnsmasq")
             .args([
                 "--no-daemon",
@@ -765,6 +768,28 @@ impl Dnsmasq {
             .stderr(Stdio::null())
             .spawn()
             .ok()?;
+        let probe = UdpSocket::bind("127.0.0.1:0").ok()?;
+        probe
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .ok()?;
+        // A query for `name`, type A, class IN.
+        let mut query = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 512];
+        loop {
+            let _ = probe.send_to(&query, (ip, 53));
+            if probe.recv_from(&mut buf).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+        }
         Some(Dnsmasq { child, hosts })
     }
 
@@ -817,11 +842,9 @@ fn dns_membership_follows_the_records() {
         "resolv.conf",
         &format!("nameserver {dns_ip}\noptions timeout:1 attempts:1\n"),
     );
-    let dns = Dnsmasq::start(&scratch, dns_ip).expect("dnsmasq starts");
     let name = "members.psync.test";
     let ips = ["127.0.13.2", "127.0.13.3", "127.0.13.4"];
-    dns.set(name, &ips);
-    std::thread::sleep(Duration::from_millis(300));
+    let dns = Dnsmasq::start(&scratch, dns_ip, name, &ips).expect("dnsmasq answers");
     let spec = format!("{name}:{CLUSTER_PORT}");
     let members: Vec<Member> = ips
         .iter()

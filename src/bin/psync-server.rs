@@ -160,6 +160,17 @@ struct Args {
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
 
+    /// Serve protocol v2: accept tokens made with the keys in this file
+    /// (lines `KEY_ID SECRET_HEX`, 1 to 256 keys of 16 to 64 bytes; others
+    /// may not read it: mode 600). SIGHUP re-reads it. See docs/auth.md.
+    #[arg(long, value_name = "PATH")]
+    auth_key_file: Option<PathBuf>,
+
+    /// Refuse seed-format requests (no reply, counted in seed_refused): only
+    /// v2 requests with a valid token are served. Needs --auth-key-file.
+    #[arg(long, requires = "auth_key_file")]
+    require_auth: bool,
+
     /// Cluster: every member's cluster address, this server's included, the
     /// same list on every member (IP[:PORT], port from --cluster-bind; repeat,
     /// or separate with commas) [at most 256, one per IP].
@@ -278,6 +289,11 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
     let count = |n: u64, flag: &str| {
         usize::try_from(n).map_err(|_| format!("--{flag} {n} does not fit this system"))
     };
+    let auth = match &args.auth_key_file {
+        Some(path) => psync::server::gate::AuthConfig::from_key_file(path, args.require_auth)
+            .map_err(|e| format!("--auth-key-file: {e}"))?,
+        None => psync::server::gate::AuthConfig::default(),
+    };
     Ok(ServerConfig {
         engine: EngineConfig {
             capacity: count(args.capacity, "capacity")?,
@@ -308,6 +324,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         metrics: args.metrics,
         stun_port: args.stun_port,
         cluster: cluster_settings(args)?,
+        auth,
     })
 }
 
@@ -417,6 +434,17 @@ fn main() -> ExitCode {
     }
     if let Some(addr) = server.cluster_addr() {
         cli::eprint(&format!("psync-server: cluster on udp {addr}"));
+    }
+    if let Some(path) = &args.auth_key_file {
+        log::info!(
+            "protocol v2: tokens checked against {}{}",
+            path.display(),
+            if args.require_auth {
+                "; seed-format requests refused (--require-auth)"
+            } else {
+                "; seed-format requests served beside it"
+            }
+        );
     }
     if let Some(addr) = server.metrics_addr() {
         cli::eprint(&format!(

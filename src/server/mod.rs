@@ -8,7 +8,9 @@
 //! - `worker.rs`: one worker's single-threaded `mio` loop over its sockets,
 //!   with its own engine, rate limiter, receive batches and send queues;
 //! - `ratelimit.rs`: the per-source token buckets the loop applies first
-//!   (also reachable as `psync::limit`).
+//!   (also reachable as `psync::limit`);
+//! - `gate.rs`: the admission gate the loop applies next: seed or v2,
+//!   `--require-auth`, tokens, address-validation cookies.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,9 +26,11 @@ use crate::engine::{ConfigError, Engine, EngineConfig};
 use crate::metrics::Metrics;
 use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
+use gate::{AuthConfig, Gate};
 use ratelimit::{RateLimit, RateLimiter};
 use worker::{Endpoint, Worker, CLUSTER, QUEUE_BATCHES, WAKER};
 
+pub mod gate;
 pub mod ratelimit;
 mod worker;
 
@@ -56,6 +60,8 @@ pub struct ServerConfig {
     pub stun_port: Option<u16>,
     /// Run as a member of a cluster (docs/cluster.md).
     pub cluster: Option<ClusterSettings>,
+    /// Protocol v2: token keys, `--require-auth`, the cookie secret.
+    pub auth: AuthConfig,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +77,7 @@ impl Default for ServerConfig {
             metrics: None,
             stun_port: None,
             cluster: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -133,6 +140,9 @@ pub enum ServerError {
         /// What the OS said.
         source: io::Error,
     },
+    /// The auth settings cannot be used.
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// Largest `--batch`: beyond this, batching buys nothing and delays replies.
@@ -303,6 +313,17 @@ impl Server {
             }
             None => None,
         };
+        // The cookie secret is always drawn from the OS: cookies must not be
+        // predictable even when --seed makes everything else reproducible.
+        let mut cookie_secret = [0u8; 32];
+        getrandom::fill(&mut cookie_secret)
+            .map_err(|e| ServerError::Poll(io::Error::other(e.to_string())))?;
+        let gate_seed = [
+            splitmix64(limiter_seed[0] ^ 1),
+            splitmix64(limiter_seed[1] ^ 2),
+        ];
+        let gate = Gate::new(&cfg.auth, cfg.rate_limit, gate_seed, &cookie_secret)
+            .map_err(ServerError::Auth)?;
         Ok(Server {
             worker: Worker {
                 poll,
@@ -311,6 +332,8 @@ impl Server {
                 limiter: RateLimiter::new(cfg.rate_limit, limiter_seed),
                 io: IoCounters::default(),
                 for_engine: vec![false; cfg.batch].into_boxed_slice(),
+                gate,
+                v2_in: Vec::with_capacity(cfg.batch),
                 metrics,
                 batch: cfg.batch,
                 stats_interval: cfg.stats_interval,

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, trace, warn};
 use mio::{Events, Poll, Token, Waker};
 
+use super::gate::{Clock, Gate, Verdict};
 use super::ratelimit::RateLimiter;
 use super::ReloadHook;
 use crate::cluster::port::{unix_ms, Incoming};
@@ -33,7 +34,7 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
 use crate::wire::cluster::MAX_PAYLOAD;
-use crate::wire::{stun, MAX_REPLY_LEN};
+use crate::wire::{stun, v2, MAX_REPLY_LEN};
 
 /// Datagrams received per socket per wakeup before the loop looks at timers
 /// and the other socket (as boringtun's MAX_ITR): fairness and bounded latency.
@@ -69,6 +70,11 @@ pub(super) struct Worker {
     /// Per datagram of the batch in hand: for the engine (passed the rate
     /// limiter and is not STUN).
     pub(super) for_engine: Box<[bool]>,
+    /// Protocol v2: what the engine gets (auth, cookies; see `gate.rs`).
+    pub(super) gate: Gate,
+    /// The v2 requests of the batch in hand the gate admitted (capacity:
+    /// one batch, so pushing never allocates).
+    pub(super) v2_in: Vec<(v2::Request, SocketAddr)>,
     pub(super) metrics: Option<Metrics>,
     pub(super) batch: usize,
     pub(super) stats_interval: Option<Duration>,
@@ -112,7 +118,13 @@ impl Worker {
             info!(target: crate::cli::REPORT_TARGET, "counters {counters}");
         }
         if self.reload.swap(false, Ordering::AcqRel) {
-            if self.reload_hooks.is_empty() {
+            let keys = self.gate.reload();
+            match &keys {
+                Some(Ok(what)) => info!(target: crate::cli::REPORT_TARGET, "reload: {what}"),
+                Some(Err(why)) => warn!("reload failed, keeping the old auth keys: {why}"),
+                None => {}
+            }
+            if self.reload_hooks.is_empty() && keys.is_none() {
                 info!(target: crate::cli::REPORT_TARGET, "reload: nothing to reload");
             }
             for hook in &mut self.reload_hooks {
@@ -269,6 +281,8 @@ impl Worker {
             limiter,
             io,
             for_engine,
+            gate,
+            v2_in,
             cluster,
             ..
         } = self;
@@ -309,31 +323,38 @@ impl Worker {
                     }
                 }
             }
+            // The wall clock for tokens and cookies, once per batch.
+            let clock = Clock {
+                unix_secs: Clock::unix_now(),
+                millis: now_ms as u32,
+            };
             for (k, ok) in for_engine.iter_mut().enumerate().take(n) {
                 *ok = false;
                 let Some(d) = recv.get(k) else {
                     io.recv_errors += 1;
                     continue;
                 };
-                if let Some(l) = limiter.as_mut() {
-                    if !l.allow(d.from.ip(), now_ms as u32) {
-                        io.rate_limited += 1;
-                        continue;
-                    }
-                }
+                let within_rate = limiter
+                    .as_mut()
+                    .map_or(true, |l| l.allow(d.from.ip(), now_ms as u32));
                 if *stun_only || stun::is_stun(d.data) {
-                    answer_stun(queue, io, d);
+                    if within_rate {
+                        answer_stun(queue, io, d);
+                    } else {
+                        io.rate_limited += 1;
+                    }
                     continue;
                 }
-                // Cluster: a pair another member owns goes there.
-                if let Some(port) = cluster.as_mut() {
-                    if let Some(via) = port.owner(d.data) {
-                        io.forwarded_out += 1;
-                        port.forward(via, d.from, d.data, unix);
-                        continue;
-                    }
+                match gate.admit(d.data, d.from, within_rate, clock, io) {
+                    // Cluster: an admitted request whose pair another member
+                    // owns goes there.
+                    Verdict::Engine | Verdict::V2(_)
+                        if forward(cluster, io, d.data, d.from, unix) => {}
+                    Verdict::Engine => *ok = true,
+                    Verdict::V2(req) => v2_in.push((req, d.from)),
+                    Verdict::Cookie(c) => queue_bytes(queue, io, d.from, &c.to_bytes()),
+                    Verdict::Drop => {}
                 }
-                *ok = true;
             }
             let for_engine = &*for_engine;
             engine.handle_batch(
@@ -368,6 +389,28 @@ impl Worker {
                     }
                 },
             );
+            let admitted = &*v2_in;
+            engine.handle_batch_v2(
+                admitted.len(),
+                |k| admitted.get(k).map(|(req, from)| (req, *from)),
+                now_ms,
+                |k, outcome| {
+                    trace!("{local}: v2 request {k} of the batch: {outcome:?}");
+                    match outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            debug!("matched v2 {} <-> {}", waiting.to, completing.to);
+                            send_v2(queue, io, cluster, waiting, unix);
+                            send_v2(queue, io, cluster, completing, unix);
+                        }
+                        Outcome::Replayed(t) => send_v2(queue, io, cluster, t, unix),
+                        _ => {}
+                    }
+                },
+            );
+            v2_in.clear();
             if ep.queue.len() >= batch {
                 flush(ep, io);
             }
@@ -391,6 +434,30 @@ impl Worker {
         let mut buf = [0u8; MAX_PAYLOAD];
         while let Some(incoming) = cluster.as_mut().and_then(|c| c.next(now, &mut buf)) {
             match incoming {
+                Incoming::Request { via, client, len } if len == v2::REQUEST_LEN => {
+                    // The member the client reached admitted it (token,
+                    // cookie, --require-auth); the cluster MAC vouches for that.
+                    let Ok(req) = v2::Request::parse(&buf[..len]) else {
+                        io.v2_malformed += 1;
+                        continue;
+                    };
+                    let outcome = engine.handle_relayed_v2(&req, client, via, now_ms);
+                    trace!("cluster: v2 forwarded from member {via}: {outcome:?}");
+                    let Some(ep) = client_endpoint(endpoints, client) else {
+                        continue;
+                    };
+                    match &outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            send_v2(&mut ep.queue, io, cluster, waiting, now.unix_ms);
+                            send_v2(&mut ep.queue, io, cluster, completing, now.unix_ms);
+                        }
+                        Outcome::Replayed(t) => send_v2(&mut ep.queue, io, cluster, t, now.unix_ms),
+                        _ => {}
+                    }
+                }
                 Incoming::Request { via, client, len } => {
                     let outcome = engine.handle_relayed(&buf[..len], client, via, now_ms);
                     trace!("cluster: forwarded from member {via}: {outcome:?}");
@@ -455,6 +522,46 @@ fn client_endpoint(endpoints: &mut [Endpoint], client: SocketAddr) -> Option<&mu
         .find(|e| !e.stun_only && e.local.is_ipv4() == client.is_ipv4())
 }
 
+/// Cluster mode: forwards an admitted request whose pair another member
+/// owns, and says whether it did (the request is then done here).
+fn forward(
+    cluster: &mut Option<ClusterPort>,
+    io: &mut IoCounters,
+    request: &[u8],
+    from: SocketAddr,
+    unix_ms: u64,
+) -> bool {
+    let Some(port) = cluster.as_mut() else {
+        return false;
+    };
+    let Some(via) = port.owner(request) else {
+        return false;
+    };
+    io.forwarded_out += 1;
+    port.forward(via, from, request, unix_ms);
+    true
+}
+
+/// [`send_reply`] for a v2 reply.
+fn send_v2(
+    queue: &mut SendQueue,
+    io: &mut IoCounters,
+    cluster: &mut Option<ClusterPort>,
+    t: &Transmit<v2::Reply>,
+    unix_ms: u64,
+) {
+    let bytes = t.reply.to_bytes();
+    if let (true, Some(port)) = (t.via != 0, cluster.as_mut()) {
+        if port.relay(t.via, t.to, &bytes, unix_ms) {
+            io.sent += 1;
+        } else {
+            io.send_dropped += 1;
+        }
+        return;
+    }
+    queue_bytes(queue, io, t.to, &bytes);
+}
+
 /// Sends an engine reply: to the client from this member, or, when its
 /// request came through another member (`via` > 0), back to that member.
 fn send_reply(
@@ -487,6 +594,13 @@ fn queue_reply(queue: &mut SendQueue, io: &mut IoCounters, t: &Transmit) {
     let mut buf = [0u8; MAX_REPLY_LEN];
     let len = t.reply.emit(&mut buf);
     if !queue.push(t.to, &buf[..len]) {
+        io.send_dropped += 1;
+    }
+}
+
+/// Queues a datagram already encoded (v2 replies and cookie replies).
+fn queue_bytes(queue: &mut SendQueue, io: &mut IoCounters, to: SocketAddr, bytes: &[u8]) {
+    if !queue.push(to, bytes) {
         io.send_dropped += 1;
     }
 }
