@@ -380,7 +380,8 @@ fn main() -> ExitCode {
         log::warn!("--replay-capacity is ignored: matches now share --capacity");
     }
     // What the tables will cost, said before they are allocated.
-    let e = &cfg.engine;
+    let mut e = cfg.engine.clone();
+    e.ipv6 = cfg.bind.iter().any(|a| a.is_ipv6());
     let need = e.memory().unwrap_or(usize::MAX);
     log::info!(
         "tables need {} MiB ({:.1} bytes per unit of --capacity), plus up to {} MiB for \
