@@ -348,13 +348,18 @@ impl Worker {
                 match gate.admit(d.data, d.from, within_rate, clock, io) {
                     // Cluster: an admitted request whose pair another member
                     // owns goes there.
-                    Verdict::Engine | Verdict::V2(_)
-                        if forward(cluster, io, d.data, d.from, unix) => {}
+                    Verdict::Engine if forward(cluster, io, d.data, d.from, unix) => {}
                     Verdict::Engine => *ok = true,
-                    Verdict::V2(req) => v2_in.push((req, d.from)),
+                    Verdict::CheckToken(req) => v2_in.push((req, d.from)),
                     Verdict::Cookie(c) => queue_bytes(queue, io, d.from, &c.to_bytes()),
                     Verdict::Drop => {}
                 }
+            }
+            // v2: the batch's tokens, checked together; then, in a cluster,
+            // what another member owns goes there.
+            gate.check_tokens(v2_in, clock.unix_secs, io);
+            if cluster.is_some() {
+                v2_in.retain(|(req, from)| !forward(cluster, io, &req.to_bytes(), *from, unix));
             }
             let for_engine = &*for_engine;
             engine.handle_batch(
