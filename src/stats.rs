@@ -122,13 +122,22 @@ counters! {
         /// cookie (charged to the validated budget); also in `v2_admitted`
         /// or an `auth_failed_*`.
         cookie_validated,
+        /// Cluster: client requests forwarded to the member that owns their pair.
+        forwarded_out,
+        /// Cluster: requests other members forwarded here (handled by the engine).
+        forwarded_in,
+        /// Cluster: datagrams from the cluster socket refused (malformed,
+        /// unknown sender, stale, bad MAC, replayed).
+        forward_rejected,
     }
 }
 
 /// Every count the server keeps: the engine's and the sockets'. `received`
 /// counts every datagram read: those the rate limiter dropped, the STUN
 /// requests answered or refused, those the admission gate dropped or
-/// answered with a cookie, and those handed to the engine.
+/// answered with a cookie, those forwarded to the cluster member that owns
+/// their pair, and those handed to the engine (which include requests other
+/// members forwarded here).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Datagrams received.
@@ -153,7 +162,8 @@ impl Counters {
                 + io.auth_failed_unknown_key
                 + io.auth_failed_expired
                 + io.auth_failed_bad_mac
-                + io.cookie_sent,
+                + io.cookie_sent
+                + io.forwarded_out,
             engine,
             io,
         }

@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 use log::warn;
 use mio::{Interest, Poll, Token, Waker};
 
+use crate::cluster::{self, ClusterPort, ClusterSettings};
 use crate::engine::{ConfigError, Engine, EngineConfig};
 use crate::metrics::Metrics;
 use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
 use gate::{AuthConfig, Gate};
 use ratelimit::{RateLimit, RateLimiter};
-use worker::{Endpoint, Worker, QUEUE_BATCHES, WAKER};
+use worker::{Endpoint, Worker, CLUSTER, QUEUE_BATCHES, WAKER};
 
 pub mod gate;
 pub mod ratelimit;
@@ -57,6 +58,8 @@ pub struct ServerConfig {
     /// (0 picks a free port). The main port answers them anyway; a second
     /// port lets clients tell how their NAT maps (see `wire::stun`).
     pub stun_port: Option<u16>,
+    /// Run as a member of a cluster (docs/cluster.md).
+    pub cluster: Option<ClusterSettings>,
     /// Protocol v2: token keys, `--require-auth`, the cookie secret.
     pub auth: AuthConfig,
 }
@@ -73,6 +76,7 @@ impl Default for ServerConfig {
             rate_limit: RateLimit::default(),
             metrics: None,
             stun_port: None,
+            cluster: None,
             auth: AuthConfig::default(),
         }
     }
@@ -125,6 +129,17 @@ pub enum ServerError {
     /// Setting up the poller failed.
     #[error("cannot set up the event loop: {0}")]
     Poll(#[from] io::Error),
+    /// A cluster setting is wrong.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ConfigError),
+    /// The cluster socket cannot be bound.
+    #[error("--cluster-bind {addr}: {source}")]
+    ClusterBind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: io::Error,
+    },
     /// The auth settings cannot be used.
     #[error("{0}")]
     Auth(String),
@@ -278,6 +293,26 @@ impl Server {
                 ]
             }
         };
+        let start = Instant::now();
+        let cluster = match &cfg.cluster {
+            Some(settings) => {
+                settings.config.validate()?;
+                let addr = settings.config.bind;
+                Some(
+                    ClusterPort::bind(
+                        settings,
+                        (cfg.rcvbuf, cfg.sndbuf),
+                        cfg.batch,
+                        poll.registry(),
+                        CLUSTER,
+                        waker.clone(),
+                        0,
+                    )
+                    .map_err(|source| ServerError::ClusterBind { addr, source })?,
+                )
+            }
+            None => None,
+        };
         // The cookie secret is always drawn from the OS: cookies must not be
         // predictable even when --seed makes everything else reproducible.
         let mut cookie_secret = [0u8; 32];
@@ -302,13 +337,14 @@ impl Server {
                 metrics,
                 batch: cfg.batch,
                 stats_interval: cfg.stats_interval,
-                start: Instant::now(),
+                start,
                 stop: Arc::new(AtomicBool::new(false)),
                 reload: Arc::new(AtomicBool::new(false)),
                 report: Arc::new(AtomicBool::new(false)),
                 reload_hooks: Vec::new(),
                 waker,
                 metrics_deadline: None,
+                cluster,
             },
         })
     }
@@ -331,6 +367,14 @@ impl Server {
             .filter(|e| e.stun_only)
             .map(|e| e.local)
             .collect()
+    }
+
+    /// The cluster socket's address, in cluster mode.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.worker
+            .cluster
+            .as_ref()
+            .and_then(|c| c.local_addr().ok())
     }
 
     /// The metrics endpoint's address, when `--metrics` was given.

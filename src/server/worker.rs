@@ -27,10 +27,13 @@ use mio::{Events, Poll, Token, Waker};
 use super::gate::{Clock, Gate, Verdict};
 use super::ratelimit::RateLimiter;
 use super::ReloadHook;
+use crate::cluster::port::{unix_ms, Incoming};
+use crate::cluster::{ClusterPort, Now};
 use crate::engine::{Engine, Outcome, Transmit};
 use crate::metrics::{Metrics, Snapshot};
 use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
+use crate::wire::cluster::MAX_PAYLOAD;
 use crate::wire::{stun, v2, MAX_REPLY_LEN};
 
 /// Datagrams received per socket per wakeup before the loop looks at timers
@@ -42,6 +45,8 @@ pub(super) const QUEUE_BATCHES: usize = 16;
 pub(super) const EXPIRY_TICK: Duration = Duration::from_millis(10);
 
 pub(super) const WAKER: Token = Token(usize::MAX);
+/// The cluster socket's token: below the metrics' tokens, above any endpoint.
+pub(super) const CLUSTER: Token = Token(crate::metrics::TOKEN_BASE - 1);
 
 pub(super) struct Endpoint {
     pub(super) socket: mio::net::UdpSocket,
@@ -81,6 +86,8 @@ pub(super) struct Worker {
     pub(super) waker: Arc<Waker>,
     /// When the oldest metrics connection must be closed.
     pub(super) metrics_deadline: Option<Instant>,
+    /// Cluster mode: the cluster socket and membership.
+    pub(super) cluster: Option<ClusterPort>,
 }
 
 impl Worker {
@@ -93,6 +100,14 @@ impl Worker {
             uptime: self.start.elapsed().as_secs_f64(),
             udp_sockets: self.endpoints.len(),
             stopping: self.stop.load(Ordering::Acquire),
+            cluster: self.cluster.as_ref().map(|c| c.status(self.cluster_now())),
+        }
+    }
+
+    fn cluster_now(&self) -> Now {
+        Now {
+            mono_ms: self.now_ms(),
+            unix_ms: unix_ms(),
         }
     }
 
@@ -129,6 +144,9 @@ impl Worker {
             .iter()
             .map(|e| sys::socket_drops(&e.socket).unwrap_or(0))
             .sum();
+        if let Some(c) = self.cluster.as_ref() {
+            (io.forwarded_in, io.forward_rejected) = c.totals();
+        }
         Counters::new(self.engine.counters(), io)
     }
 
@@ -142,16 +160,26 @@ impl Worker {
         let mut next_stats = self.stats_interval.map(|d| Instant::now() + d);
         let mut next_expiry = Instant::now();
         let mut expiry_owed = false;
+        // Cluster mode: when the next heartbeat or liveness check is due
+        // (loop ms), and after SIGTERM, when the drain ends.
+        let mut cluster_due: Option<u64> = None;
+        let mut drain_until: Option<u64> = None;
         loop {
             let now = Instant::now();
-            let timeout = if self
-                .endpoints
-                .iter()
-                .any(|e| e.readable && can_read(e, self.batch))
+            let cluster_ready = self.cluster.as_ref().is_some_and(|c| c.readable());
+            let timeout = if cluster_ready
+                || self
+                    .endpoints
+                    .iter()
+                    .any(|e| e.readable && can_read(e, self.batch))
             {
                 Some(Duration::ZERO)
             } else {
                 let mut t = next_stats.map(|s| s.saturating_duration_since(now));
+                if let Some(due) = cluster_due {
+                    let c = Duration::from_millis(due.saturating_sub(self.now_ms()));
+                    t = Some(t.map_or(c, |t| t.min(c)));
+                }
                 if expiry_owed {
                     t = Some(Duration::from_millis(1));
                 } else if self.engine.pending() + self.engine.replay_entries() > 0 {
@@ -179,6 +207,10 @@ impl Worker {
                         // A new connection brings a deadline the poll must wake for.
                         self.metrics_deadline = m.next_deadline();
                     }
+                } else if token == CLUSTER {
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.set_readable();
+                    }
                 } else if let Some(ep) = self.endpoints.get_mut(token.0) {
                     if event.is_readable() {
                         ep.readable = true;
@@ -189,8 +221,28 @@ impl Worker {
             for i in 0..self.endpoints.len() {
                 self.service(i, now_ms);
             }
+            if self.cluster.is_some() {
+                self.service_cluster(now_ms);
+                let now = self.cluster_now();
+                if let Some(c) = self.cluster.as_mut() {
+                    cluster_due = Some(c.timers(now));
+                }
+            }
             if self.stop.load(Ordering::Acquire) {
-                break;
+                // A member first tells the others it leaves, and keeps
+                // relaying for --cluster-drain; a single server stops now.
+                let now = self.cluster_now();
+                match (self.cluster.as_mut(), drain_until) {
+                    (Some(c), None) => {
+                        let drain = c.leave(now);
+                        drain_until = Some(now.mono_ms + drain.as_millis() as u64);
+                        cluster_due = Some(now.mono_ms);
+                    }
+                    (Some(_), Some(end)) if now.mono_ms < end => {
+                        cluster_due = Some(cluster_due.map_or(end, |d| d.min(end)));
+                    }
+                    _ => break,
+                }
             }
             self.control();
             let now = Instant::now();
@@ -203,7 +255,8 @@ impl Worker {
             }
             if let Some(due) = next_stats {
                 if now >= due {
-                    info!("stats {}", self.counters());
+                    let cluster = self.cluster_line();
+                    info!("stats {}{cluster}", self.counters());
                     next_stats = self.stats_interval.map(|d| now + d);
                 }
             }
@@ -230,8 +283,10 @@ impl Worker {
             for_engine,
             gate,
             v2_in,
+            cluster,
             ..
         } = self;
+        let unix = if cluster.is_some() { unix_ms() } else { 0 };
         let ep = &mut endpoints[i];
         flush(ep, io);
         let mut budget = RECV_BUDGET;
@@ -291,6 +346,10 @@ impl Worker {
                     continue;
                 }
                 match gate.admit(d.data, d.from, within_rate, clock, io) {
+                    // Cluster: an admitted request whose pair another member
+                    // owns goes there.
+                    Verdict::Engine | Verdict::V2(_)
+                        if forward(cluster, io, d.data, d.from, unix) => {}
                     Verdict::Engine => *ok = true,
                     Verdict::V2(req) => v2_in.push((req, d.from)),
                     Verdict::Cookie(c) => queue_bytes(queue, io, d.from, &c.to_bytes()),
@@ -322,10 +381,10 @@ impl Worker {
                                 waiting.reply.src_port,
                                 waiting.reply.dst_port
                             );
-                            queue_reply(queue, io, waiting);
-                            queue_reply(queue, io, completing);
+                            send_reply(queue, io, cluster, waiting, unix);
+                            send_reply(queue, io, cluster, completing, unix);
                         }
-                        Outcome::Replayed(t) => queue_reply(queue, io, t),
+                        Outcome::Replayed(t) => send_reply(queue, io, cluster, t, unix),
                         _ => {}
                     }
                 },
@@ -343,10 +402,10 @@ impl Worker {
                             completing,
                         } => {
                             debug!("matched v2 {} <-> {}", waiting.to, completing.to);
-                            queue_bytes(queue, io, waiting.to, &waiting.reply.to_bytes());
-                            queue_bytes(queue, io, completing.to, &completing.reply.to_bytes());
+                            send_v2(queue, io, cluster, waiting, unix);
+                            send_v2(queue, io, cluster, completing, unix);
                         }
-                        Outcome::Replayed(t) => queue_bytes(queue, io, t.to, &t.reply.to_bytes()),
+                        Outcome::Replayed(t) => send_v2(queue, io, cluster, t, unix),
                         _ => {}
                     }
                 },
@@ -358,6 +417,171 @@ impl Worker {
         }
         flush(ep, io);
     }
+}
+
+impl Worker {
+    /// Cluster mode: hands forwarded requests to the engine and relayed
+    /// replies to their clients, until the cluster socket is drained.
+    fn service_cluster(&mut self, now_ms: u64) {
+        let now = self.cluster_now();
+        let Worker {
+            endpoints,
+            engine,
+            io,
+            cluster,
+            ..
+        } = self;
+        let mut buf = [0u8; MAX_PAYLOAD];
+        while let Some(incoming) = cluster.as_mut().and_then(|c| c.next(now, &mut buf)) {
+            match incoming {
+                Incoming::Request { via, client, len } if len == v2::REQUEST_LEN => {
+                    // The member the client reached admitted it (token,
+                    // cookie, --require-auth); the cluster MAC vouches for that.
+                    let Ok(req) = v2::Request::parse(&buf[..len]) else {
+                        io.v2_malformed += 1;
+                        continue;
+                    };
+                    let outcome = engine.handle_relayed_v2(&req, client, via, now_ms);
+                    trace!("cluster: v2 forwarded from member {via}: {outcome:?}");
+                    let Some(ep) = client_endpoint(endpoints, client) else {
+                        continue;
+                    };
+                    match &outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            send_v2(&mut ep.queue, io, cluster, waiting, now.unix_ms);
+                            send_v2(&mut ep.queue, io, cluster, completing, now.unix_ms);
+                        }
+                        Outcome::Replayed(t) => send_v2(&mut ep.queue, io, cluster, t, now.unix_ms),
+                        _ => {}
+                    }
+                }
+                Incoming::Request { via, client, len } => {
+                    let outcome = engine.handle_relayed(&buf[..len], client, via, now_ms);
+                    trace!("cluster: forwarded from member {via}: {outcome:?}");
+                    let Some(ep) = client_endpoint(endpoints, client) else {
+                        continue;
+                    };
+                    match &outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            send_reply(&mut ep.queue, io, cluster, waiting, now.unix_ms);
+                            send_reply(&mut ep.queue, io, cluster, completing, now.unix_ms);
+                        }
+                        Outcome::Replayed(t) => {
+                            send_reply(&mut ep.queue, io, cluster, t, now.unix_ms)
+                        }
+                        _ => {}
+                    }
+                }
+                Incoming::Reply { client, len } => {
+                    let queued = client_endpoint(endpoints, client)
+                        .is_some_and(|ep| ep.queue.push(client, &buf[..len]));
+                    if !queued {
+                        io.send_dropped += 1;
+                    }
+                }
+            }
+        }
+        for ep in endpoints.iter_mut() {
+            flush(ep, io);
+        }
+    }
+
+    /// The cluster's part of the stats line: live members and how long ago
+    /// each was heard from.
+    fn cluster_line(&self) -> String {
+        let Some(c) = self.cluster.as_ref() else {
+            return String::new();
+        };
+        let s = c.status(self.cluster_now());
+        let mut line = format!(" cluster_live={}", s.live);
+        for m in &s.members {
+            let age = m.heard_ms_ago.map_or("never".to_string(), |ms| {
+                format!("{:.1}s", ms as f64 / 1000.0)
+            });
+            line.push_str(&format!(
+                " member={}:{}:{}",
+                m.addr,
+                if m.live { "live" } else { "down" },
+                age
+            ));
+        }
+        line
+    }
+}
+
+/// The client socket of `client`'s family (never a `--stun-port` one).
+fn client_endpoint(endpoints: &mut [Endpoint], client: SocketAddr) -> Option<&mut Endpoint> {
+    endpoints
+        .iter_mut()
+        .find(|e| !e.stun_only && e.local.is_ipv4() == client.is_ipv4())
+}
+
+/// Cluster mode: forwards an admitted request whose pair another member
+/// owns, and says whether it did (the request is then done here).
+fn forward(
+    cluster: &mut Option<ClusterPort>,
+    io: &mut IoCounters,
+    request: &[u8],
+    from: SocketAddr,
+    unix_ms: u64,
+) -> bool {
+    let Some(port) = cluster.as_mut() else {
+        return false;
+    };
+    let Some(via) = port.owner(request) else {
+        return false;
+    };
+    io.forwarded_out += 1;
+    port.forward(via, from, request, unix_ms);
+    true
+}
+
+/// [`send_reply`] for a v2 reply.
+fn send_v2(
+    queue: &mut SendQueue,
+    io: &mut IoCounters,
+    cluster: &mut Option<ClusterPort>,
+    t: &Transmit<v2::Reply>,
+    unix_ms: u64,
+) {
+    let bytes = t.reply.to_bytes();
+    if let (true, Some(port)) = (t.via != 0, cluster.as_mut()) {
+        if port.relay(t.via, t.to, &bytes, unix_ms) {
+            io.sent += 1;
+        } else {
+            io.send_dropped += 1;
+        }
+        return;
+    }
+    queue_bytes(queue, io, t.to, &bytes);
+}
+
+/// Sends an engine reply: to the client from this member, or, when its
+/// request came through another member (`via` > 0), back to that member.
+fn send_reply(
+    queue: &mut SendQueue,
+    io: &mut IoCounters,
+    cluster: &mut Option<ClusterPort>,
+    t: &Transmit,
+    unix_ms: u64,
+) {
+    if let (true, Some(port)) = (t.via != 0, cluster.as_mut()) {
+        let mut buf = [0u8; MAX_REPLY_LEN];
+        let len = t.reply.emit(&mut buf);
+        if port.relay(t.via, t.to, &buf[..len], unix_ms) {
+            io.sent += 1;
+        } else {
+            io.send_dropped += 1;
+        }
+        return;
+    }
+    queue_reply(queue, io, t);
 }
 
 /// True when the queue has room for the replies of one more full batch
