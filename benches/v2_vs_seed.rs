@@ -200,10 +200,11 @@ fn main() {
             admitted.clear();
             for k in 0..n {
                 let (d, a) = &v2_bytes[(pos + k) % v2_bytes.len()];
-                if let Verdict::V2(r) = gate.admit(&d[..], *a, true, clock, &mut io) {
+                if let Verdict::CheckToken(r) = gate.admit(&d[..], *a, true, clock, &mut io) {
                     admitted.push((r, *a));
                 }
             }
+            gate.check_tokens(&mut admitted, NOW, &mut io);
             e.handle_batch_v2(
                 admitted.len(),
                 |k| admitted.get(k).map(|(r, a)| (r, *a)),
