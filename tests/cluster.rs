@@ -897,3 +897,84 @@ fn dns_membership_follows_the_records() {
         assert!(m.stop());
     }
 }
+
+/// Runs two psync-clients for the pair (1, 2) with `--server servers` and
+/// returns their exit codes and stderr.
+fn clients(servers_a: &str, servers_b: &str) -> [(Option<i32>, String); 2] {
+    let spawn = |servers: &str, me: &str, peer: &str| {
+        Command::new(env!("CARGO_BIN_EXE_psync-client"))
+            .args([
+                "--server",
+                servers,
+                "--self",
+                me,
+                "--peer",
+                peer,
+                "--timeout",
+                "15",
+                "--no-port-mapping",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn(servers_a, "1", "2");
+    let b = spawn(servers_b, "2", "1");
+    [a, b].map(|c| {
+        let out = c.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+}
+
+#[test]
+fn clients_that_know_the_members_ask_the_owner_and_fall_back() {
+    let scratch = Scratch::new("client");
+    let key = key_file(&scratch);
+    let ips = ["127.0.16.2", "127.0.16.3", "127.0.16.4"];
+    let mut members: Vec<Member> = ips
+        .iter()
+        .map(|ip| {
+            start(
+                ip,
+                &Members::Static(&ips),
+                &key,
+                &["--cluster-timeout", "1s"],
+            )
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = members.iter().map(|m| m.client).collect();
+    let list = addrs
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let owner = owner_of(&request(1, 2), &addrs).unwrap();
+    let owner_index = addrs.iter().position(|a| *a == owner).unwrap();
+    // Both know the members: both ask the owner, nothing is forwarded.
+    for (code, err) in clients(&list, &list) {
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let forwarded: f64 = members
+        .iter()
+        .map(|m| m.metric("psync_forwarded_out_total"))
+        .sum();
+    assert_eq!(forwarded, 0.0, "clients that know the owner skip the hop");
+    assert!(members[owner_index].metric("psync_matched_total") >= 1.0);
+    // One knows only a member that does not own the pair: one hop, still works.
+    let other = addrs[(owner_index + 1) % 3].to_string();
+    for (code, err) in clients(&list, &other) {
+        assert_eq!(code, Some(0), "{err}");
+    }
+    // The owner dies: both fall back to the next member, which owns the
+    // pair once the owner has been silent for the timeout.
+    let dead = members.remove(owner_index);
+    drop(dead);
+    for (code, err) in clients(&list, &list) {
+        assert_eq!(code, Some(0), "{err}");
+    }
+}

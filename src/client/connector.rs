@@ -182,7 +182,7 @@ impl Connector {
                     buf[..req.len()].copy_from_slice(&req);
                     self.transmits.push_back(Transmit {
                         socket: SocketId::Main,
-                        to: self.cfg.server,
+                        to: r.server(),
                         ttl: None,
                         buf,
                         len: req.len(),
@@ -322,8 +322,9 @@ impl Connector {
     }
 
     fn start_register(&mut self, now: Instant) {
-        self.phase = Phase::Register(Registration::new(
+        self.phase = Phase::Register(Registration::with_fallbacks(
             self.cfg.server,
+            &self.cfg.fallbacks,
             self.cfg.self_id,
             self.cfg.peer_id,
             now,

@@ -25,10 +25,23 @@ pub const REGISTER_BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// [`REGISTER_BACKOFF_START`].
 pub const REFUSED_GRACE: Duration = Duration::from_secs(2);
 
-/// Sans-IO registration with one server.
+/// Requests one cluster member may leave unanswered before the next member
+/// is tried (about 1.75 s at the backoff above). The members forward to
+/// the pair's owner whichever is asked, so moving on is safe; it costs a
+/// fresh rendezvous only if a match's reply was lost that many times.
+pub const FALLBACK_AFTER: u32 = 3;
+
+/// Sans-IO registration with one server, or with the members of a cluster
+/// (the pair's owner first, then the others, each tried in turn when the
+/// one before stays silent or refuses).
 #[derive(Debug)]
 pub struct Registration {
     server: SocketAddr,
+    /// Cluster members to fall back to, in the order to try them
+    /// (`server` is the one in use; it is also among them).
+    servers: Vec<SocketAddr>,
+    /// Requests sent to `server` since it last answered or was chosen.
+    unanswered: u32,
     request: [u8; REQUEST_LEN],
     next_send: Instant,
     backoff: Duration,
@@ -42,8 +55,24 @@ pub struct Registration {
 impl Registration {
     /// Starts registering `self_id` for `peer_id` at `now`.
     pub fn new(server: SocketAddr, self_id: PeerId, peer_id: PeerId, now: Instant) -> Registration {
+        Registration::with_fallbacks(server, &[], self_id, peer_id, now)
+    }
+
+    /// As [`Registration::new`], with the other members of a cluster to
+    /// try after [`FALLBACK_AFTER`] unanswered requests or a refusal.
+    pub fn with_fallbacks(
+        server: SocketAddr,
+        fallbacks: &[SocketAddr],
+        self_id: PeerId,
+        peer_id: PeerId,
+        now: Instant,
+    ) -> Registration {
+        let mut servers = vec![server];
+        servers.extend(fallbacks.iter().filter(|&&f| f != server));
         Registration {
             server,
+            servers,
+            unanswered: 0,
             request: Request { self_id, peer_id }.emit(),
             next_send: now,
             backoff: REGISTER_BACKOFF_START,
@@ -62,10 +91,33 @@ impl Registration {
             self.refused_since = None;
         }
         self.refused_latest = false;
+        if self.unanswered >= FALLBACK_AFTER {
+            self.next_server();
+        }
+        self.unanswered += 1;
         self.next_send = now + self.backoff;
         self.backoff = (self.backoff * 2).min(REGISTER_BACKOFF_CAP);
         self.sent += 1;
         Some(self.request)
+    }
+
+    /// The server the next request goes to.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// Moves on to the next cluster member, if there are others.
+    fn next_server(&mut self) {
+        if self.servers.len() > 1 {
+            let i = self
+                .servers
+                .iter()
+                .position(|&s| s == self.server)
+                .unwrap_or(0);
+            self.server = self.servers[(i + 1) % self.servers.len()];
+            log::info!("no answer yet; trying cluster member {}", self.server);
+        }
+        self.unanswered = 0;
     }
 
     /// When the next request is due.
@@ -93,6 +145,10 @@ impl Registration {
             );
         }
         self.refused_latest = true;
+        // Another member may be up: try it at once.
+        if self.servers.len() > 1 {
+            self.next_server();
+        }
         if now.duration_since(since) >= REFUSED_GRACE {
             return Some(ClientError::Refused {
                 server: self.server,
@@ -106,10 +162,10 @@ impl Registration {
     /// A datagram from `from`: `None` if it is not the server's reply (another
     /// source, or a STUN answer), else the reply or why it is bad.
     pub fn handle(&self, from: SocketAddr, datagram: &[u8]) -> Option<Result<Reply, ClientError>> {
-        if from != self.server || stun::is_stun(datagram) {
+        if !self.servers.contains(&from) || stun::is_stun(datagram) {
             return None;
         }
-        Some(check_reply(datagram, self.server))
+        Some(check_reply(datagram, from))
     }
 }
 
@@ -136,6 +192,51 @@ pub fn check_reply(datagram: &[u8], server: SocketAddr) -> Result<Reply, ClientE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_or_refusing_member_is_left_for_the_next() {
+        let owner: SocketAddr = "192.0.2.1:1024".parse().unwrap();
+        let others: [SocketAddr; 2] = [
+            "192.0.2.2:1024".parse().unwrap(),
+            "192.0.2.3:1024".parse().unwrap(),
+        ];
+        let t0 = Instant::now();
+        let mut r = Registration::with_fallbacks(
+            owner,
+            &others,
+            PeerId::from_u32(1),
+            PeerId::from_u32(2),
+            t0,
+        );
+        let mut to = Vec::new();
+        let mut now = t0;
+        for _ in 0..7 {
+            assert!(r.poll_transmit(now).is_some());
+            to.push(r.server());
+            now = r.poll_timeout();
+        }
+        assert_eq!(
+            &to[..3],
+            &[owner; 3],
+            "the owner first, {FALLBACK_AFTER} times"
+        );
+        assert_eq!(&to[3..6], &[others[0]; 3]);
+        assert_eq!(to[6], others[1]);
+        // A refusal moves on at once; replies count from any member.
+        assert!(r.refused(now).is_none());
+        assert_eq!(r.server(), owner);
+        let reply = [0u8; 20];
+        assert!(r.handle(others[0], &reply).is_some());
+        assert!(r
+            .handle("192.0.2.9:1024".parse().unwrap(), &reply)
+            .is_none());
+        // One server: never moves.
+        let mut one = Registration::new(owner, PeerId::from_u32(1), PeerId::from_u32(2), t0);
+        for _ in 0..6 {
+            one.poll_transmit(one.poll_timeout());
+            assert_eq!(one.server(), owner);
+        }
+    }
 
     #[test]
     fn backs_off_from_250_ms_to_2_s() {
