@@ -12,9 +12,11 @@
 //! its engine, replies for its clients); and it runs
 //! [`ClusterPort::timers`] every turn (heartbeats, liveness, DNS answers).
 //!
-//! Datagrams to other members go out at once with `send_to`: the socket's
-//! send buffer is the queue, and a datagram it cannot take is dropped and
-//! counted (the client retransmits). Nothing here allocates per datagram;
+//! Datagrams to other members are queued and sent with `sendmmsg` when the
+//! loop flushes ([`ClusterPort::flush`], after each batch), or at once with
+//! `send_to` when longer than a queue slot (a forward of a v2 request); one
+//! the socket cannot take is dropped and counted (the client retransmits).
+//! Nothing here allocates per datagram;
 //! logging is per event (a member's liveness, a DNS answer), never per
 //! datagram above `debug`.
 
@@ -31,7 +33,7 @@ use super::{
     pair_key, Cluster, ClusterConfig, ClusterCounters, MemberSource, MemberStatus, Now, Owner,
     Received, Sealer,
 };
-use crate::sys::{self, RecvBatch};
+use crate::sys::{self, RecvBatch, SendQueue, SEND_SLOT_LEN};
 use crate::wire::cluster::{MAX_LEN, MAX_PAYLOAD};
 
 /// What the server needs to run as a member: the cluster's settings and
@@ -49,6 +51,9 @@ pub struct ClusterSettings {
 /// Datagrams read from the cluster socket per call of [`ClusterPort::next`]
 /// before the loop gets its turn back (the loop's own budget is per wake-up).
 const RECV_BUDGET: usize = 4096;
+/// Cluster send-queue capacity in batches: forwards and replies of a few
+/// client batches wait here for one `sendmmsg`.
+const QUEUE_BATCHES: usize = 8;
 /// How long to wait at start for the first DNS answer before serving alone.
 const FIRST_DNS_WAIT: Duration = Duration::from_secs(5);
 
@@ -107,6 +112,7 @@ pub struct ClusterStatus {
 pub struct ClusterPort {
     socket: mio::net::UdpSocket,
     recv: RecvBatch,
+    queue: SendQueue,
     /// Datagrams of the batch in hand: (next to look at, received).
     at: (usize, usize),
     readable: bool,
@@ -195,6 +201,7 @@ impl ClusterPort {
         Ok(ClusterPort {
             socket,
             recv: RecvBatch::new(batch),
+            queue: SendQueue::new(batch * QUEUE_BATCHES, batch),
             at: (0, 0),
             // Data may have arrived between bind and register.
             readable: true,
@@ -262,6 +269,18 @@ impl ClusterPort {
     }
 
     fn send(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
+        if datagram.len() <= SEND_SLOT_LEN {
+            if self.queue.push(to, datagram) {
+                return true;
+            }
+            // Full: make room, then try once more.
+            self.flush();
+            if self.queue.push(to, datagram) {
+                return true;
+            }
+            self.counters.send_failed += 1;
+            return false;
+        }
         match self.socket.send_to(datagram, to) {
             Ok(_) => true,
             Err(e) => {
@@ -270,6 +289,16 @@ impl ClusterPort {
                 false
             }
         }
+    }
+
+    /// Sends what is queued for other members (one `sendmmsg` per batch).
+    /// What the socket does not take now stays queued for the next flush.
+    pub fn flush(&mut self) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let done = self.queue.flush(&self.socket);
+        self.counters.send_failed += done.errors;
     }
 
     /// The next forwarded request or relayed reply from the cluster socket,
@@ -379,6 +408,7 @@ impl ClusterPort {
             // Heartbeats share the socket; one that cannot go is counted.
             let _ = self.send(to, &buf[..n]);
         }
+        self.flush();
         self.cluster.poll_timeout(now)
     }
 
