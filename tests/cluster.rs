@@ -22,6 +22,18 @@ use psync::wire::{PeerId, Reply, Request};
 const SERVER: &str = env!("CARGO_BIN_EXE_psync-server");
 const CLIENT_PORT: u16 = 7000;
 const CLUSTER_PORT: u16 = 7001;
+/// The addresses of test `n`'s members: `127.A.n.x`, where `A` comes from
+/// the process ID, so that two test runs on one machine (several agents, or
+/// a developer and CI) do not fight over the same addresses and ports.
+fn block(n: u8) -> String {
+    format!("127.{}.{n}", 20 + std::process::id() % 200)
+}
+
+/// The IPs `block(n).2`, `.3` and `.4`.
+fn three(n: u8) -> [String; 3] {
+    [2, 3, 4].map(|x| format!("{}.{x}", block(n)))
+}
+
 const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 /// A scratch directory, deleted on drop.
@@ -329,7 +341,8 @@ fn unix_ms() -> u64 {
 fn halves_on_different_members_match_and_replies_come_back_the_way_they_came() {
     let scratch = Scratch::new("spray");
     let key = key_file(&scratch);
-    let ips = ["127.0.10.2", "127.0.10.3", "127.0.10.4"];
+    let ips = three(10);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let members: Vec<Member> = ips
         .iter()
         .map(|ip| start(ip, &Members::Static(&ips), &key, &[]))
@@ -395,7 +408,8 @@ fn halves_on_different_members_match_and_replies_come_back_the_way_they_came() {
 fn a_killed_members_pairs_complete_at_the_new_owner() {
     let scratch = Scratch::new("kill");
     let key = key_file(&scratch);
-    let ips = ["127.0.11.2", "127.0.11.3", "127.0.11.4"];
+    let ips = three(11);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let mut members: Vec<Member> = ips
         .iter()
         .map(|ip| {
@@ -470,7 +484,7 @@ fn a_killed_members_pairs_complete_at_the_new_owner() {
     assert_eq!(
         metric(
             &page,
-            "psync_cluster_member_live{member=\"127.0.11.4:7001\"}"
+            &format!("psync_cluster_member_live{{member=\"{}:7001\"}}", ips[2])
         ),
         0.0
     );
@@ -508,7 +522,8 @@ fn forged_stale_and_replayed_forwards_have_no_effect_and_are_counted() {
     let scratch = Scratch::new("forge");
     let key = key_file(&scratch);
     // Member .4 is listed but never runs: the test speaks in its name.
-    let ips = ["127.0.12.2", "127.0.12.3", "127.0.12.4"];
+    let ips = three(12);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let members: Vec<Member> = ips[..2]
         .iter()
         .map(|ip| start(ip, &Members::Static(&ips), &key, &[]))
@@ -516,8 +531,8 @@ fn forged_stale_and_replayed_forwards_have_no_effect_and_are_counted() {
     let target = members[0].cluster;
     let good_key = ClusterKey::parse(KEY_HEX).unwrap();
     let bad_key = ClusterKey::new(&[&[7u8; 32]]).unwrap();
-    let ghost: SocketAddr = "127.0.12.4:7001".parse().unwrap();
-    let stranger: SocketAddr = "127.0.12.9:7001".parse().unwrap();
+    let ghost: SocketAddr = format!("{}:7001", ips[2]).parse().unwrap();
+    let stranger: SocketAddr = format!("{}.9:7001", block(12)).parse().unwrap();
     let victim = client_socket();
     let client = victim.local_addr().unwrap();
     let req = request(4242, 4243);
@@ -596,7 +611,8 @@ fn forged_stale_and_replayed_forwards_have_no_effect_and_are_counted() {
 fn sigterm_announces_the_departure_and_the_others_rehome_at_once() {
     let scratch = Scratch::new("drain");
     let key = key_file(&scratch);
-    let ips = ["127.0.14.2", "127.0.14.3", "127.0.14.4"];
+    let ips = three(14);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     // A long timeout: only the announcement can explain a quick re-homing.
     let mut members: Vec<Member> = ips
         .iter()
@@ -655,15 +671,16 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
     let short = scratch.file("short.key", "00112233445566778899aabbccddee\n");
     let good = key_file(&scratch);
     let missing = scratch.0.join("missing.key");
+    let [b2, b3, b4, b5] = [2, 3, 4, 5].map(|x| format!("{}.{x}", block(15)));
     let base = |key: &Path, peers: &str| -> Vec<String> {
         [
             "-4",
             "--bind",
-            "127.0.15.2",
+            &b2,
             "-p",
             "0",
             "--cluster-bind",
-            "127.0.15.2:7001",
+            &format!("{}:7001", b2),
             "--cluster-key-file",
             &key.display().to_string(),
             "--cluster-peer",
@@ -674,19 +691,13 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
         .collect()
     };
     let cases: [(Vec<String>, &str); 5] = [
-        (base(&short, "127.0.15.2,127.0.15.3"), "--cluster-key-file"),
-        (
-            base(&missing, "127.0.15.2,127.0.15.3"),
-            "--cluster-key-file",
-        ),
-        (
-            base(&good, "127.0.15.3,127.0.15.4,127.0.15.5"),
-            "--cluster-peer",
-        ),
+        (base(&short, &format!("{b2},{b3}")), "--cluster-key-file"),
+        (base(&missing, &format!("{b2},{b3}")), "--cluster-key-file"),
+        (base(&good, &format!("{b3},{b4},{b5}")), "--cluster-peer"),
         (
             vec![
                 "--cluster-peer".into(),
-                "127.0.15.2".into(),
+                b2.clone(),
                 "--cluster-key-file".into(),
                 good.display().to_string(),
             ],
@@ -695,9 +706,9 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
         (
             vec![
                 "--cluster-peer".into(),
-                "127.0.15.2".into(),
+                b2.clone(),
                 "--cluster-bind".into(),
-                "127.0.15.2".into(),
+                b2.clone(),
             ],
             "--cluster-key-file",
         ),
@@ -711,7 +722,7 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
         assert!(lines[0].contains(flag), "{flag} named: {lines:?}");
     }
     let (_, lines) = run_failing(
-        &base(&short, "127.0.15.2")
+        &base(&short, &b2)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -721,20 +732,22 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
         "{lines:?}"
     );
     let (_, lines) = run_failing(
-        &base(&missing, "127.0.15.2")
+        &base(&missing, &b2)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
     assert!(lines[0].ends_with("no such file"), "{lines:?}");
     let (_, lines) = run_failing(
-        &base(&good, "127.0.15.3")
+        &base(&good, &b3)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
     assert!(
-        lines[0].contains("do not include this server's --cluster-bind 127.0.15.2:7001"),
+        lines[0].contains(&format!(
+            "do not include this server's --cluster-bind {b2}:7001"
+        )),
         "{lines:?}"
     );
 }
@@ -837,13 +850,15 @@ fn dns_membership_follows_the_records() {
     }
     let scratch = Scratch::new("dns");
     let key = key_file(&scratch);
-    let dns_ip = "127.0.54.1";
+    let dns_ip = format!("{}.1", block(54));
+    let dns_ip = dns_ip.as_str();
     let resolv = scratch.file(
         "resolv.conf",
         &format!("nameserver {dns_ip}\noptions timeout:1 attempts:1\n"),
     );
     let name = "members.psync.test";
-    let ips = ["127.0.13.2", "127.0.13.3", "127.0.13.4"];
+    let ips = three(13);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let dns = Dnsmasq::start(&scratch, dns_ip, name, &ips).expect("dnsmasq answers");
     let spec = format!("{name}:{CLUSTER_PORT}");
     let members: Vec<Member> = ips
@@ -935,7 +950,8 @@ fn clients(servers_a: &str, servers_b: &str) -> [(Option<i32>, String); 2] {
 fn clients_that_know_the_members_ask_the_owner_and_fall_back() {
     let scratch = Scratch::new("client");
     let key = key_file(&scratch);
-    let ips = ["127.0.16.2", "127.0.16.3", "127.0.16.4"];
+    let ips = three(16);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let mut members: Vec<Member> = ips
         .iter()
         .map(|ip| {
