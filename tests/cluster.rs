@@ -250,16 +250,16 @@ fn request(a: u32, b: u32) -> [u8; 8] {
 /// sends to.
 struct Side {
     socket: UdpSocket,
-    request: [u8; 8],
+    request: Vec<u8>,
     to: SocketAddr,
     reply: Option<(SocketAddr, Vec<u8>)>,
 }
 
 impl Side {
-    fn new(request: [u8; 8], to: SocketAddr) -> Side {
+    fn new(request: impl AsRef<[u8]>, to: SocketAddr) -> Side {
         Side {
             socket: client_socket(),
-            request,
+            request: request.as_ref().to_vec(),
             to,
             reply: None,
         }
@@ -273,7 +273,7 @@ impl Side {
         if self.reply.is_some() {
             return;
         }
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 512];
         if let Ok((n, from)) = self.socket.recv_from(&mut buf) {
             self.reply = Some((from, buf[..n].to_vec()));
         }
@@ -992,5 +992,67 @@ fn clients_that_know_the_members_ask_the_owner_and_fall_back() {
     drop(dead);
     for (code, err) in clients(&list, &list) {
         assert_eq!(code, Some(0), "{err}");
+    }
+}
+
+#[test]
+fn v2_halves_on_different_members_match_through_the_owner() {
+    use psync::auth::{issue_token, Key};
+    use psync::wire::v2;
+    use std::os::unix::fs::PermissionsExt;
+
+    let scratch = Scratch::new("v2");
+    let key = key_file(&scratch);
+    let secret = [0x5bu8; 32];
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let auth = scratch.file("auth.keys", &format!("1 {hex}\n"));
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let auth_arg = auth.display().to_string();
+    let ips = three(17);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let members: Vec<Member> = ips
+        .iter()
+        .map(|ip| {
+            start(
+                ip,
+                &Members::Static(&ips),
+                &key,
+                &["--auth-key-file", &auth_arg],
+            )
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = members.iter().map(|m| m.client).collect();
+    let signer = Key::new(1, &secret).unwrap();
+    let expiry = unix_ms() / 1000 + 60;
+    let v2_request = |pair: v2::Pair| {
+        v2::Request {
+            token: issue_token(&signer, pair, expiry),
+            cookie: None,
+            info: v2::ClientInfo(0),
+            candidates: v2::Candidates::EMPTY,
+        }
+        .to_bytes()
+    };
+    // A pair owned by the third member, its halves sent to the other two.
+    let pair = (1u64..)
+        .map(|i| v2::Pair::new(0x1000_0000_0000 + i, 0x2000_0000_0000 + i))
+        .find(|p| owner_of(&v2_request(*p), &addrs) == Some(addrs[2]))
+        .unwrap();
+    let mut sides = [
+        Side::new(v2_request(pair), addrs[0]),
+        Side::new(v2_request(pair.counterpart()), addrs[1]),
+    ];
+    complete(&mut sides, 20);
+    for (me, other) in [(0, 1), (1, 0)] {
+        let (from, bytes) = sides[me].reply.as_ref().expect("a v2 reply");
+        assert_eq!(*from, sides[me].to, "from the member the client sent to");
+        let r = v2::Reply::parse(bytes).unwrap();
+        assert_eq!(r.peer, sides[other].socket.local_addr().unwrap());
+        assert_eq!(r.your_addr, sides[me].socket.local_addr().unwrap());
+    }
+    assert_eq!(members[2].metric("psync_matched_total"), 1.0);
+    assert_eq!(members[2].metric("psync_forwarded_in_total"), 2.0);
+    for m in members {
+        assert!(m.stop());
     }
 }
