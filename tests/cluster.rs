@@ -47,9 +47,12 @@ impl Scratch {
         Scratch(dir)
     }
 
+    /// A file only its owner may read (as key files must be).
     fn file(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
         let p = self.0.join(name);
         std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
 }
@@ -729,6 +732,24 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
     );
     assert!(
         lines[0].contains("15 bytes; it must be 16 to 64 bytes"),
+        "{lines:?}"
+    );
+    let open = scratch.file("open.key", &format!("{KEY_HEX}\n"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (code, lines) = run_failing(
+        &base(&open, &b2)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        lines.len() == 1
+            && lines[0].contains("--cluster-key-file")
+            && lines[0].contains("chmod 600"),
         "{lines:?}"
     );
     let (_, lines) = run_failing(
