@@ -27,6 +27,7 @@ use ratelimit::{RateLimit, RateLimiter};
 use worker::{Endpoint, Worker, QUEUE_BATCHES, WAKER};
 
 pub mod ratelimit;
+pub mod steering;
 mod worker;
 
 /// How the server is set up. [`ServerConfig::default`] is what the binary
