@@ -27,6 +27,7 @@ use ratelimit::{RateLimit, RateLimiter};
 use worker::{Endpoint, Worker, QUEUE_BATCHES, WAKER};
 
 pub mod ratelimit;
+mod shares;
 pub mod steering;
 mod worker;
 

@@ -284,7 +284,10 @@ mod tests {
     use super::*;
 
     fn steering(workers: u32) -> Steering {
-        Steering::new(workers, Keys::from_bits(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210))
+        Steering::new(
+            workers,
+            Keys::from_bits(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
+        )
     }
 
     fn seed(a: u32, b: u32) -> [u8; 8] {
@@ -331,7 +334,9 @@ mod tests {
         let mut counts = [0u32; 4];
         let mut x = 1u64;
         for _ in 0..40_000 {
-            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             let w = s.of_pair((x >> 32) as u32, x as u32);
             counts[w as usize] += 1;
         }
