@@ -154,11 +154,13 @@ impl Coordinator {
     }
 
     /// Prefixes with shares of their own now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.ledger.len()
     }
 
     /// True when no prefix has shares of its own.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.ledger.is_empty()
     }

@@ -1,46 +1,77 @@
-//! One worker: a single-threaded `mio` loop over its sockets, with its own
-//! engine, rate limiter, receive batches and send queues.
+//! One worker: a single-threaded `mio` loop over its sockets (one of each
+//! `SO_REUSEPORT` group: a main socket per address family, and the
+//! `--stun-port` ones), with its own engine, rate limiter, receive batches,
+//! send queues and counters. Workers share nothing on the packet path.
 //!
 //! A turn of the loop: wait for readiness or the next timer; for each
-//! readable socket, receive batches until `WouldBlock` or the per-wakeup
-//! budget, hand each datagram to the engine and queue its replies; flush
-//! queues with `sendmmsg`; run a bounded slice of expiry; print stats when
-//! due.
+//! readable socket, receive batches until `WouldBlock`, the per-wakeup budget
+//! or a full send queue; rate limit, answer STUN, hand the rest to the engine
+//! and queue its replies; flush queues with `sendmmsg`; then, between
+//! batches, act on the control thread's messages (limit shares, reloads),
+//! run a bounded slice of expiry, and publish a copy of the counters for the
+//! control and metrics threads.
 //!
 //! Back-pressure: when a send queue cannot take another batch of replies (the
 //! kernel's send buffer is full), the socket is not read until the queue
 //! drains, so requests wait in the kernel rather than replies being thrown
 //! away. A reply that still finds no room is counted in `send_dropped`.
 //!
+//! Where other traffic joins the loop: [`Worker::service`] is the one place a
+//! datagram is judged before the engine (rate limit, then STUN, then the
+//! engine); a check for protocol v2 (its admission gate) belongs beside the
+//! STUN branch, and a cluster socket would be one more [`Endpoint`] kind
+//! whose datagrams carry the relay byte that `engine::Transmit::via` names.
+//!
 //! Nothing here allocates, logs or formats per packet, except `trace!` and
 //! `debug!` lines that cost one level check unless `-vvv`/`-vv` asked for them.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, trace, warn};
-use mio::{Events, Poll, Token, Waker};
+use log::{debug, trace};
+use mio::{Events, Poll, Token};
 
-use super::ratelimit::RateLimiter;
-use super::ReloadHook;
-use crate::engine::{Engine, Outcome, Transmit};
-use crate::metrics::{Metrics, Snapshot};
+use super::ratelimit::{self, RateLimiter};
+use super::shares::{Limited, Measure, NoteFilter, Order, Share};
+use super::{Control, Event, ReloadTarget, Shared, WorkerState};
+use crate::engine::source::{prefixes, Level, SourceLimits};
+use crate::engine::{DropReason, Engine, Outcome, Transmit};
 use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
 use crate::wire::{stun, MAX_REPLY_LEN};
 
 /// Datagrams received per socket per wakeup before the loop looks at timers
 /// and the other socket (as boringtun's MAX_ITR): fairness and bounded latency.
-pub(super) const RECV_BUDGET: usize = 4096;
+const RECV_BUDGET: usize = 4096;
 /// Send-queue capacity in batches: room for bursts while the kernel drains.
 pub(super) const QUEUE_BATCHES: usize = 16;
 /// How often expiry runs while the tables hold entries.
-pub(super) const EXPIRY_TICK: Duration = Duration::from_millis(10);
+const EXPIRY_TICK: Duration = Duration::from_millis(10);
+/// After activity, the counters are published at most this often: the
+/// metrics page is at most this stale while datagrams flow, and exact once
+/// they stop.
+const PUBLISH_EVERY: Duration = Duration::from_millis(10);
+/// An idle worker still turns its loop and publishes this often, so that
+/// `/healthz` can tell an idle worker from a stuck one.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Share refusals remembered per batch for want notes; more in one batch
+/// are left for the next (the client retransmits).
+pub(super) const NOTES_PER_BATCH: usize = 16;
 
 pub(super) const WAKER: Token = Token(usize::MAX);
+
+/// What a socket is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// The rendezvous port: requests and STUN.
+    Main,
+    /// A `--stun-port` socket: answers STUN Binding requests, drops the rest.
+    Stun,
+}
 
 pub(super) struct Endpoint {
     pub(super) socket: mio::net::UdpSocket,
@@ -49,68 +80,52 @@ pub(super) struct Endpoint {
     pub(super) queue: SendQueue,
     /// Data may be waiting: mio is edge-triggered, so read until `WouldBlock`.
     pub(super) readable: bool,
-    /// A `--stun-port` socket: answers STUN Binding requests, drops the rest.
-    pub(super) stun_only: bool,
+    pub(super) kind: Kind,
+}
+
+/// A worker's link to the control thread.
+pub(super) struct Link {
+    /// Orders and reloads from the control thread.
+    pub(super) control: Receiver<Control>,
+    /// Want notes and measures to it (bounded; never blocks).
+    pub(super) events: SyncSender<Event>,
+    /// Flags, and where this worker publishes its counters.
+    pub(super) shared: Arc<Shared>,
 }
 
 /// One worker: its sockets, engine, rate limiter, counters and loop.
 pub(super) struct Worker {
+    pub(super) index: usize,
     pub(super) poll: Poll,
     pub(super) endpoints: Vec<Endpoint>,
     pub(super) engine: Engine,
     pub(super) limiter: Option<RateLimiter>,
+    /// The pending limits for the whole server (the engine enforces this
+    /// worker's share of them).
+    pub(super) whole_pending: SourceLimits,
+    /// More than one worker: refusals may be a share's, not the source's.
+    pub(super) shared_limits: bool,
     /// What happened on the sockets (the engine counts its own decisions).
     pub(super) io: IoCounters,
     /// Per datagram of the batch in hand: for the engine (passed the rate
     /// limiter and is not STUN).
     pub(super) for_engine: Box<[bool]>,
-    pub(super) metrics: Option<Metrics>,
+    /// Share refusals of the batch in hand, and the notes they may become.
+    pub(super) notes: Vec<Limited>,
+    pub(super) refused: Vec<(usize, Level)>,
+    pub(super) note_filter: NoteFilter,
     pub(super) batch: usize,
-    pub(super) stats_interval: Option<Duration>,
     pub(super) start: Instant,
-    pub(super) stop: Arc<AtomicBool>,
-    pub(super) reload: Arc<AtomicBool>,
-    pub(super) report: Arc<AtomicBool>,
-    pub(super) reload_hooks: Vec<ReloadHook>,
-    pub(super) waker: Arc<Waker>,
-    /// When the oldest metrics connection must be closed.
-    pub(super) metrics_deadline: Option<Instant>,
+    pub(super) link: Link,
 }
 
 impl Worker {
-    pub(super) fn snapshot(&mut self) -> Snapshot {
-        Snapshot {
-            counters: self.counters(),
-            capacity: self.engine.capacity(),
-            replay_entries: self.engine.replay_entries(),
-            wait: *self.engine.wait(),
-            uptime: self.start.elapsed().as_secs_f64(),
-            udp_sockets: self.endpoints.len(),
-            stopping: self.stop.load(Ordering::Acquire),
-        }
-    }
-
-    /// Acts on the reload and report flags; called by the loop between batches.
-    pub(super) fn control(&mut self) {
-        if self.report.swap(false, Ordering::AcqRel) {
-            let counters = self.counters();
-            info!(target: crate::cli::REPORT_TARGET, "counters {counters}");
-        }
-        if self.reload.swap(false, Ordering::AcqRel) {
-            if self.reload_hooks.is_empty() {
-                info!(target: crate::cli::REPORT_TARGET, "reload: nothing to reload");
-            }
-            for hook in &mut self.reload_hooks {
-                match hook(&mut self.engine) {
-                    Ok(what) => info!(target: crate::cli::REPORT_TARGET, "reload: {what}"),
-                    Err(why) => warn!("reload failed, keeping the old state: {why}"),
-                }
-            }
-        }
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
     }
 
     /// The counters now, gauges included.
-    pub(super) fn counters(&mut self) -> Counters {
+    fn counters(&self) -> Counters {
         let mut io = self.io;
         io.kernel_drops = self
             .endpoints
@@ -120,16 +135,115 @@ impl Worker {
         Counters::new(self.engine.counters(), io)
     }
 
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+    /// Copies the counters where the control and metrics threads read them.
+    fn publish(&self, now: Instant) {
+        let state = WorkerState {
+            counters: self.counters(),
+            wait: *self.engine.wait(),
+            capacity: self.engine.capacity(),
+            replay_entries: self.engine.replay_entries(),
+            turned: Some(now),
+        };
+        // A poisoned lock means a reader panicked mid-copy; the data is
+        // plain numbers, so write on.
+        let mut slot = self.link.shared.states[self.index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *slot = state;
     }
 
-    /// Runs until [`ShutdownHandle::shutdown`]; returns the final counters.
+    /// Acts on the control thread's messages; called between batches.
+    /// True when there were any.
+    fn control(&mut self, now_ms: u64) -> bool {
+        let mut any = false;
+        loop {
+            let msg = match self.link.control.try_recv() {
+                Ok(msg) => msg,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return any,
+            };
+            any = true;
+            match msg {
+                Control::Order(Order::Measure { round, what }) => {
+                    let value = self.measure(what, now_ms);
+                    // Dropped if the channel is full: the round then times
+                    // out and the prefix goes back to the default shares.
+                    let _ = self.link.events.try_send(Event::Measured {
+                        worker: self.index,
+                        round,
+                        what,
+                        value,
+                    });
+                }
+                Control::Order(Order::Set { what, share }) => self.set_share(what, share),
+                Control::Reload(apply) => apply(&mut ReloadTarget {
+                    engine: &mut self.engine,
+                    worker: self.index,
+                }),
+            }
+        }
+    }
+
+    /// Measures `what` for a round; a pending share is frozen at what is
+    /// held, so that nothing grows while the round is out.
+    fn measure(&mut self, what: Limited, now_ms: u64) -> Measure {
+        match what {
+            Limited::Pending(p) => {
+                let held = self.engine.source_held(p);
+                let frozen = self.engine.source_limit(p).map_or(held, |l| l.min(held));
+                self.engine.set_source_limit(p, Some(frozen));
+                Measure::Held(held)
+            }
+            Limited::Rate(p) => Measure::Demand(match self.limiter.as_mut() {
+                Some(l) => l.measure(p, now_ms as u32),
+                None => ratelimit::Demand::default(),
+            }),
+        }
+    }
+
+    fn set_share(&mut self, what: Limited, share: Option<Share>) {
+        match (what, share) {
+            (Limited::Pending(p), None) => {
+                self.engine.set_source_limit(p, None);
+            }
+            (Limited::Pending(p), Some(Share::Pending(n))) => {
+                self.engine.set_source_limit(p, Some(n));
+            }
+            (Limited::Rate(p), None) => {
+                if let Some(l) = self.limiter.as_mut() {
+                    l.set_share(p, None);
+                }
+            }
+            (Limited::Rate(p), Some(Share::Rate(r))) => {
+                if let Some(l) = self.limiter.as_mut() {
+                    l.set_share(p, Some(r));
+                }
+            }
+            // A share of the other kind: not sent by the coordinator.
+            _ => {}
+        }
+    }
+
+    /// Turns the batch's share refusals into want notes and sends them
+    /// (never blocking: a full channel drops them).
+    fn send_notes(&mut self, now_ms: u64) {
+        for what in self.notes.drain(..) {
+            if self.note_filter.admit(what, now_ms) {
+                let _ = self.link.events.try_send(Event::Want {
+                    worker: self.index,
+                    what,
+                });
+            }
+        }
+    }
+
+    /// Runs until the server stops; returns the final counters.
     pub(super) fn run(&mut self) -> io::Result<Counters> {
         let mut events = Events::with_capacity(64);
-        let mut next_stats = self.stats_interval.map(|d| Instant::now() + d);
         let mut next_expiry = Instant::now();
         let mut expiry_owed = false;
+        let mut dirty = true;
+        let mut published = Instant::now();
+        self.publish(published);
         loop {
             let now = Instant::now();
             let timeout = if self
@@ -139,18 +253,16 @@ impl Worker {
             {
                 Some(Duration::ZERO)
             } else {
-                let mut t = next_stats.map(|s| s.saturating_duration_since(now));
+                let mut t = (published + HEARTBEAT).saturating_duration_since(now);
+                if dirty {
+                    t = t.min((published + PUBLISH_EVERY).saturating_duration_since(now));
+                }
                 if expiry_owed {
-                    t = Some(Duration::from_millis(1));
+                    t = t.min(Duration::from_millis(1));
                 } else if self.engine.pending() + self.engine.replay_entries() > 0 {
-                    let e = next_expiry.saturating_duration_since(now);
-                    t = Some(t.map_or(e, |t| t.min(e)));
+                    t = t.min(next_expiry.saturating_duration_since(now));
                 }
-                if let Some(d) = self.metrics_deadline {
-                    let m = d.saturating_duration_since(now);
-                    t = Some(t.map_or(m, |t| t.min(m)));
-                }
-                t
+                Some(t)
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -159,15 +271,7 @@ impl Worker {
                 return Err(e);
             }
             for event in events.iter() {
-                let token = event.token();
-                if Metrics::owns(token) {
-                    let snapshot = self.snapshot();
-                    if let Some(m) = self.metrics.as_mut() {
-                        m.ready(self.poll.registry(), token, Instant::now(), &snapshot);
-                        // A new connection brings a deadline the poll must wake for.
-                        self.metrics_deadline = m.next_deadline();
-                    }
-                } else if let Some(ep) = self.endpoints.get_mut(token.0) {
+                if let Some(ep) = self.endpoints.get_mut(event.token().0) {
                     if event.is_readable() {
                         ep.readable = true;
                     }
@@ -175,25 +279,23 @@ impl Worker {
             }
             let now_ms = self.now_ms();
             for i in 0..self.endpoints.len() {
-                self.service(i, now_ms);
+                dirty |= self.service(i, now_ms);
             }
-            if self.stop.load(Ordering::Acquire) {
+            if self.link.shared.stop.load(Ordering::Acquire) {
                 break;
             }
-            self.control();
+            dirty |= self.control(now_ms);
             let now = Instant::now();
             if now >= next_expiry || expiry_owed {
+                let before = (self.engine.pending(), self.engine.replay_entries());
                 expiry_owed = self.engine.expire(self.now_ms());
                 next_expiry = now + EXPIRY_TICK;
-                if let Some(m) = self.metrics.as_mut() {
-                    self.metrics_deadline = m.expire(self.poll.registry(), now);
-                }
+                dirty |= before != (self.engine.pending(), self.engine.replay_entries());
             }
-            if let Some(due) = next_stats {
-                if now >= due {
-                    info!("stats {}", self.counters());
-                    next_stats = self.stats_interval.map(|d| now + d);
-                }
+            if (dirty && now >= published + PUBLISH_EVERY) || now >= published + HEARTBEAT {
+                self.publish(now);
+                published = now;
+                dirty = false;
             }
         }
         // Last chance for queued replies; what cannot go now is counted.
@@ -203,21 +305,28 @@ impl Worker {
             self.io.send_errors += done.errors;
             self.io.send_dropped += ep.queue.len() as u64;
         }
+        self.publish(Instant::now());
         Ok(self.counters())
     }
 
     /// Reads, handles and answers on endpoint `i` until `WouldBlock`, the
-    /// budget, or a full send queue.
-    fn service(&mut self, i: usize, now_ms: u64) {
+    /// budget, or a full send queue. True when it handled any datagram.
+    fn service(&mut self, i: usize, now_ms: u64) -> bool {
         let batch = self.batch;
+        let mut handled = false;
         let Worker {
             endpoints,
             engine,
             limiter,
             io,
             for_engine,
+            notes,
+            refused,
+            shared_limits,
+            whole_pending,
             ..
         } = self;
+        let (shared_limits, whole) = (*shared_limits, *whole_pending);
         let ep = &mut endpoints[i];
         flush(ep, io);
         let mut budget = RECV_BUDGET;
@@ -237,12 +346,13 @@ impl Worker {
                     break;
                 }
             };
+            handled = true;
             budget = budget.saturating_sub(n.max(1));
             let Endpoint {
                 recv,
                 queue,
                 local,
-                stun_only,
+                kind,
                 ..
             } = ep;
             // The rate limiter first, in two passes like the engine: fetch
@@ -263,10 +373,16 @@ impl Worker {
                 if let Some(l) = limiter.as_mut() {
                     if !l.allow(d.from.ip(), now_ms as u32) {
                         io.rate_limited += 1;
+                        if shared_limits
+                            && notes.len() < NOTES_PER_BATCH
+                            && l.share_limited(d.from.ip())
+                        {
+                            notes.push(Limited::Rate(ratelimit::source(d.from.ip())));
+                        }
                         continue;
                     }
                 }
-                if *stun_only || stun::is_stun(d.data) {
+                if *kind == Kind::Stun || stun::is_stun(d.data) {
                     answer_stun(queue, io, d);
                     continue;
                 }
@@ -301,15 +417,39 @@ impl Worker {
                             queue_reply(queue, io, completing);
                         }
                         Outcome::Replayed(t) => queue_reply(queue, io, t),
+                        Outcome::Dropped(DropReason::SourceLimit(level))
+                            if shared_limits && refused.len() < NOTES_PER_BATCH =>
+                        {
+                            refused.push((k, *level));
+                        }
                         _ => {}
                     }
                 },
             );
+            // A pending refusal is a share's when this worker's limit for
+            // the prefix is below the whole and the prefix holds less than
+            // the whole here.
+            for (k, level) in refused.drain(..) {
+                let Some(d) = recv.get(k) else { continue };
+                let (ps, count) = prefixes(d.from.ip());
+                let Some(p) = ps[..count].iter().find(|p| p.level == level) else {
+                    continue;
+                };
+                let all = whole.at(level);
+                let here = engine.source_limit(*p).unwrap_or(u32::MAX);
+                if here < all && engine.source_held(*p) < all && notes.len() < NOTES_PER_BATCH {
+                    notes.push(Limited::Pending(*p));
+                }
+            }
             if ep.queue.len() >= batch {
                 flush(ep, io);
             }
         }
         flush(ep, io);
+        if !self.notes.is_empty() {
+            self.send_notes(now_ms);
+        }
+        handled
     }
 }
 
