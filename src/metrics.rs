@@ -603,7 +603,11 @@ pub fn render(s: &Snapshot) -> String {
          # TYPE psync_worker_received_total counter\n"
     );
     for (k, w) in s.workers.iter().enumerate() {
-        let _ = writeln!(out, "psync_worker_received_total{{worker=\"{k}\"}} {}", w.received);
+        let _ = writeln!(
+            out,
+            "psync_worker_received_total{{worker=\"{k}\"}} {}",
+            w.received
+        );
     }
     let _ = write!(
         out,
@@ -611,7 +615,11 @@ pub fn render(s: &Snapshot) -> String {
          # TYPE psync_worker_matched_total counter\n"
     );
     for (k, w) in s.workers.iter().enumerate() {
-        let _ = writeln!(out, "psync_worker_matched_total{{worker=\"{k}\"}} {}", w.matched);
+        let _ = writeln!(
+            out,
+            "psync_worker_matched_total{{worker=\"{k}\"}} {}",
+            w.matched
+        );
     }
     let _ = write!(
         out,

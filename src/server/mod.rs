@@ -159,7 +159,9 @@ pub enum ServerError {
     )]
     WorkersUnsupported(usize),
     /// Fewer pairs than workers.
-    #[error("--capacity {capacity} is below --workers {workers}: each worker needs room for a pair")]
+    #[error(
+        "--capacity {capacity} is below --workers {workers}: each worker needs room for a pair"
+    )]
     CapacityBelowWorkers {
         /// The capacity asked for.
         capacity: usize,
@@ -425,7 +427,9 @@ impl Server {
         }
         let table_bytes = engines.iter().map(Engine::allocated_bytes).sum();
 
-        let polls = (0..n).map(|_| Poll::new()).collect::<io::Result<Vec<_>>>()?;
+        let polls = (0..n)
+            .map(|_| Poll::new())
+            .collect::<io::Result<Vec<_>>>()?;
         let wakers = polls
             .iter()
             .map(|p| Waker::new(p.registry(), WAKER).map(Arc::new))
@@ -484,8 +488,12 @@ impl Server {
             let local = group[0].0.local_addr()?;
             #[cfg(target_os = "linux")]
             if let (Some(s), Kind::Main) = (steering.as_ref(), kind) {
-                sys::attach_reuseport_cbpf(&group[0].0, &s.program())
-                    .map_err(|source| ServerError::Steering { addr: local, source })?;
+                sys::attach_reuseport_cbpf(&group[0].0, &s.program()).map_err(|source| {
+                    ServerError::Steering {
+                        addr: local,
+                        source,
+                    }
+                })?;
             }
             match kind {
                 Kind::Main => local_addrs.push(local),
@@ -511,9 +519,10 @@ impl Server {
             }
         }
         let metrics = match cfg.metrics {
-            Some(addr) => {
-                Some(MetricsServer::bind(addr).map_err(|source| ServerError::Metrics { addr, source })?)
-            }
+            Some(addr) => Some(
+                MetricsServer::bind(addr)
+                    .map_err(|source| ServerError::Metrics { addr, source })?,
+            ),
             None => None,
         };
         let shared = Arc::new(Shared {
@@ -526,11 +535,8 @@ impl Server {
         let (events_tx, events) = mpsc::sync_channel(EVENTS);
         let mut controls = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
-        for (k, ((poll, engine), endpoints)) in polls
-            .into_iter()
-            .zip(engines)
-            .zip(endpoints)
-            .enumerate()
+        for (k, ((poll, engine), endpoints)) in
+            polls.into_iter().zip(engines).zip(endpoints).enumerate()
         {
             let (control_tx, control) = mpsc::channel();
             controls.push(control_tx);
@@ -705,7 +711,9 @@ impl Server {
                     continue;
                 }
                 Ok(Ok(Err(e))) => format!("worker {k}: its event loop failed: {e}"),
-                Ok(Err(panic)) | Err(panic) => format!("worker {k} panicked: {}", panic_text(&panic)),
+                Ok(Err(panic)) | Err(panic) => {
+                    format!("worker {k} panicked: {}", panic_text(&panic))
+                }
             };
             finals.push(states[k].counters);
             failure.get_or_insert(why);
@@ -755,9 +763,10 @@ impl Server {
                 wait = wait.min(Duration::from_millis(ms));
             }
             let first = self.events.recv_timeout(wait).ok();
-            for event in first.into_iter().chain(
-                std::iter::from_fn(|| self.events.try_recv().ok()).take(EVENTS_PER_TURN),
-            ) {
+            for event in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| self.events.try_recv().ok()).take(EVENTS_PER_TURN))
+            {
                 let now_ms = self.shared.now_ms();
                 match event {
                     Event::Want { worker, what } => {
@@ -776,8 +785,7 @@ impl Server {
             }
             self.coordinator.tick(self.shared.now_ms(), &mut orders);
             self.deliver(&mut orders);
-            if self.shared.stop.load(Ordering::Acquire) || threads.iter().any(|t| t.is_finished())
-            {
+            if self.shared.stop.load(Ordering::Acquire) || threads.iter().any(|t| t.is_finished()) {
                 return;
             }
             if self.shared.report.swap(false, Ordering::AcqRel) {
