@@ -882,7 +882,7 @@ fn snapshot(shared: &Shared, udp_sockets: usize) -> Snapshot {
         });
         if let Some(t) = w.turned {
             let idle = now.saturating_duration_since(t);
-            if idle > STALLED && stalled.is_none_or(|(_, d)| idle > d) {
+            if idle > STALLED && stalled.map_or(true, |(_, d)| idle > d) {
                 stalled = Some((k, idle));
             }
         }
