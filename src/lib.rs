@@ -25,6 +25,8 @@
 //!   choice over the table; pure: bytes and `now` in, replies out.
 //! - [`stats`]: the counters (the engine's and the sockets') and the
 //!   pair-wait histogram.
+//! - [`cluster`]: several servers as one: membership, owner choice,
+//!   forwarding and its authentication; pure but for the DNS thread.
 //! - [`server`]: the process (configuration, sockets, controls), its worker
 //!   loop, and the per-source rate limiter the loop applies first
 //!   ([`limit`] is [`server::ratelimit`]).
@@ -38,6 +40,7 @@
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod engine;
 pub mod metrics;
 pub mod server;

@@ -24,12 +24,13 @@
 
 use proptest::prelude::*;
 use psync::engine::{DropReason, Level, SourceLimits};
+use psync::wire::v2;
 use psync::{EngineConfig, Outcome};
 
 #[path = "../fuzz/common/engine_check.rs"]
 mod engine_check;
 
-use engine_check::{request, source, Checker, Op, SOURCES, V4_SOURCES};
+use engine_check::{request, source, v2_request, Checker, Op, SOURCES, V4_SOURCES};
 
 const NEW: Outcome = Outcome::Registered { evicted: None };
 
@@ -78,13 +79,44 @@ fn dt() -> impl Strategy<Value = u64> {
     prop_oneof![3 => Just(0u64), 6 => 0u64..300, 1 => 0u64..10_000]
 }
 
+/// An admitted v2 request among four 64-bit IDs (two of them equal to seed
+/// IDs in their low bytes, so a v2 pair and a seed pair look alike), with
+/// any client info and up to four candidates.
+fn v2_op() -> impl Strategy<Value = Op> {
+    const IDS: [u64; 4] = [0, 1, 1 << 32 | 1, u64::MAX];
+    (
+        0usize..4,
+        0usize..4,
+        any::<u8>(),
+        0usize..=4,
+        0..SOURCES.len(),
+        dt(),
+    )
+        .prop_map(|(a, b, info, n, src, dt)| {
+            let list: Vec<v2::Candidate> = (0..n)
+                .map(|i| v2::Candidate {
+                    kind: v2::CandidateKind(i as u8),
+                    addr: source((src + i) % 5),
+                })
+                .collect();
+            let candidates = v2::Candidates::from_slice(&list).expect("at most four");
+            Op::V2 {
+                request: v2_request(v2::Pair::new(IDS[a], IDS[b]), info, candidates),
+                src,
+                dt,
+            }
+        })
+}
+
 /// Mostly requests among four IDs (so pairs match, collide and self-pair),
-/// some garbage of every length class, retransmits and expiry turns.
+/// seed and v2, some garbage of every length class, retransmits and expiry
+/// turns.
 fn op() -> impl Strategy<Value = Op> {
     let src = 0..SOURCES.len();
     prop_oneof![
         10 => (0u32..4, 0u32..4, src.clone(), dt())
             .prop_map(|(a, b, src, dt)| Op::Datagram { datagram: request(a, b), src, dt }),
+        5 => v2_op(),
         2 => (proptest::collection::vec(any::<u8>(), 0..40), src.clone(), dt())
             .prop_map(|(datagram, src, dt)| Op::Datagram { datagram, src, dt }),
         1 => (proptest::collection::vec(any::<u8>(), 8), src, dt())
@@ -178,7 +210,7 @@ fn random_runs_exercise_matches_replays_and_full_tables() {
     assert!((0..SOURCES.len()).all(|i| source(i).is_ipv4() == (i < V4_SOURCES)));
     let mut runner = TestRunner::new(Config::default());
     let (mut matches, mut replays, mut full, mut bad) = (0, 0, 0, 0);
-    let (mut evictions, mut limited, mut bogus) = (0, 0, 0);
+    let (mut evictions, mut limited, mut bogus, mut v2_matches) = (0, 0, 0, 0);
     for _ in 0..200 {
         let cfg = config().new_tree(&mut runner).unwrap().current();
         let start = start().new_tree(&mut runner).unwrap().current();
@@ -189,6 +221,7 @@ fn random_runs_exercise_matches_replays_and_full_tables() {
         let mut checker = Checker::new(&cfg, start);
         checker.run(&ops);
         matches += checker.matches;
+        v2_matches += checker.v2_matches;
         replays += checker.replays_checked;
         let c = checker.engine.counters();
         full += c.table_full;
@@ -198,6 +231,7 @@ fn random_runs_exercise_matches_replays_and_full_tables() {
         bogus += c.bad_source;
     }
     assert!(matches > 100, "only {matches} matches");
+    assert!(v2_matches > 30, "only {v2_matches} v2 matches");
     assert!(evictions > 10, "only {evictions} slots taken");
     assert!(limited > 10, "only {limited} source-limit drops");
     assert!(bogus > 10, "only {bogus} bad sources");

@@ -18,6 +18,14 @@
 //! a waiting registration or a remembered match only when the table is full
 //! and then says whose.
 //!
+//! Protocol v2 requests ([`Op::V2`], handed to [`Engine::handle_v2`] as
+//! admitted requests) share the table, the capacity and the source limits
+//! with seed requests under the same rules, and never meet them (a v2 pair is
+//! its own pair even when its IDs equal a seed pair's). Their replies also
+//! say: the asker's own pair and address, the partner's client-info bits 0-3
+//! from its latest request, and, in the waiter's reply only, the candidates
+//! of the request that completed the pair; a replay carries no candidates.
+//!
 //! The model's clock is `u64` and never wraps; the engine keeps wrapping
 //! 32-bit milliseconds. Drivers start the clock anywhere (near `u32::MAX`
 //! too) and keep a run's span far below 2^31 ms, where the two must agree.
@@ -27,6 +35,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use psync::engine::{DropReason, Evicted, Level, Transmit};
+use psync::wire::v2;
 use psync::wire::{PeerId, WireError, REQUEST_LEN};
 use psync::{Engine, EngineConfig, Outcome, Request};
 
@@ -88,6 +97,16 @@ pub enum Op {
         /// Clock advance before this step, in ms.
         dt: u64,
     },
+    /// Advance the clock by `dt` ms, then hand the admitted v2 request
+    /// `request` from source `src` to [`Engine::handle_v2`].
+    V2 {
+        /// The request (its token is not looked at).
+        request: v2::Request,
+        /// Index into [`SOURCES`].
+        src: usize,
+        /// Clock advance before this step, in ms.
+        dt: u64,
+    },
 }
 
 /// A source that cannot be a peer, by the documented rule: port 0;
@@ -133,18 +152,93 @@ fn limit(cfg: &EngineConfig, level: Level) -> u32 {
     cfg.limits.at(level)
 }
 
-/// A pair: its family and its two IDs in byte order.
-type PairKey = (bool, [u8; 4], [u8; 4]);
+/// A pair: its format, its family and its two IDs, lower first (bytewise
+/// for the seed format's 4-byte IDs, numerically for v2's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum PairKey {
+    Seed(bool, [u8; 4], [u8; 4]),
+    V2(bool, u64, u64),
+}
 
 fn pair_of(req: &Request, src: SocketAddr) -> (PairKey, bool) {
     let (s, p) = (req.self_id.0, req.peer_id.0);
     let lo = s < p;
     let key = if lo {
-        (src.is_ipv6(), s, p)
+        PairKey::Seed(src.is_ipv6(), s, p)
     } else {
-        (src.is_ipv6(), p, s)
+        PairKey::Seed(src.is_ipv6(), p, s)
     };
     (key, lo)
+}
+
+fn v2_pair_of(pair: v2::Pair, src: SocketAddr) -> (PairKey, bool) {
+    let (a, b) = pair.unordered();
+    (
+        PairKey::V2(src.is_ipv6(), a, b),
+        pair.self_id < pair.peer_id,
+    )
+}
+
+/// A request of either format, as the model remembers it.
+#[derive(Clone, Copy, Debug)]
+#[allow(clippy::large_enum_variant)] // the model's, off the hot path
+enum AnyRequest {
+    Seed(Request),
+    V2(v2::Request),
+}
+
+/// A reply of either format, with where it went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // the model's, off the hot path
+pub enum AnyTransmit {
+    /// A seed-format reply.
+    Seed(Transmit),
+    /// A v2 reply.
+    V2(Transmit<v2::Reply>),
+}
+
+/// What the oracle needs of a reply of either format.
+pub trait Told: Copy + PartialEq + std::fmt::Debug {
+    /// `(src_port, dst_port)`.
+    fn ports(&self) -> (u16, u16);
+    /// The partner's address.
+    fn peer(&self) -> SocketAddr;
+    /// Emits and parses the reply again.
+    fn round_trip(&self) -> Option<Self>;
+    /// The transmit, remembered.
+    fn remember(t: Transmit<Self>) -> AnyTransmit;
+}
+
+impl Told for psync::Reply {
+    fn ports(&self) -> (u16, u16) {
+        (self.src_port, self.dst_port)
+    }
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+    fn round_trip(&self) -> Option<Self> {
+        let mut buf = [0u8; psync::wire::MAX_REPLY_LEN];
+        let n = self.emit(&mut buf);
+        psync::Reply::parse(&buf[..n]).ok()
+    }
+    fn remember(t: Transmit<Self>) -> AnyTransmit {
+        AnyTransmit::Seed(t)
+    }
+}
+
+impl Told for v2::Reply {
+    fn ports(&self) -> (u16, u16) {
+        (self.src_port, self.dst_port)
+    }
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+    fn round_trip(&self) -> Option<Self> {
+        v2::Reply::parse(&self.to_bytes()).ok()
+    }
+    fn remember(t: Transmit<Self>) -> AnyTransmit {
+        AnyTransmit::V2(t)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -153,21 +247,24 @@ struct Pending {
     lo: bool,
     addr: SocketAddr,
     since: u64,
+    /// The waiter's client-info byte (v2; 0 for the seed format).
+    info: u8,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Remembered {
-    /// `(asker, what it was told)` for the lower and the higher ID.
-    lo: (SocketAddr, Transmit),
-    hi: (SocketAddr, Transmit),
+    /// `(asker, what a retransmit of it must be told)` for the lower and the
+    /// higher ID.
+    lo: (SocketAddr, AnyTransmit),
+    hi: (SocketAddr, AnyTransmit),
     at: u64,
 }
 
 /// The last match, so that [`Op::Retransmit`] can resend either side.
 #[derive(Clone, Copy, Debug)]
 struct LastMatch {
-    waiter: (Request, SocketAddr),
-    completer: (Request, SocketAddr),
+    waiter: (AnyRequest, SocketAddr),
+    completer: (AnyRequest, SocketAddr),
 }
 
 /// Tallies of outcomes, compared with the engine's counters.
@@ -197,6 +294,12 @@ pub struct Checker {
     start: u64,
     pending: HashMap<PairKey, Pending>,
     replay: HashMap<PairKey, Remembered>,
+    /// v2 registrations and matches that may or may not have lost their
+    /// slot: an eviction of a v2 pair names only its source (the engine
+    /// keeps a hash of its IDs, not the IDs), so when several candidates
+    /// fit, the model learns which from the next request for each.
+    uncertain_pending: HashMap<PairKey, Pending>,
+    uncertain_replay: HashMap<PairKey, Remembered>,
     last_match: Option<LastMatch>,
     tally: Tally,
     /// Every address that has sent a valid request from a served family.
@@ -206,6 +309,8 @@ pub struct Checker {
     pub replays_checked: u64,
     /// Matches seen.
     pub matches: u64,
+    /// Of them, v2 matches.
+    pub v2_matches: u64,
     /// Registrations that took a live pair's slot.
     pub evictions: u64,
 }
@@ -220,11 +325,14 @@ impl Checker {
             start,
             pending: HashMap::new(),
             replay: HashMap::new(),
+            uncertain_pending: HashMap::new(),
+            uncertain_replay: HashMap::new(),
             last_match: None,
             tally: Tally::default(),
             valid_senders: Vec::new(),
             replays_checked: 0,
             matches: 0,
+            v2_matches: 0,
             evictions: 0,
         }
     }
@@ -253,13 +361,24 @@ impl Checker {
                 self.advance(*dt);
                 if let Some(m) = self.last_match {
                     let (req, from) = if *waiter { m.waiter } else { m.completer };
-                    self.handle(&req.emit(), from);
+                    match req {
+                        AnyRequest::Seed(req) => {
+                            self.handle(&req.emit(), from);
+                        }
+                        AnyRequest::V2(req) => {
+                            self.handle_v2(&req, from);
+                        }
+                    }
                 }
             }
             Op::Expire { dt } => {
                 self.advance(*dt);
                 self.engine.expire(self.now);
                 self.check_capacity();
+            }
+            Op::V2 { request, src, dt } => {
+                self.advance(*dt);
+                self.handle_v2(request, source(*src));
             }
         }
     }
@@ -290,24 +409,20 @@ impl Checker {
         }
     }
 
-    fn check_ports(&self, s: &Transmit) {
+    fn check_ports<R: Told>(&self, s: &Transmit<R>) {
         let (lo, hi) = (self.cfg.port_lo, self.cfg.port_hi);
-        let r = &s.reply;
+        let (src_port, dst_port) = s.reply.ports();
         assert!(
-            (lo..=hi).contains(&r.src_port) && (lo..=hi).contains(&r.dst_port),
-            "ports {}/{} outside {lo}-{hi}",
-            r.src_port,
-            r.dst_port
+            (lo..=hi).contains(&src_port) && (lo..=hi).contains(&dst_port),
+            "ports {src_port}/{dst_port} outside {lo}-{hi}",
         );
-        assert_ne!(r.src_port, r.dst_port, "equal ports in {s:?}");
+        assert_ne!(src_port, dst_port, "equal ports in {s:?}");
         assert_eq!(s.via, 0, "a direct request answered through a relay");
         // A reply must survive its own wire format: what a client parses is
         // what the engine meant (flowinfo and scope are not carried).
-        let mut buf = [0u8; psync::wire::MAX_REPLY_LEN];
-        let n = r.emit(&mut buf);
         assert_eq!(
-            psync::Reply::parse(&buf[..n]),
-            Ok(*r),
+            s.reply.round_trip(),
+            Some(s.reply),
             "reply does not round-trip"
         );
     }
@@ -376,6 +491,94 @@ impl Checker {
                 return outcome;
             }
         };
+        let (key, lo) = pair_of(&req, src);
+        self.judge(
+            outcome,
+            key,
+            lo,
+            AnyRequest::Seed(req),
+            src,
+            held_before,
+            |_, _| {},
+        )
+    }
+
+    /// Hands one admitted v2 request to the engine and checks the outcome:
+    /// everything [`Checker::handle`] checks, and what v2 replies say.
+    pub fn handle_v2(&mut self, req: &v2::Request, src: SocketAddr) -> Outcome<v2::Reply> {
+        let now = self.now;
+        let held_before = self.held();
+        let outcome = self.engine.handle_v2(req, src, now);
+        self.tally.received += 1;
+        self.check_capacity();
+        if req.pair().is_self_pair() {
+            assert_eq!(outcome, Outcome::Dropped(DropReason::SelfPair), "self pair");
+            self.tally.self_pair += 1;
+            self.check_tally();
+            return outcome;
+        }
+        let (key, lo) = v2_pair_of(req.pair(), src);
+        let info = req.info.0 & 0x0f;
+        let candidates = req.candidates;
+        let pair = req.pair();
+        // What v2 replies say beyond the seed's: checked at a match, given
+        // the waiter's registration.
+        let v2_check = move |outcome: &Outcome<v2::Reply>, waiter: Option<Pending>| {
+            let Outcome::Matched {
+                waiting,
+                completing,
+            } = outcome
+            else {
+                return;
+            };
+            let (w, c) = (&waiting.reply, &completing.reply);
+            assert_eq!(w.pair, pair.counterpart(), "waiter told another pair");
+            assert_eq!(c.pair, pair, "completer told another pair");
+            assert_eq!(w.your_addr, waiting.to, "waiter told a wrong own address");
+            assert_eq!(
+                c.your_addr, completing.to,
+                "completer told a wrong own address"
+            );
+            assert_eq!(
+                w.peer_info.0, info,
+                "waiter not told the completer's info bits"
+            );
+            let winfo = waiter.map_or(0, |p| p.info & 0x0f);
+            assert_eq!(
+                c.peer_info.0, winfo,
+                "completer not told the waiter's info bits"
+            );
+            assert_eq!(
+                w.peer_candidates, candidates,
+                "waiter not given the candidates"
+            );
+            assert!(c.peer_candidates.is_empty(), "completer given candidates");
+        };
+        self.judge(
+            outcome,
+            key,
+            lo,
+            AnyRequest::V2(*req),
+            src,
+            held_before,
+            v2_check,
+        )
+    }
+
+    /// Checks `outcome`, the engine's answer to a well-formed request for
+    /// `key` (from the `lo` side) from `src`, against the model.
+    #[allow(clippy::too_many_arguments)]
+    fn judge<R: Told>(
+        &mut self,
+        outcome: Outcome<R>,
+        key: PairKey,
+        lo: bool,
+        req: AnyRequest,
+        src: SocketAddr,
+        held_before: usize,
+        extra: impl Fn(&Outcome<R>, Option<Pending>),
+    ) -> Outcome<R> {
+        let now = self.now;
         if !self.served(src) {
             assert_eq!(
                 outcome,
@@ -399,8 +602,22 @@ impl Checker {
         if !self.valid_senders.contains(&src) {
             self.valid_senders.push(src);
         }
-
-        let (key, lo) = pair_of(&req, src);
+        let info = match req {
+            AnyRequest::Seed(_) => 0,
+            AnyRequest::V2(r) => r.info.0,
+        };
+        // A pair whose eviction was uncertain: the outcome says whether it
+        // still held its slot.
+        if let Some(p) = self.uncertain_pending.remove(&key) {
+            if matches!(outcome, Outcome::Matched { .. } | Outcome::Refreshed) {
+                self.pending.insert(key, p);
+            }
+        }
+        if let Some(r) = self.uncertain_replay.remove(&key) {
+            if matches!(outcome, Outcome::Replayed(_)) {
+                self.replay.insert(key, r);
+            }
+        }
         let waiting = self
             .pending
             .get(&key)
@@ -418,11 +635,10 @@ impl Checker {
 
         // Whatever happened, a reply only goes to an address that sent a
         // valid request.
-        for t in sends(&outcome) {
+        for to in destinations(&outcome) {
             assert!(
-                self.valid_senders.contains(&t.to),
-                "reply to {} which never sent a valid request",
-                t.to
+                self.valid_senders.contains(&to),
+                "reply to {to} which never sent a valid request",
             );
         }
 
@@ -436,6 +652,7 @@ impl Checker {
                         lo,
                         addr: src,
                         since: now,
+                        info,
                     },
                 );
                 self.tally.refreshed += 1;
@@ -450,20 +667,16 @@ impl Checker {
                 assert_ne!(p.lo, lo, "matched a request with its own side");
                 assert_eq!(w.to, p.addr, "waiting reply not to the newest registrant");
                 assert_eq!(c.to, src, "completing reply not to the sender");
-                assert_eq!(w.reply.peer, src, "waiter not told the completer");
-                assert_eq!(c.reply.peer, w.to, "completer not told the waiter");
-                assert_eq!(
-                    w.reply.src_port, c.reply.dst_port,
-                    "ports not complementary"
-                );
-                assert_eq!(
-                    w.reply.dst_port, c.reply.src_port,
-                    "ports not complementary"
-                );
+                assert_eq!(w.reply.peer(), src, "waiter not told the completer");
+                assert_eq!(c.reply.peer(), w.to, "completer not told the waiter");
+                let (ws, wd) = w.reply.ports();
+                let (cs, cd) = c.reply.ports();
+                assert_eq!((ws, wd), (cd, cs), "ports not complementary");
                 self.check_ports(&w);
                 self.check_ports(&c);
+                extra(&outcome, Some(p));
                 self.pending.remove(&key);
-                let (mine, theirs) = ((src, c), (w.to, w));
+                let (mine, theirs) = ((src, R::remember(c)), (w.to, replayed_as(R::remember(w))));
                 let (lo_side, hi_side) = if lo { (mine, theirs) } else { (theirs, mine) };
                 self.replay.insert(
                     key,
@@ -474,11 +687,14 @@ impl Checker {
                     },
                 );
                 self.last_match = Some(LastMatch {
-                    waiter: (req.counterpart(), w.to),
+                    waiter: (counterpart(req, p.info), w.to),
                     completer: (req, src),
                 });
                 self.tally.matched += 1;
                 self.matches += 1;
+                if let AnyRequest::V2(_) = req {
+                    self.v2_matches += 1;
+                }
             }
             Outcome::Replayed(sent) => {
                 assert!(waiting.is_none(), "replayed although a side waits");
@@ -486,7 +702,11 @@ impl Checker {
                     panic!("replayed {sent:?} to {src} with no live match it asked for")
                 });
                 let (_, want) = if lo { r.lo } else { r.hi };
-                assert_eq!(sent, want, "a retransmit got a different reply");
+                assert_eq!(
+                    R::remember(sent),
+                    want,
+                    "a retransmit got a different reply"
+                );
                 self.replays_checked += 1;
                 self.tally.replayed += 1;
             }
@@ -500,7 +720,7 @@ impl Checker {
                     asked_before.is_none(),
                     "{outcome:?} although a retransmit should have been replayed"
                 );
-                self.new_registration(key, lo, src, outcome, held_before);
+                self.new_registration(key, lo, src, info, outcome, held_before);
             }
             Outcome::Dropped(why) => panic!("valid request from {src} dropped as {why:?}"),
         }
@@ -509,12 +729,13 @@ impl Checker {
         outcome
     }
 
-    fn new_registration(
+    fn new_registration<R: Told>(
         &mut self,
         key: PairKey,
         lo: bool,
         src: SocketAddr,
-        outcome: Outcome,
+        info: u8,
+        outcome: Outcome<R>,
         held_before: usize,
     ) {
         let full = held_before >= self.engine.capacity();
@@ -543,6 +764,7 @@ impl Checker {
                         lo,
                         addr: src,
                         since: self.now,
+                        info,
                     },
                 );
                 // A registration starts the pair afresh: replies of an
@@ -587,17 +809,48 @@ impl Checker {
         self.evictions += 1;
         match e {
             Evicted::Pending { from, request } => {
-                let req = request.expect("a seed-format pair reports its request");
-                let (key, lo) = pair_of(&req, from);
-                let p = self
-                    .pending
-                    .get(&key)
-                    .copied()
-                    .filter(|p| self.live(p.since, self.cfg.ttl_ms))
-                    .unwrap_or_else(|| {
-                        panic!("evicted {req:?} from {from}, which was not waiting")
-                    });
-                assert_eq!((p.lo, p.addr), (lo, from), "evicted the wrong registration");
+                let key = match request {
+                    Some(req) => {
+                        let (key, lo) = pair_of(&req, from);
+                        let p = self
+                            .pending
+                            .get(&key)
+                            .copied()
+                            .filter(|p| self.live(p.since, self.cfg.ttl_ms))
+                            .unwrap_or_else(|| {
+                                panic!("evicted {req:?} from {from}, which was not waiting")
+                            });
+                        assert_eq!((p.lo, p.addr), (lo, from), "evicted the wrong registration");
+                        key
+                    }
+                    // A v2 pair does not say which (its IDs are not kept):
+                    // some live v2 registration from `from` was waiting.
+                    None => {
+                        let fits: Vec<PairKey> = self
+                            .pending
+                            .iter()
+                            .filter(|(k, p)| {
+                                matches!(k, PairKey::V2(..))
+                                    && p.addr == from
+                                    && self.live(p.since, self.cfg.ttl_ms)
+                            })
+                            .map(|(k, _)| *k)
+                            .collect();
+                        assert!(
+                            !fits.is_empty() || !self.uncertain_pending.is_empty(),
+                            "evicted a v2 registration from {from}, none was waiting"
+                        );
+                        if fits.len() != 1 {
+                            for k in fits {
+                                let p = self.pending.remove(&k).expect("listed");
+                                self.uncertain_pending.insert(k, p);
+                            }
+                            self.tally.evicted += 1;
+                            return;
+                        }
+                        fits[0]
+                    }
+                };
                 assert!(
                     self.engine.source_estimate(from.ip()).is_some(),
                     "fair eviction without per-source counts"
@@ -606,15 +859,48 @@ impl Checker {
                 self.tally.evicted += 1;
             }
             Evicted::Replay { request, ipv6 } => {
-                let req = request.expect("a seed-format pair reports its request");
-                let (s, p) = (req.self_id.0, req.peer_id.0);
-                let key = if s < p { (ipv6, s, p) } else { (ipv6, p, s) };
-                assert!(
-                    self.replay
-                        .get(&key)
-                        .is_some_and(|r| self.live(r.at, self.cfg.replay_ttl_ms)),
-                    "evicted the replay of {req:?}, which was not remembered"
-                );
+                let key = match request {
+                    Some(req) => {
+                        let (s, p) = (req.self_id.0, req.peer_id.0);
+                        let key = if s < p {
+                            PairKey::Seed(ipv6, s, p)
+                        } else {
+                            PairKey::Seed(ipv6, p, s)
+                        };
+                        assert!(
+                            self.replay
+                                .get(&key)
+                                .is_some_and(|r| self.live(r.at, self.cfg.replay_ttl_ms)),
+                            "evicted the replay of {req:?}, which was not remembered"
+                        );
+                        key
+                    }
+                    // A v2 pair does not say which: some live v2 match of
+                    // that family was remembered.
+                    None => {
+                        let fits: Vec<PairKey> = self
+                            .replay
+                            .iter()
+                            .filter(|(k, r)| {
+                                matches!(k, PairKey::V2(v6, ..) if *v6 == ipv6)
+                                    && self.live(r.at, self.cfg.replay_ttl_ms)
+                            })
+                            .map(|(k, _)| *k)
+                            .collect();
+                        assert!(
+                            !fits.is_empty() || !self.uncertain_replay.is_empty(),
+                            "evicted a v2 replay, none was remembered"
+                        );
+                        if fits.len() != 1 {
+                            for k in fits {
+                                let r = self.replay.remove(&k).expect("listed");
+                                self.uncertain_replay.insert(k, r);
+                            }
+                            return;
+                        }
+                        fits[0]
+                    }
+                };
                 self.replay.remove(&key);
             }
         }
@@ -642,7 +928,7 @@ impl Checker {
 }
 
 /// The replies an outcome sends.
-pub fn sends(outcome: &Outcome) -> Vec<Transmit> {
+pub fn sends<R: Copy>(outcome: &Outcome<R>) -> Vec<Transmit<R>> {
     match *outcome {
         Outcome::Replayed(s) => vec![s],
         Outcome::Matched {
@@ -650,6 +936,51 @@ pub fn sends(outcome: &Outcome) -> Vec<Transmit> {
             completing,
         } => vec![waiting, completing],
         _ => Vec::new(),
+    }
+}
+
+/// Where an outcome's replies go.
+fn destinations<R: Copy>(outcome: &Outcome<R>) -> Vec<SocketAddr> {
+    sends(outcome).into_iter().map(|t| t.to).collect()
+}
+
+/// What a retransmit of the waiter gets after a match: its first reply, and
+/// for v2 without the candidates (the server does not keep them).
+fn replayed_as(t: AnyTransmit) -> AnyTransmit {
+    match t {
+        AnyTransmit::V2(mut t) => {
+            t.reply.peer_candidates = v2::Candidates::EMPTY;
+            AnyTransmit::V2(t)
+        }
+        seed => seed,
+    }
+}
+
+/// The request the waiter of a pair sent, rebuilt from the one that
+/// completed it (for v2 with the waiter's info and no candidates).
+fn counterpart(req: AnyRequest, waiter_info: u8) -> AnyRequest {
+    match req {
+        AnyRequest::Seed(r) => AnyRequest::Seed(r.counterpart()),
+        AnyRequest::V2(r) => AnyRequest::V2(v2_request(
+            r.pair().counterpart(),
+            waiter_info,
+            v2::Candidates::EMPTY,
+        )),
+    }
+}
+
+/// An admitted v2 request for `pair` (the engine does not look at the token).
+pub fn v2_request(pair: v2::Pair, info: u8, candidates: v2::Candidates) -> v2::Request {
+    v2::Request {
+        token: v2::Token {
+            pair,
+            key_id: 0,
+            expiry: 0,
+            mac: [0; v2::MAC_LEN],
+        },
+        cookie: None,
+        info: v2::ClientInfo(info),
+        candidates,
     }
 }
 

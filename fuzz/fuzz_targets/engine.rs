@@ -1,6 +1,7 @@
 //! Fuzz target `engine`: the matching engine fed an arbitrary sequence of
-//! datagrams from a small set of IPv4 and IPv6 sources, with arbitrary time
-//! steps and expiry turns, under an arbitrary small configuration.
+//! datagrams (seed format) and admitted protocol v2 requests from a small
+//! set of IPv4 and IPv6 sources, with arbitrary time steps and expiry turns,
+//! under an arbitrary small configuration.
 //!
 //! The properties live in `fuzz/common/engine_check.rs`, shared with the CI
 //! property test `tests/engine_props.rs`: no panic; an invalid datagram is
@@ -11,14 +12,15 @@
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use psync::wire::PeerId;
 use psync::engine::SourceLimits;
+use psync::wire::v2;
+use psync::wire::PeerId;
 use psync::{EngineConfig, Request};
 
 #[path = "../common/engine_check.rs"]
 mod engine_check;
 
-use engine_check::{Checker, Op, SOURCES};
+use engine_check::{source, v2_request, Checker, Op, SOURCES};
 
 /// Longest run: enough for tables to fill, expire and refill many times.
 const MAX_OPS: usize = 4096;
@@ -92,7 +94,7 @@ fn op(u: &mut Unstructured) -> Result<Op> {
         _ => u.int_in_range(0..=10_000)?,
     };
     let src = u.choose_index(SOURCES.len())?;
-    Ok(match u.int_in_range(0..=15)? {
+    Ok(match u.int_in_range(0..=19)? {
         // Mostly requests among four IDs: pairs, self-pairs, refreshes.
         0..=8 => {
             let id = |u: &mut Unstructured| -> Result<PeerId> {
@@ -117,6 +119,28 @@ fn op(u: &mut Unstructured) -> Result<Op> {
             waiter: u.arbitrary()?,
             dt,
         },
+        // v2 among four IDs, two of which look like seed IDs.
+        14..=17 => {
+            const IDS: [u64; 4] = [0, 1, 1 << 32 | 1, u64::MAX];
+            let pair = v2::Pair::new(
+                IDS[u.int_in_range(0..=3)?],
+                IDS[u.int_in_range(0..=3)?],
+            );
+            let mut candidates = v2::Candidates::EMPTY;
+            for i in 0..u.int_in_range(0..=4)? {
+                let c = v2::Candidate {
+                    kind: v2::CandidateKind(u.arbitrary()?),
+                    addr: source(src + i + 1),
+                };
+                // Port 0 cannot be carried: such a candidate is left out.
+                let _ = candidates.push(c);
+            }
+            Op::V2 {
+                request: v2_request(pair, u.arbitrary()?, candidates),
+                src,
+                dt,
+            }
+        }
         _ => Op::Expire { dt },
     })
 }

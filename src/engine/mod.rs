@@ -31,6 +31,22 @@
 //! Every pair has one slot (`engine/pair.rs`) from registration to the end of its
 //! replay, so every request costs one table probe; per-source counts cost one
 //! more probe per prefix, and only for registrations.
+//!
+//! **Protocol v2** ([`Engine::handle_v2`], [`Engine::handle_batch_v2`]) takes
+//! requests already parsed and *admitted* (their token verified: the loop's
+//! admission gate does that, the engine knows no keys) and follows the same
+//! rules in the same table, under the same capacity and per-source limits.
+//! A v2 pair's key is a keyed SipHash-1-3 of its two 64-bit IDs (96 bits kept,
+//! so two pairs share a key with probability about 2^-96 per pair of pairs)
+//! with the v2 bit set, so a v2 request never meets a seed request. Its
+//! replies are [`v2::Reply`]s: each peer is told its own public address
+//! (`your_addr`) and its partner's client-info bits 0-3 (the slot keeps four
+//! bits per side). The slot has no room for candidate addresses, so the
+//! server stores none: the *waiter's* reply carries the candidates of the
+//! request that completes the pair (it is in hand at the match), the
+//! completer's reply carries none, and a replay carries none (the waiter's
+//! replay is its first reply without the candidates; the completer's is its
+//! first reply, byte for byte).
 
 mod pair;
 pub mod source;
@@ -40,10 +56,13 @@ use std::net::{IpAddr, SocketAddr};
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
+use siphasher::sip128::SipHasher13;
+
 use crate::stats::{EngineCounters, WaitHistogram};
 use crate::table::{AllocError, Load, Table};
+use crate::wire::v2;
 use crate::wire::{PeerId, Reply, Request, WireError};
-use pair::{Addr, Match, Millis, PairEntry, PairKey, Side, State, V6Matches, KIND_V6};
+use pair::{Addr, Match, Millis, PairEntry, PairKey, Side, State, V6Matches, KIND_V2, KIND_V6};
 pub use source::{Level, SourceLimits};
 use source::{SourceCounts, Weight};
 
@@ -134,15 +153,16 @@ pub enum DropReason {
     SourceLimit(Level),
 }
 
-/// One reply and where it goes.
+/// One reply and where it goes: a seed-format [`Reply`] (the default), or a
+/// [`v2::Reply`] for protocol v2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Transmit {
+pub struct Transmit<R = Reply> {
     /// The peer's public address, the source of its request.
     pub to: SocketAddr,
     /// The relay it came through: 0 when it came straight to this server.
     pub via: u8,
     /// What it is told.
-    pub reply: Reply,
+    pub reply: R,
 }
 
 /// A pair that gave up its slot to a new registration.
@@ -164,9 +184,11 @@ pub enum Evicted {
     },
 }
 
-/// What handling one datagram produced.
+/// What handling one datagram produced. `Outcome` (with seed-format
+/// replies) for [`Engine::handle`], `Outcome<v2::Reply>` for
+/// [`Engine::handle_v2`]: the replies of a v2 request are v2 replies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Outcome<R = Reply> {
     /// Dropped without a reply.
     Dropped(DropReason),
     /// A new pending registration, which may have taken another pair's slot.
@@ -177,13 +199,13 @@ pub enum Outcome {
     /// A pending registration was refreshed (and took the newest address).
     Refreshed,
     /// A retransmit after a match: the same reply again.
-    Replayed(Transmit),
+    Replayed(Transmit<R>),
     /// The partner was waiting: a reply to each.
     Matched {
         /// The reply to the peer that was waiting.
-        waiting: Transmit,
+        waiting: Transmit<R>,
         /// The reply to the peer whose request completed the pair.
-        completing: Transmit,
+        completing: Transmit<R>,
     },
 }
 
@@ -344,6 +366,8 @@ pub struct Engine {
     wait: WaitHistogram,
     /// One chunk of a batch, classified: see [`Engine::handle_batch`].
     scratch: Box<[Option<Classified>]>,
+    /// Keyed hash of a v2 pair's two IDs into its 96-bit key.
+    v2_hasher: SipHasher13,
 }
 
 /// A datagram of a batch, classified: its pair key or why it is dropped,
@@ -372,8 +396,20 @@ impl Engine {
             }
         };
         let mut seed = || [rng.next_u64(), rng.next_u64()];
-        let pairs = Table::try_new(cfg.capacity, Load::DEFAULT, seed(), PairEntry::default())
-            .map_err(|_: AllocError| memory_error())?;
+        let table_seed = seed();
+        let pairs = Table::try_new(
+            cfg.capacity,
+            Load::DEFAULT,
+            table_seed,
+            PairEntry::default(),
+        )
+        .map_err(|_: AllocError| memory_error())?;
+        // The v2 key's hash is keyed from the table's seed (secret alike),
+        // so that adding it drew nothing more from `rng`.
+        let v2_hasher = SipHasher13::new_with_keys(
+            splitmix64(table_seed[0] ^ V2_KEY_DOMAIN),
+            splitmix64(table_seed[1] ^ V2_KEY_DOMAIN),
+        );
         let sources = if cfg.limits.is_off() {
             None
         } else {
@@ -410,6 +446,7 @@ impl Engine {
             },
             wait: WaitHistogram::default(),
             scratch: vec![None; SCRATCH].into_boxed_slice(),
+            v2_hasher,
         })
     }
 
@@ -518,7 +555,23 @@ impl Engine {
     /// caller's monotonic clock).
     pub fn handle(&mut self, datagram: &[u8], src: SocketAddr, now: u64) -> Outcome {
         let key = self.classify(datagram, src);
-        self.handle_classified(key, src, now as Millis)
+        self.handle_classified(key, src, 0, 0, now as Millis)
+    }
+
+    /// Handles a request that another member of a cluster received from
+    /// `src` and forwarded here; `via` (never 0) names that member. Its side
+    /// of the pair remembers `via`, so every reply to it (the match, and
+    /// replays) carries it in [`Transmit::via`] and goes back the same way.
+    /// Otherwise the same as [`Engine::handle`].
+    pub fn handle_relayed(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        via: u8,
+        now: u64,
+    ) -> Outcome {
+        let key = self.classify(datagram, src);
+        self.handle_classified(key, src, via, 0, now as Millis)
     }
 
     /// Counts a datagram already classified, and handles it if valid.
@@ -527,12 +580,14 @@ impl Engine {
         &mut self,
         key: Result<PairKey, DropReason>,
         src: SocketAddr,
+        via: u8,
+        info: u8,
         now: Millis,
     ) -> Outcome {
         let c = &mut self.books.counters;
         c.received += 1;
         match key {
-            Ok(key) => self.process(&key, src, 0, 0, now),
+            Ok(key) => self.process(&key, src, via, info, now),
             Err(why) => {
                 match why {
                     DropReason::BadSize => c.bad_size += 1,
@@ -578,26 +633,199 @@ impl Engine {
                     (key, src)
                 });
             }
-            if let Some(s) = self.books.sources.as_ref() {
-                for (key, _) in self.scratch[..m].iter().flatten() {
-                    let Ok(key) = key else { continue };
-                    let h = self.pairs.hash(key.hash_input());
-                    if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
-                        let e = self.pairs.get(i);
-                        if let Some(addr) = e.waiter_other_than(key.side) {
-                            s.prefetch(addr.ip());
-                        }
-                    }
-                }
-            }
+            self.prefetch_partners(m);
             for k in 0..m {
                 let Some((key, src)) = self.scratch[k] else {
                     continue;
                 };
-                let outcome = self.handle_classified(key, src, now);
+                let outcome = self.handle_classified(key, src, 0, 0, now);
                 done(base + k, &outcome);
             }
             base += m;
+        }
+    }
+
+    /// Pass 2 of a batch: for each classified request of `scratch[..m]` whose
+    /// slot holds a waiting partner, fetches that partner's source counts.
+    fn prefetch_partners(&self, m: usize) {
+        if let Some(s) = self.books.sources.as_ref() {
+            for (key, _) in self.scratch[..m].iter().flatten() {
+                let Ok(key) = key else { continue };
+                let h = self.pairs.hash(key.hash_input());
+                if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
+                    let e = self.pairs.get(i);
+                    if let Some(addr) = e.waiter_other_than(key.side) {
+                        s.prefetch(addr.ip());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pair key of an admitted v2 request from `src`, or why it is dropped.
+    #[inline]
+    fn classify_v2(&self, req: &v2::Request, src: SocketAddr) -> Result<PairKey, DropReason> {
+        let pair = req.pair();
+        if pair.is_self_pair() {
+            return Err(DropReason::SelfPair);
+        }
+        let served = match src {
+            SocketAddr::V4(_) => self.ipv4,
+            SocketAddr::V6(_) => self.ipv6,
+        };
+        if !served {
+            return Err(DropReason::Family);
+        }
+        if source::is_bogus(src) {
+            return Err(DropReason::BadSource);
+        }
+        Ok(self.v2_key(pair, src.is_ipv6()))
+    }
+
+    /// A v2 pair's key: 96 bits of a keyed hash of `(min, max)` of its IDs,
+    /// the v2 kind bit (so it never meets a seed-format pair), the family,
+    /// and the side the request comes from.
+    #[inline]
+    fn v2_key(&self, pair: v2::Pair, v6: bool) -> PairKey {
+        let (lo, hi) = pair.unordered();
+        let mut ids = [0u8; 16];
+        ids[..8].copy_from_slice(&lo.to_be_bytes());
+        ids[8..].copy_from_slice(&hi.to_be_bytes());
+        let (tag, check) = self.v2_hasher.hash(&ids).as_u64();
+        PairKey {
+            tag,
+            check: check as u32,
+            kind: KIND_V2 | if v6 { KIND_V6 } else { 0 },
+            side: if pair.self_id < pair.peer_id {
+                Side::Lo
+            } else {
+                Side::Hi
+            },
+        }
+    }
+
+    /// Handles one protocol v2 request from `src` at `now` (milliseconds on
+    /// the caller's monotonic clock), under the same rules as
+    /// [`Engine::handle`]; its replies are v2 replies.
+    ///
+    /// The request must already be *admitted*: parsed, and its token
+    /// verified for its pair by [`crate::auth::KeySet::verify`] (the
+    /// server's admission gate does both). The engine matches whatever it is
+    /// given; it knows no keys.
+    pub fn handle_v2(
+        &mut self,
+        req: &v2::Request,
+        src: SocketAddr,
+        now: u64,
+    ) -> Outcome<v2::Reply> {
+        let key = self.classify_v2(req, src);
+        self.handle_classified_v2(key, req, src, 0, now as Millis)
+    }
+
+    /// [`Engine::handle_relayed`] for an admitted v2 request: forwarded by
+    /// the cluster member that `via` (never 0) names, which its replies go
+    /// back through.
+    pub fn handle_relayed_v2(
+        &mut self,
+        req: &v2::Request,
+        src: SocketAddr,
+        via: u8,
+        now: u64,
+    ) -> Outcome<v2::Reply> {
+        let key = self.classify_v2(req, src);
+        self.handle_classified_v2(key, req, src, via, now as Millis)
+    }
+
+    /// Handles a batch of `n` admitted v2 requests (`get(k)` gives the k-th,
+    /// or `None` to skip it), calling `done(k, outcome)` for each handled, in
+    /// order: the same outcomes as [`Engine::handle_v2`] on each in turn,
+    /// with the cache misses of the batch overlapped as in
+    /// [`Engine::handle_batch`].
+    pub fn handle_batch_v2<'r>(
+        &mut self,
+        n: usize,
+        get: impl Fn(usize) -> Option<(&'r v2::Request, SocketAddr)>,
+        now: u64,
+        mut done: impl FnMut(usize, &Outcome<v2::Reply>),
+    ) {
+        let now = now as Millis;
+        let mut base = 0;
+        while base < n {
+            let m = (n - base).min(SCRATCH);
+            for k in 0..m {
+                self.scratch[k] = get(base + k).map(|(req, src)| {
+                    let key = self.classify_v2(req, src);
+                    if let Ok(key) = &key {
+                        self.pairs.prefetch(self.pairs.hash(key.hash_input()));
+                        if let Some(s) = self.books.sources.as_ref() {
+                            s.prefetch(src.ip());
+                        }
+                    }
+                    (key, src)
+                });
+            }
+            self.prefetch_partners(m);
+            for k in 0..m {
+                let (Some((key, src)), Some((req, _))) = (self.scratch[k], get(base + k)) else {
+                    continue;
+                };
+                let outcome = self.handle_classified_v2(key, req, src, 0, now);
+                done(base + k, &outcome);
+            }
+            base += m;
+        }
+    }
+
+    /// Counts and handles a classified v2 request, and turns the seed-shaped
+    /// outcome of the shared core into v2 replies.
+    fn handle_classified_v2(
+        &mut self,
+        key: Result<PairKey, DropReason>,
+        req: &v2::Request,
+        src: SocketAddr,
+        via: u8,
+        now: Millis,
+    ) -> Outcome<v2::Reply> {
+        let info = req.info.0 & INFO_BITS;
+        let outcome = self.handle_classified(key, src, via, info, now);
+        let pair = req.pair();
+        // The partner's info is in the pair's slot, now matched.
+        let partner_info = |engine: &Engine| key.as_ref().map_or(0, |k| engine.partner_info(k));
+        match outcome {
+            Outcome::Dropped(why) => Outcome::Dropped(why),
+            Outcome::Registered { evicted } => Outcome::Registered { evicted },
+            Outcome::Refreshed => Outcome::Refreshed,
+            Outcome::Matched {
+                waiting,
+                completing,
+            } => Outcome::Matched {
+                waiting: v2_transmit(waiting, pair.counterpart(), info, req.candidates),
+                completing: v2_transmit(
+                    completing,
+                    pair,
+                    partner_info(self),
+                    v2::Candidates::EMPTY,
+                ),
+            },
+            Outcome::Replayed(t) => Outcome::Replayed(v2_transmit(
+                t,
+                pair,
+                partner_info(self),
+                v2::Candidates::EMPTY,
+            )),
+        }
+    }
+
+    /// The client-info bits the partner of `key.side` gave, read from the
+    /// pair's slot after a match or for a replay (the slot is in cache).
+    fn partner_info(&self, key: &PairKey) -> u8 {
+        let h = self.pairs.hash(key.hash_input());
+        let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) else {
+            return 0;
+        };
+        match self.pairs.get(i).state(&self.books.v6) {
+            State::Matched(m) => m.side(key.side.other()).2,
+            State::Pending { .. } => 0,
         }
     }
 
@@ -978,6 +1206,45 @@ impl Engine {
     }
 }
 
+/// The client-info bits a slot keeps per side, and so the bits a v2 reply
+/// relays: 0-1 the NAT mapping, 2 port-mapped, 3 reserved (relayed
+/// unread); bits 4-7 are not kept and reach the partner as zero.
+const INFO_BITS: u8 = 0x0f;
+
+/// Domain separation for the v2 key hash's keys, drawn from the table seed.
+const V2_KEY_DOMAIN: u64 = 0x7073_796e_6332_6b79; // "psync2ky"
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A v2 reply from the seed-shaped one the core made: the asker's `pair`,
+/// its own address (where the reply goes), the partner's info bits and the
+/// candidates it gets.
+fn v2_transmit(
+    t: Transmit,
+    pair: v2::Pair,
+    peer_info: u8,
+    candidates: v2::Candidates,
+) -> Transmit<v2::Reply> {
+    Transmit {
+        to: t.to,
+        via: t.via,
+        reply: v2::Reply {
+            pair,
+            src_port: t.reply.src_port,
+            dst_port: t.reply.dst_port,
+            peer: t.reply.peer,
+            your_addr: t.to,
+            peer_info: v2::ClientInfo(peer_info & INFO_BITS),
+            peer_candidates: candidates,
+        },
+    }
+}
+
 /// True when an entry that expires at `expires` is dead at `now`. Times are
 /// `u32` milliseconds compared with wrapping arithmetic; lifetimes stay far
 /// below 2^31 ms (24 days) and the sweep visits every entry long before.
@@ -1033,3 +1300,5 @@ fn seed_request(e: &PairEntry, side: Side) -> Option<Request> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_v2;

@@ -46,6 +46,17 @@ pub(super) enum Side {
     Hi,
 }
 
+impl Side {
+    /// The other side of the pair.
+    #[inline]
+    pub fn other(self) -> Side {
+        match self {
+            Side::Lo => Side::Hi,
+            Side::Hi => Side::Lo,
+        }
+    }
+}
+
 /// A pair's key and the side a request comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct PairKey {

@@ -12,9 +12,12 @@
 //!   address validation; no reply is longer than its request.
 //! - [`stun`]: STUN Binding (RFC 8489), which the server answers and the
 //!   client uses to classify its NAT.
+//! - [`cluster`]: what the members of a cluster send each other: forwarded
+//!   requests, replies on their way back, heartbeats.
 //!
 //! `PROTOCOL.md` at the repository root has the full byte tables.
 
+pub mod cluster;
 pub mod peer;
 pub mod seed;
 pub mod stun;
