@@ -192,6 +192,8 @@ pub const STEERING: bool = cfg!(all(target_os = "linux", not(feature = "portable
 const TICK: Duration = Duration::from_millis(100);
 /// Room in the channel from the workers to the control thread.
 const EVENTS: usize = 4096;
+/// How long a report (SIGUSR1) waits for the workers' fresh counters.
+const FRESH_WAIT: Duration = Duration::from_millis(200);
 /// Events the control thread takes per turn before it looks at its flags.
 const EVENTS_PER_TURN: usize = 1024;
 
@@ -214,6 +216,8 @@ struct WorkerState {
     replay_entries: usize,
     /// When its loop last turned; `None` before it started.
     turned: Option<Instant>,
+    /// Publications so far.
+    generation: u64,
 }
 
 /// What the threads of one server share: flags, and each worker's
@@ -258,6 +262,8 @@ enum Event {
 enum Control {
     Order(Order),
     Reload(Apply),
+    /// Publish the counters now.
+    Publish,
 }
 
 /// What a reload's change is applied to, in each worker between batches.
@@ -567,6 +573,7 @@ impl Server {
                     events: events_tx.clone(),
                     shared: shared.clone(),
                 },
+                generation: 0,
             });
         }
         let rate = (cfg.rate_limit.per_second > 0).then_some(Rate {
@@ -671,10 +678,6 @@ impl Server {
         if workers.is_empty() {
             return Err(io::Error::other("this server has run already"));
         }
-        let metrics = match self.metrics.take() {
-            Some(m) => Some(self.start_metrics(m)?),
-            None => None,
-        };
         let mut threads = Vec::with_capacity(workers.len());
         let mut failure = None;
         for mut w in workers {
@@ -692,6 +695,25 @@ impl Server {
                 Err(e) => {
                     failure = Some(format!("cannot start worker {index}: {e}"));
                     break;
+                }
+            }
+        }
+        // The metrics thread answers once every worker turns (until then
+        // its connections wait in the listener's backlog), so that /readyz
+        // never says ready before the workers are.
+        let mut metrics = None;
+        if failure.is_none() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.shared.states().iter().any(|s| s.turned.is_none())
+                && !threads.iter().any(|t| t.is_finished())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if let Some(m) = self.metrics.take() {
+                match self.start_metrics(m) {
+                    Ok(m) => metrics = Some(m),
+                    Err(e) => failure = Some(format!("cannot start the metrics thread: {e}")),
                 }
             }
         }
@@ -789,6 +811,7 @@ impl Server {
                 return;
             }
             if self.shared.report.swap(false, Ordering::AcqRel) {
+                self.fresh_counters();
                 info!(target: crate::cli::REPORT_TARGET, "counters {}", self.counters());
                 self.log_split(crate::cli::REPORT_TARGET);
             }
@@ -803,6 +826,25 @@ impl Server {
                     next_stats = self.stats_interval.map(|d| now + d);
                 }
             }
+        }
+    }
+
+    /// Asks every worker to publish its counters now and waits for them
+    /// (a little: a worker in the middle of a long batch is not waited for).
+    fn fresh_counters(&self) {
+        let before: Vec<u64> = self.shared.states().iter().map(|s| s.generation).collect();
+        for (control, waker) in self.controls.iter().zip(self.wakers.iter()) {
+            if control.send(Control::Publish).is_ok() {
+                let _ = waker.wake();
+            }
+        }
+        let deadline = Instant::now() + FRESH_WAIT;
+        while Instant::now() < deadline {
+            let now: Vec<u64> = self.shared.states().iter().map(|s| s.generation).collect();
+            if now.iter().zip(&before).all(|(n, b)| n > b) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

@@ -117,6 +117,8 @@ pub(super) struct Worker {
     pub(super) batch: usize,
     pub(super) start: Instant,
     pub(super) link: Link,
+    /// Publications so far.
+    pub(super) generation: u64,
 }
 
 impl Worker {
@@ -136,8 +138,10 @@ impl Worker {
     }
 
     /// Copies the counters where the control and metrics threads read them.
-    fn publish(&self, now: Instant) {
+    fn publish(&mut self, now: Instant) {
+        self.generation += 1;
         let state = WorkerState {
+            generation: self.generation,
             counters: self.counters(),
             wait: *self.engine.wait(),
             capacity: self.engine.capacity(),
@@ -179,6 +183,7 @@ impl Worker {
                     engine: &mut self.engine,
                     worker: self.index,
                 }),
+                Control::Publish => self.publish(Instant::now()),
             }
         }
     }
