@@ -12,7 +12,7 @@ set -euo pipefail
 
 # shellcheck source=loadgen/server.sh
 . "$(dirname "$0")/server.sh"
-start_server --rate-limit 0 --max-pending-per-ip 0
+start_server --rate-limit 0 --max-pending-per-ip 0 --max-pending-per-v4-24 0
 
 status=0
 "$BIN/psync-loadgen" --server "$addr" --json "$@" >"$work/report.json" || status=$?

@@ -127,6 +127,8 @@ pub struct Snapshot {
     pub stalled: Option<(usize, f64)>,
     /// Each worker's traffic, in worker order.
     pub workers: Vec<WorkerLoad>,
+    /// Cluster mode: members, their liveness, refusals by reason.
+    pub cluster: Option<crate::cluster::ClusterStatus>,
 }
 
 impl Snapshot {
@@ -505,6 +507,12 @@ pub const DROP_REASONS: &[&str] = &[
     "per_ip_limit",
     "per_prefix_limit",
     "stun_refused",
+    "seed_refused",
+    "v2_malformed",
+    "v2_bad_source",
+    "auth_failed_unknown_key",
+    "auth_failed_expired",
+    "auth_failed_bad_mac",
 ];
 
 /// HELP text of the counters known when this was written; a counter added
@@ -531,6 +539,14 @@ fn help(name: &str) -> &'static str {
         "recv_errors" => "Receive calls that failed unexpectedly.",
         "pending" => "Pending registrations held now.",
         "stun_answered" => "STUN Binding requests answered.",
+        "v2_admitted" => "Protocol v2 requests with a valid token, handed to the engine.",
+        "cookie_sent" => "Cookie replies sent to v2 requests from sources over their rate.",
+        "cookie_validated" => {
+            "v2 requests from sources over their rate let through by a valid cookie."
+        }
+        "forwarded_out" => "Cluster: requests forwarded to the member that owns their pair.",
+        "forwarded_in" => "Cluster: requests other members forwarded here.",
+        "forward_rejected" => "Cluster: datagrams from the cluster socket refused.",
         _ => "A psync counter; see the counters table in docs/operations.md.",
     }
 }
@@ -660,8 +676,79 @@ pub fn render(s: &Snapshot) -> String {
         crate::cli::COMMIT,
         crate::cli::FEATURES,
     );
+    if let Some(c) = &s.cluster {
+        render_cluster(&mut out, c);
+    }
     process::render(&mut out);
     out
+}
+
+/// Cluster mode: live members, each member's liveness and heartbeat age,
+/// and the cluster datagrams refused, by reason.
+fn render_cluster(out: &mut String, c: &crate::cluster::ClusterStatus) {
+    metric(
+        out,
+        "cluster_members_live",
+        "gauge",
+        "Cluster members that own pairs now (this one included when it does).",
+        c.live as f64,
+    );
+    let _ = write!(
+        out,
+        "# HELP psync_cluster_member_live 1 when the member owns pairs now (its heartbeats arrive).
+         # TYPE psync_cluster_member_live gauge
+"
+    );
+    for m in &c.members {
+        let _ = writeln!(
+            out,
+            "psync_cluster_member_live{{member=\"{}\"}} {}",
+            m.addr,
+            u8::from(m.live)
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP psync_cluster_member_heartbeat_age_seconds Seconds since the member's last authenticated datagram (absent: never heard).
+         # TYPE psync_cluster_member_heartbeat_age_seconds gauge
+"
+    );
+    for m in &c.members {
+        if let Some(ms) = m.heard_ms_ago {
+            let _ = writeln!(
+                out,
+                "psync_cluster_member_heartbeat_age_seconds{{member=\"{}\"}} {}",
+                m.addr,
+                ms as f64 / 1000.0
+            );
+        }
+    }
+    let _ = write!(
+        out,
+        "# HELP psync_cluster_rejected_total Cluster datagrams refused, by reason.
+         # TYPE psync_cluster_rejected_total counter
+"
+    );
+    for (reason, n) in c.counters.rejected_by_reason() {
+        let _ = writeln!(
+            out,
+            "psync_cluster_rejected_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    metric(
+        out,
+        "cluster_replies_relayed_total",
+        "counter",
+        "Replies sent back to the member that forwarded their request.",
+        c.replies_out as f64,
+    );
+    metric(
+        out,
+        "cluster_send_failed_total",
+        "counter",
+        "Datagrams to other members the cluster socket could not take.",
+        c.port.send_failed as f64,
+    );
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {

@@ -97,12 +97,47 @@ counters! {
         /// (responses, indications, malformed, bad FINGERPRINT, unknown
         /// required attributes), and anything that is not STUN on `--stun-port`.
         stun_refused,
+        /// Dropped by the admission gate: a seed-format request under
+        /// `--require-auth`.
+        seed_refused,
+        /// Dropped by the gate: a datagram of a v2 request's length that is
+        /// not a valid v2 request (header, reserved bytes, IDs, candidates).
+        v2_malformed,
+        /// Dropped by the gate: a v2 request from an address that cannot be
+        /// a peer (port 0, unspecified, multicast, broadcast, v4-mapped IPv6).
+        v2_bad_source,
+        /// Dropped by the gate: a v2 token naming a key that is not loaded.
+        auth_failed_unknown_key,
+        /// Dropped by the gate: a v2 token past its expiry (plus the skew).
+        auth_failed_expired,
+        /// Dropped by the gate: a v2 token whose MAC is wrong (forged,
+        /// another pair, the other direction).
+        auth_failed_bad_mac,
+        /// v2 requests with a valid token, handed to the engine.
+        v2_admitted,
+        /// Cookie replies sent: v2 requests without a valid cookie from a
+        /// source over its rate.
+        cookie_sent,
+        /// v2 requests from a source over its rate let through by a valid
+        /// cookie (charged to the validated budget); also in `v2_admitted`
+        /// or an `auth_failed_*`.
+        cookie_validated,
+        /// Cluster: client requests forwarded to the member that owns their pair.
+        forwarded_out,
+        /// Cluster: requests other members forwarded here (handled by the engine).
+        forwarded_in,
+        /// Cluster: datagrams from the cluster socket refused (malformed,
+        /// unknown sender, stale, bad MAC, replayed).
+        forward_rejected,
     }
 }
 
 /// Every count the server keeps: the engine's and the sockets'. `received`
 /// counts every datagram read: those the rate limiter dropped, the STUN
-/// requests answered or refused, and those handed to the engine.
+/// requests answered or refused, those the admission gate dropped or
+/// answered with a cookie, those forwarded to the cluster member that owns
+/// their pair, and those handed to the engine (which include requests other
+/// members forwarded here).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Datagrams received.
@@ -117,7 +152,18 @@ impl Counters {
     /// The two sets together.
     pub fn new(engine: EngineCounters, io: IoCounters) -> Counters {
         Counters {
-            received: engine.received + io.rate_limited + io.stun_answered + io.stun_refused,
+            received: engine.received
+                + io.rate_limited
+                + io.stun_answered
+                + io.stun_refused
+                + io.seed_refused
+                + io.v2_malformed
+                + io.v2_bad_source
+                + io.auth_failed_unknown_key
+                + io.auth_failed_expired
+                + io.auth_failed_bad_mac
+                + io.cookie_sent
+                + io.forwarded_out,
             engine,
             io,
         }

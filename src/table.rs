@@ -27,6 +27,9 @@
 //!   instead of queueing them.
 //! - **Fallible allocation**: [`Table::try_new`] reports a size that overflows
 //!   or cannot be allocated as an error, never a panic or an abort.
+//! - **Huge pages**: the arrays are advised to transparent huge pages before
+//!   they are first written, so that random probes of a table far larger than
+//!   the TLB's reach do not also walk the page tables.
 //!
 //! The table takes no clock and does no I/O. Nothing allocates after
 //! [`Table::try_new`]. The caller keeps the number of entries at or below the
@@ -36,7 +39,7 @@
 use std::collections::TryReserveError;
 use std::mem::size_of;
 
-use crate::sys::prefetch;
+use crate::sys::{advise_huge_pages, prefetch};
 
 /// Control bytes scanned at once (one `u64`).
 pub const GROUP: usize = 8;
@@ -133,11 +136,15 @@ impl<E: Entry> Table<E> {
         let slots = slot_count(capacity, load).ok_or(AllocError::Overflow)?;
         let bytes = Self::bytes_for(capacity, load).ok_or(AllocError::Overflow)?;
         let oom = |_| AllocError::OutOfMemory(bytes);
+        // Reserve both arrays before writing either, so that a size that
+        // cannot be had fails at once instead of after filling the first.
         let mut ctrl = Vec::new();
         ctrl.try_reserve_exact(slots + GROUP).map_err(oom)?;
-        ctrl.resize(slots + GROUP, EMPTY);
-        let mut entries = Vec::new();
+        let mut entries: Vec<E> = Vec::new();
         entries.try_reserve_exact(slots).map_err(oom)?;
+        advise_huge_pages(ctrl.as_ptr(), ctrl.capacity());
+        advise_huge_pages(entries.as_ptr().cast(), entries.capacity() * size_of::<E>());
+        ctrl.resize(slots + GROUP, EMPTY);
         entries.resize(slots, empty);
         Ok(Table {
             ctrl: ctrl.into_boxed_slice(),

@@ -497,3 +497,101 @@ fn a_refusing_server_port_fails_the_client_with_3() {
         "{err}"
     );
 }
+
+/// Issue 14, finding 5: sizes that once panicked ("capacity overflow"),
+/// aborted on allocation, wrapped the table arithmetic or spun at 100% CPU
+/// now get one line naming `--capacity` and a non-zero exit: refused by the
+/// flag's range, or by the engine when the memory cannot be had. Run under
+/// a 2 GiB address-space limit (`ulimit -v`), so that no value can succeed
+/// by luck of this machine's memory, and with a deadline, so that a hang
+/// fails the test instead of stalling it.
+#[test]
+fn absurd_sizes_are_one_line_errors_under_a_memory_limit() {
+    for capacity in [
+        "18446744073709551615", // 2^64 - 1: "capacity overflow" before
+        "12297829382473034410", // 0xAAAAAAAAAAAAAAAA: wrapped, then panicked
+        "1099511627776",        // 2^40: aborted on allocation before
+        "2147483649",           // one above the largest
+        "2147483648",           // the largest: about 128 GiB
+        "1000000000",           // aborted: "memory allocation of 27000000018 bytes failed"
+        "100000000",            // 5.8 GiB: over the limit set here
+    ] {
+        let cmd =
+            format!("ulimit -v 2097152; exec {BIN} -p 0 --bind 127.0.0.1 --capacity {capacity}");
+        let mut child = Command::new("sh")
+            .args(["-c", &cmd])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("--capacity {capacity}: still running after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "--capacity {capacity}: {status} {err}"
+        );
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "--capacity {capacity}: one line, got {err}");
+        assert!(
+            lines[0].starts_with("psync-server: error: ") && lines[0].contains("--capacity"),
+            "--capacity {capacity}: {err}"
+        );
+    }
+}
+
+/// Datagrams the kernel drops at the server's socket (receive buffer full)
+/// appear in `kernel_drops`: the server is stopped (SIGSTOP) while a burst
+/// overflows its smallest allowed buffer, then continued.
+#[test]
+fn kernel_drops_are_counted() {
+    let mut p = Proc::start(&[
+        "-4",
+        "-p",
+        "0",
+        "--bind",
+        "127.0.0.1",
+        "--rcvbuf",
+        "4K",
+        "--rate-limit",
+        "0",
+    ]);
+    let addr = p.listening();
+    signal(p.child.id(), libc::SIGSTOP);
+    let s = socket("127.0.0.1", Duration::from_secs(1));
+    let sent = 5000u64;
+    for i in 0..sent {
+        s.send_to(&[0u8; 3], addr)
+            .unwrap_or_else(|e| panic!("send {i}: {e}"));
+    }
+    signal(p.child.id(), libc::SIGCONT);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, rest) = p.terminate();
+    assert!(ok, "{rest}");
+    let field = |name: &str| -> u64 {
+        let at = rest
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("no {name} in {rest}"));
+        rest[at + name.len() + 2..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (received, drops) = (field("received"), field("kernel_drops"));
+    assert!(drops > 0, "a 4 KiB buffer held {sent} datagrams? {rest}");
+    assert_eq!(received + drops, sent, "{rest}");
+}

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use psync::wire::{PeerId, Reply, Request, REQUEST_LEN};
+use psync::wire::{PeerId, Request, REQUEST_LEN};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::format::{Format, MAX_REQUEST};
 use crate::pairs::{Nanos, Outcome, Pairs, PairsConfig, Ports, Tally, Wrong, WrongCounts};
 use crate::sched::{Load, Scheduler};
 use psync::sys::{self, RecvBatch, SendQueue};
@@ -58,6 +59,8 @@ pub struct Config {
     pub progress: bool,
     /// Set (by SIGINT) to end the run early and report what was measured.
     pub stop: Arc<AtomicBool>,
+    /// Seed-format requests, or v2 with tokens (`--auth-key-file`).
+    pub format: Format,
 }
 
 /// Datagrams per `sendmmsg`/`recvmmsg` call.
@@ -65,9 +68,10 @@ pub const BATCH: usize = 64;
 /// Longest datagram we send: requests are 8 bytes, malformed ones up to a
 /// reply's 32 (to check that a reflected reply is not taken for a request).
 pub const MAX_SEND: usize = 32;
-/// Bytes kept of a received datagram: more than any reply, so that with
-/// `MSG_TRUNC` a longer datagram is seen at its real length.
-pub const RECV_LEN: usize = 64;
+/// Bytes kept of a received datagram: more than any reply (a v2 reply is
+/// 152 bytes), so that with `MSG_TRUNC` a longer datagram is seen at its
+/// real length.
+pub const RECV_LEN: usize = 256;
 /// Datagrams one socket can hold unsent (its `SendQueue`). Callers flush at
 /// [`BATCH`], so this only fills while the kernel refuses to take more.
 pub const OUTBOX_LEN: usize = 4 * BATCH;
@@ -434,6 +438,8 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
     let mut first_wrong: Option<WrongSample> = None;
     let mut timer_target: Option<Nanos> = None;
     let mut bad_buf = [0u8; MAX_SEND];
+    let mut req_buf = [0u8; MAX_REQUEST];
+    let format = &cfg.format;
     // The measured window, and the pairs (of any schedule time) completed in it.
     let mut window: (Nanos, Nanos) = (Nanos::MAX, Nanos::MAX);
     let mut window_completed = 0u64;
@@ -456,7 +462,8 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                             self_id: PeerId::from_u32(x),
                             peer_id: PeerId::from_u32(x.wrapping_add(1)),
                         };
-                        peers.queue((k % cfg.sockets as u64) as usize, &req.emit());
+                        let n = format.encode(&req, &mut req_buf);
+                        peers.queue((k % cfg.sockets as u64) as usize, &req_buf[..n]);
                         pending_sent += 1;
                     }
                     next_preload = now + PRELOAD_TICK;
@@ -507,8 +514,10 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                     break;
                 };
                 sched.taken();
-                peers.queue(issue.first.0, &issue.first.1.emit());
-                peers.queue(issue.second.0, &issue.second.1.emit());
+                let n = format.encode(&issue.first.1, &mut req_buf);
+                peers.queue(issue.first.0, &req_buf[..n]);
+                let n = format.encode(&issue.second.1, &mut req_buf);
+                peers.queue(issue.second.0, &req_buf[..n]);
                 if dice.chance(cfg.bad_ratio) {
                     let len = malformed(bad_sent, issue.second.1, &mut bad_buf);
                     peers.queue(issue.second.0, &bad_buf[..len]);
@@ -620,9 +629,8 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                         stray += 1;
                         continue;
                     }
-                    let verdict = match Reply::parse(data) {
-                        Ok(_) if len != data.len() => Err(Wrong::Malformed),
-                        Err(_) => Err(Wrong::Malformed),
+                    let verdict = match format.decode(data, len, peers.addrs[i]) {
+                        Err(w) => Err(w),
                         Ok(r) if r.peer.is_ipv4() != cfg.server.is_ipv4() => Err(Wrong::Family),
                         Ok(r) if r.peer.ip() != cfg.local_ip => Err(Wrong::NotOurs),
                         Ok(r) => match peers.by_port[usize::from(r.peer.port())] {
@@ -643,7 +651,8 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                         }
                         Ok(v) => {
                             if let Some(req) = v.resend {
-                                peers.queue(i, &req.emit());
+                                let n = format.encode(&req, &mut req_buf);
+                                peers.queue(i, &req_buf[..n]);
                             }
                             v.outcome
                         }

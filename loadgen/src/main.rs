@@ -20,6 +20,7 @@
 compile_error!("psync-loadgen uses recvmmsg, sendmmsg and timerfd: it runs on Linux only");
 
 mod driver;
+mod format;
 mod pairs;
 mod report;
 mod sched;
@@ -125,6 +126,12 @@ struct Args {
     /// No progress line on stderr.
     #[arg(short, long)]
     quiet: bool,
+
+    /// Speak protocol v2: every request carries a token issued with the last
+    /// key of this key file (the server's --auth-key-file). Run the server
+    /// with --rate-limit 0, or it asks for cookies.
+    #[arg(long, value_name = "PATH")]
+    auth_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -193,7 +200,27 @@ fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> 
         Some(ip) => ip,
         None => driver::local_ip_for(server).map_err(|e| format!("no route to {server}: {e}"))?,
     };
+    let format = match &args.auth_key_file {
+        None => format::Format::Seed,
+        Some(path) => {
+            let keys = psync::server::gate::load_key_file(path)
+                .map_err(|e| format!("--auth-key-file: {e}"))?;
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            // Valid through the whole run and its drain, with an hour to spare.
+            let run = args.warmup + args.duration + args.timeout;
+            format::Format::V2 {
+                key: keys.last().clone(),
+                expiry: since.as_secs() + run.as_secs() + 3600,
+                // IDs of this run differ from another run's in their high
+                // half (a restarted run meets no stale registration).
+                high: u64::from(since.subsec_nanos() ^ std::process::id().rotate_left(16)),
+            }
+        }
+    };
     Ok(driver::Config {
+        format,
         server,
         local_ip,
         sockets,

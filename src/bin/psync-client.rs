@@ -31,13 +31,29 @@ struct Args {
     #[arg(long, value_name = "HOST:PORT")]
     server: String,
 
-    /// This peer's ID (decimal or 0x hex; sent little-endian).
-    #[arg(long = "self", value_name = "ID", value_parser = parse_id)]
-    self_id: u32,
+    /// This peer's ID (decimal or 0x hex; sent little-endian). Not with
+    /// --token, which names both IDs.
+    #[arg(long = "self", value_name = "ID", value_parser = parse_id,
+          required_unless_present_any = ["token", "token_file"],
+          conflicts_with_all = ["token", "token_file"])]
+    self_id: Option<u32>,
 
-    /// The partner's ID (decimal or 0x hex).
-    #[arg(long, value_name = "ID", value_parser = parse_id)]
-    peer: u32,
+    /// The partner's ID (decimal or 0x hex). Not with --token.
+    #[arg(long, value_name = "ID", value_parser = parse_id,
+          required_unless_present_any = ["token", "token_file"],
+          conflicts_with_all = ["token", "token_file"])]
+    peer: Option<u32>,
+
+    /// Speak protocol v2 with this token from the application's backend
+    /// (59 characters of base64url, `psync-token` prints one): it names
+    /// both 64-bit IDs, and the server matches only two valid halves. Prefer
+    /// --token-file: a command line is visible to other local users.
+    #[arg(long, value_name = "TOKEN", value_parser = parse_token, conflicts_with = "token_file")]
+    token: Option<psync::wire::v2::Token>,
+
+    /// Like --token, read from this file (surrounding whitespace ignored).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
 
     /// Try only this strategy (default: both at once, the first proven wins).
     #[arg(long, value_enum)]
@@ -157,6 +173,25 @@ enum StrategyArg {
     Birthday,
 }
 
+fn parse_token(s: &str) -> Result<psync::wire::v2::Token, String> {
+    psync::auth::decode_token(s.trim()).map_err(|e| format!("not a psync token: {e}"))
+}
+
+/// The token of --token or --token-file, if either.
+fn token(args: &Args) -> Result<Option<psync::wire::v2::Token>, String> {
+    if let Some(t) = args.token {
+        return Ok(Some(t));
+    }
+    let Some(path) = &args.token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    parse_token(&text)
+        .map(Some)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))
+}
+
 fn parse_id(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -213,11 +248,18 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_USAGE);
         }
     };
-    let mut cfg = ClientConfig::new(
-        server,
-        PeerId::from_u32(args.self_id),
-        PeerId::from_u32(args.peer),
-    );
+    let mut cfg = match token(&args) {
+        Ok(Some(t)) => ClientConfig::with_token(server, t),
+        Ok(None) => ClientConfig::new(
+            server,
+            PeerId::from_u32(args.self_id.unwrap_or_default()),
+            PeerId::from_u32(args.peer.unwrap_or_default()),
+        ),
+        Err(msg) => {
+            cli::error(PROGRAM.name, &msg);
+            return ExitCode::from(cli::EXIT_USAGE);
+        }
+    };
     cfg.strategy = args.strategy.map(|s| match s {
         StrategyArg::Seed => Strategy::Seed,
         StrategyArg::Observed => Strategy::Observed,

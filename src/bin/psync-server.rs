@@ -4,12 +4,15 @@
 //! reloads; SIGUSR1 logs the counters; see docs/operations.md.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 use log::LevelFilter;
 use psync::cli::{self, Bare, Program};
+use psync::cluster::config::{DnsName, HostPort};
+use psync::cluster::{self, ClusterSettings};
 use psync::limit::RateLimit;
 use psync::{EngineConfig, Server, ServerConfig, ServerError};
 use signal_hook::consts::signal::*;
@@ -163,6 +166,102 @@ struct Args {
     /// Seed for port choice and hashing, for reproducible runs (default: from the OS).
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
+
+    /// Serve protocol v2: accept tokens made with the keys in this file
+    /// (lines `KEY_ID SECRET_HEX`, 1 to 256 keys of 16 to 64 bytes; others
+    /// may not read it: mode 600). SIGHUP re-reads it. See docs/auth.md.
+    #[arg(long, value_name = "PATH")]
+    auth_key_file: Option<PathBuf>,
+
+    /// Refuse seed-format requests (no reply, counted in seed_refused): only
+    /// v2 requests with a valid token are served. Needs --auth-key-file.
+    #[arg(long, requires = "auth_key_file")]
+    require_auth: bool,
+
+    /// Cluster: every member's cluster address, this server's included, the
+    /// same list on every member (IP[:PORT], port from --cluster-bind; repeat,
+    /// or separate with commas) [at most 256, one per IP].
+    #[arg(long, value_name = "ADDR", value_delimiter = ',', conflicts_with = "cluster_dns",
+          value_parser = cluster::config::parse_host_port)]
+    cluster_peer: Vec<HostPort>,
+
+    /// Cluster: the members are the A (or AAAA) records of NAME, re-resolved
+    /// every --cluster-dns-interval (a Kubernetes headless Service) [a host
+    /// name; PORT 1 to 65535, default --cluster-bind's].
+    #[arg(long, value_name = "NAME[:PORT]", value_parser = cluster::config::parse_dns_name)]
+    cluster_dns: Option<DnsName>,
+
+    /// Cluster: how often --cluster-dns is resolved [100ms to 1h].
+    #[arg(long, default_value = "5s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, cluster::config::MIN_DNS_INTERVAL, cluster::config::MAX_DNS_INTERVAL, false))]
+    cluster_dns_interval: Duration,
+
+    /// Cluster: this member's own address for the server-to-server socket,
+    /// and its identity (IP[:PORT], port 1025 by default; not a wildcard).
+    #[arg(long, value_name = "ADDR", value_parser = cluster::config::parse_host_port)]
+    cluster_bind: Option<HostPort>,
+
+    /// Cluster: file holding the key every member shares, in hex (16 to 64
+    /// bytes; `openssl rand -hex 32`); a second line is also accepted
+    /// (rotation). Never on the command line.
+    #[arg(long, value_name = "PATH")]
+    cluster_key_file: Option<PathBuf>,
+
+    /// Cluster: a member silent this long stops owning pairs [200ms to 10m].
+    #[arg(long, default_value = "3s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, cluster::config::MIN_TIMEOUT, cluster::config::MAX_TIMEOUT, false))]
+    cluster_timeout: Duration,
+
+    /// Cluster: after SIGTERM, how long to keep relaying (forwarding every
+    /// request) once the others know this member leaves [0 to 10m].
+    #[arg(long, default_value = "2s", value_name = "DURATION", allow_negative_numbers = true,
+          value_parser = cli::duration(Bare::Seconds, Duration::from_millis(1), Duration::from_secs(600), true))]
+    cluster_drain: Duration,
+}
+
+/// The cluster's settings from the flags, or `None` without
+/// `--cluster-peer` and `--cluster-dns`. Errors name the flag.
+fn cluster_settings(args: &Args) -> Result<Option<ClusterSettings>, String> {
+    if args.cluster_peer.is_empty() && args.cluster_dns.is_none() {
+        if args.cluster_bind.is_some() || args.cluster_key_file.is_some() {
+            return Err(
+                "--cluster-bind and --cluster-key-file need --cluster-peer or --cluster-dns".into(),
+            );
+        }
+        return Ok(None);
+    }
+    let bind = args
+        .cluster_bind
+        .ok_or_else(|| cluster::ConfigError::NoBind.to_string())?
+        .with_default(cluster::config::DEFAULT_PORT);
+    let path = args
+        .cluster_key_file
+        .as_ref()
+        .ok_or_else(|| cluster::ConfigError::NoKey.to_string())?;
+    let members = match &args.cluster_dns {
+        Some(dns) => cluster::MemberSource::Dns {
+            name: dns.name.clone(),
+            port: dns.port.unwrap_or(bind.port()),
+            interval: args.cluster_dns_interval,
+        },
+        None => cluster::MemberSource::Static(
+            args.cluster_peer
+                .iter()
+                .map(|p| p.with_default(bind.port()))
+                .collect(),
+        ),
+    };
+    let config = cluster::ClusterConfig {
+        bind,
+        members,
+        timeout: args.cluster_timeout,
+        key: cluster::config::read_key_file(path).map_err(|e| e.to_string())?,
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(Some(ClusterSettings {
+        config,
+        drain: args.cluster_drain,
+    }))
 }
 
 fn parse_workers(s: &str) -> Result<usize, String> {
@@ -210,6 +309,11 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
     let count = |n: u64, flag: &str| {
         usize::try_from(n).map_err(|_| format!("--{flag} {n} does not fit this system"))
     };
+    let auth = match &args.auth_key_file {
+        Some(path) => psync::server::gate::AuthConfig::from_key_file(path, args.require_auth)
+            .map_err(|e| format!("--auth-key-file: {e}"))?,
+        None => psync::server::gate::AuthConfig::default(),
+    };
     Ok(ServerConfig {
         engine: EngineConfig {
             capacity: count(args.capacity, "capacity")?,
@@ -240,6 +344,8 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         metrics: args.metrics,
         stun_port: args.stun_port,
         workers: args.workers,
+        cluster: cluster_settings(args)?,
+        auth,
     })
 }
 
@@ -295,7 +401,8 @@ fn main() -> ExitCode {
         log::warn!("--replay-capacity is ignored: matches now share --capacity");
     }
     // What the tables will cost, said before they are allocated.
-    let e = &cfg.engine;
+    let mut e = cfg.engine.clone();
+    e.ipv6 = cfg.bind.iter().any(|a| a.is_ipv6());
     let need = e.memory().unwrap_or(usize::MAX);
     log::info!(
         "tables need {} MiB ({:.1} bytes per unit of --capacity), plus up to {} MiB for \
@@ -346,6 +453,20 @@ fn main() -> ExitCode {
     }
     for addr in server.stun_addrs() {
         cli::eprint(&format!("psync-server: STUN on udp {addr}"));
+    }
+    if let Some(addr) = server.cluster_addr() {
+        cli::eprint(&format!("psync-server: cluster on udp {addr}"));
+    }
+    if let Some(path) = &args.auth_key_file {
+        log::info!(
+            "protocol v2: tokens checked against {}{}",
+            path.display(),
+            if args.require_auth {
+                "; seed-format requests refused (--require-auth)"
+            } else {
+                "; seed-format requests served beside it"
+            }
+        );
     }
     if let Some(addr) = server.metrics_addr() {
         cli::eprint(&format!(

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::nat::NatType;
 use super::ClientError;
+use crate::wire::v2;
 use crate::wire::PeerId;
 
 /// Default opener TTL. A host behind one NAT router needs 2: the router
@@ -198,9 +199,24 @@ pub struct ClientConfig {
     pub port_mapping: PortMapping,
     /// Birthday probing's counts.
     pub birthday: Birthday,
-    /// The partner's NAT type if it is known in advance (protocol v2 will
-    /// carry it from the server); `None` today. Knowing it skips steps.
+    /// The partner's NAT type if it is known in advance; `None` to learn it
+    /// from the server's v2 reply (the partner's client info), if any.
+    /// Knowing it skips steps.
     pub partner_nat: Option<NatType>,
+    /// Protocol v2: the token from the application's backend, which names
+    /// both 64-bit IDs. With one, the client registers with v2 requests
+    /// (authenticated, with its client info and local candidates; see
+    /// PROTOCOL.md), and `self_id`/`peer_id` are the IDs' low 32 bits
+    /// ([`handshake_id`]); without, with the 8-byte seed request.
+    pub token: Option<v2::Token>,
+}
+
+/// The 4-byte ID a v2 peer puts in the peer handshake (whose `from` and `to`
+/// fields are 32 bits): the low 32 bits of its 64-bit ID, as
+/// [`PeerId::from_u32`] writes them. Both peers derive both IDs the same
+/// way, so they agree on who decides.
+pub fn handshake_id(id: u64) -> PeerId {
+    PeerId::from_u32(id as u32)
 }
 
 impl ClientConfig {
@@ -225,7 +241,20 @@ impl ClientConfig {
             port_mapping: PortMapping::DEFAULT,
             birthday: Birthday::DEFAULT,
             partner_nat: None,
+            token: None,
         }
+    }
+
+    /// A config for protocol v2 with `token` (see [`ClientConfig::new`] for
+    /// the defaults): the IDs come from the token.
+    pub fn with_token(server: SocketAddr, token: v2::Token) -> ClientConfig {
+        let mut c = ClientConfig::new(
+            server,
+            handshake_id(token.pair.self_id),
+            handshake_id(token.pair.peer_id),
+        );
+        c.token = Some(token);
+        c
     }
 
     /// Whether `s` is to be tried.
@@ -254,6 +283,24 @@ impl ClientConfig {
     /// Checks every setting; the error names the flag.
     pub fn check(&self) -> Result<(), ClientError> {
         let bad = |m: &str| Err(ClientError::Config(m.to_string()));
+        if let Some(t) = &self.token {
+            let pair = t.pair;
+            if pair.is_self_pair() {
+                return bad("the token names the same ID for both peers");
+            }
+            if (self.self_id, self.peer_id)
+                != (handshake_id(pair.self_id), handshake_id(pair.peer_id))
+            {
+                return bad("--self and --peer must be the token's IDs (or left out)");
+            }
+            if self.self_id == self.peer_id {
+                return Err(ClientError::Config(format!(
+                    "the token's IDs {:#x} and {:#x} agree in their low 32 bits, which the \
+                     peer handshake carries: the backend must issue IDs that differ there",
+                    pair.self_id, pair.peer_id
+                )));
+            }
+        }
         if self.self_id == self.peer_id {
             return bad("--self and --peer must differ");
         }

@@ -5,7 +5,7 @@
 //! sockets and asks the router.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
@@ -13,11 +13,13 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 
 use super::config::{ClientConfig, HOLD_LIMIT, PORT_MAPPING_LIFETIME};
 use super::nat::{self, Classifier, NatReport, NatType};
-use super::punch::{Command, Likely, Outcome, Proven, Punch, PunchParams, SocketId, Transmit};
-use super::registration::Registration;
-use super::report::ConnectReport;
+use super::punch::{
+    Command, Likely, Outcome, Proven, Punch, PunchParams, SocketId, Transmit, TRANSMIT_LEN,
+};
+use super::registration::{Answer, Registration};
+use super::report::{ConnectReport, V2Report};
 use super::ClientError;
-use crate::wire::peer::HEADER_LEN;
+use crate::wire::v2;
 use crate::wire::Reply;
 
 /// Something the driver must do.
@@ -67,7 +69,7 @@ enum Phase {
     Opening,
     Classify(Box<Classifier>),
     Mapping,
-    Register(Registration),
+    Register(Box<Registration>),
     Punch(Box<Punch>),
     Over,
 }
@@ -84,6 +86,9 @@ pub struct Connector {
     actions: VecDeque<Action>,
     transmits: VecDeque<Transmit>,
     local: Option<SocketAddr>,
+    /// The address of ours the route to the server leaves from (a v2 host
+    /// candidate), as the driver found it.
+    host: Option<IpAddr>,
     nat: Option<NatType>,
     mapped: Option<SocketAddr>,
     report: ConnectReport,
@@ -111,6 +116,7 @@ impl Connector {
             actions: VecDeque::new(),
             transmits: VecDeque::new(),
             local: None,
+            host: None,
             nat: None,
             mapped: None,
             report: ConnectReport::default(),
@@ -165,7 +171,7 @@ impl Connector {
         match &mut self.phase {
             Phase::Classify(c) => {
                 while let Some(t) = c.poll_transmit(now) {
-                    let mut buf = [0u8; HEADER_LEN];
+                    let mut buf = [0u8; TRANSMIT_LEN];
                     buf[..t.bytes.len()].copy_from_slice(&t.bytes);
                     self.transmits.push_back(Transmit {
                         socket: SocketId::Main,
@@ -178,8 +184,8 @@ impl Connector {
             }
             Phase::Register(r) => {
                 if let Some(req) = r.poll_transmit(now) {
-                    let mut buf = [0u8; HEADER_LEN];
-                    buf[..req.len()].copy_from_slice(&req);
+                    let mut buf = [0u8; TRANSMIT_LEN];
+                    buf[..req.len()].copy_from_slice(req);
                     self.transmits.push_back(Transmit {
                         socket: SocketId::Main,
                         to: self.cfg.server,
@@ -208,6 +214,13 @@ impl Connector {
             Phase::Over => return None,
         };
         Some(t.min(self.deadline))
+    }
+
+    /// The local IP the route to the server leaves from (the driver asks the
+    /// kernel before each attempt); with v2 it is sent to the partner as a
+    /// host candidate, for peers behind one NAT.
+    pub fn host_ip(&mut self, ip: Option<IpAddr>) {
+        self.host = ip.filter(|ip| !ip.is_unspecified());
     }
 
     /// The driver opened the attempt's main socket (bound to `local`).
@@ -322,12 +335,42 @@ impl Connector {
     }
 
     fn start_register(&mut self, now: Instant) {
-        self.phase = Phase::Register(Registration::new(
-            self.cfg.server,
-            self.cfg.self_id,
-            self.cfg.peer_id,
-            now,
-        ));
+        let r = match self.cfg.token {
+            Some(token) => Registration::new_v2(self.cfg.server, self.v2_request(token), now),
+            None => Registration::new(self.cfg.server, self.cfg.self_id, self.cfg.peer_id, now),
+        };
+        self.phase = Phase::Register(Box::new(r));
+    }
+
+    /// Our v2 request: the token, what we know of our NAT, and our
+    /// candidates: the local address toward the server (peers behind one
+    /// NAT reach each other there) and the router's mapping.
+    fn v2_request(&self, token: v2::Token) -> v2::Request {
+        let mapping = match self.nat.unwrap_or(NatType::Unknown) {
+            NatType::Unknown => v2::Mapping::Unknown,
+            NatType::Easy => v2::Mapping::EndpointIndependent,
+            NatType::Hard | NatType::HardMapped => v2::Mapping::EndpointDependent,
+        };
+        let mut candidates = v2::Candidates::EMPTY;
+        let port = self.local.map_or(0, |l| l.port());
+        if let (Some(ip), true) = (self.host, port != 0) {
+            let _ = candidates.push(v2::Candidate {
+                kind: v2::CandidateKind::HOST,
+                addr: SocketAddr::new(ip, port),
+            });
+        }
+        if let Some(m) = self.mapped {
+            let _ = candidates.push(v2::Candidate {
+                kind: v2::CandidateKind::MAPPED,
+                addr: m,
+            });
+        }
+        v2::Request {
+            token,
+            cookie: None,
+            info: v2::ClientInfo::new(mapping, self.mapped.is_some()),
+            candidates,
+        }
     }
 
     /// A socket asked for by [`Action::Punch`] is open (or not).
@@ -366,10 +409,13 @@ impl Connector {
                     self.after_classify(now);
                 }
             }
-            Phase::Register(r) if socket == SocketId::Main => match r.handle(from, datagram) {
-                Some(Ok(reply)) => self.start_punch(now, reply),
+            Phase::Register(r) if socket == SocketId::Main => match r.handle(from, datagram, now) {
+                Some(Ok(answer)) => self.start_punch(now, answer),
                 Some(Err(e)) => self.finish(Err(e)),
-                None => log::debug!("ignored a datagram from {from} while registering"),
+                None => {
+                    self.report.cookies = r.cookies();
+                    log::debug!("no reply yet: a datagram from {from} while registering");
+                }
             },
             Phase::Punch(p) => {
                 p.handle(now, socket, from, datagram);
@@ -385,11 +431,22 @@ impl Connector {
             Phase::Classify(c) if c.is_done(now) => self.after_classify(now),
             Phase::Register(_) if now >= self.deadline => {
                 if self.attempt == 1 {
+                    let mut last_error = std::mem::take(&mut self.last_error);
+                    if let Some(t) = &self.cfg.token {
+                        // A server stays as silent to a refused token as to
+                        // a lone registration: say what else to check.
+                        last_error.push_str(&format!(
+                            " (protocol v2, peer ID {:#x}: a server also says nothing to a token it \
+                             refuses: does its --auth-key-file hold key {}, and has the token, \
+                             valid until Unix time {}, not expired?)",
+                            t.pair.peer_id, t.key_id, t.expiry
+                        ));
+                    }
                     let err = ClientError::NoReply {
                         server: self.cfg.server,
                         peer: self.cfg.peer_id,
                         waited: now.saturating_duration_since(self.epoch),
-                        last_error: std::mem::take(&mut self.last_error),
+                        last_error,
                     };
                     self.finish(Err(err));
                 } else {
@@ -408,7 +465,36 @@ impl Connector {
         }
     }
 
-    fn start_punch(&mut self, now: Instant, reply: Reply) {
+    fn start_punch(&mut self, now: Instant, answer: Answer) {
+        let reply = answer.reply;
+        let mut partner_nat = self.cfg.partner_nat;
+        let mut partner_candidates = Vec::new();
+        if let Some(r) = answer.v2 {
+            partner_candidates = r
+                .peer_candidates
+                .as_slice()
+                .iter()
+                .map(|c| c.addr)
+                .collect();
+            let told = match (r.peer_info.mapping(), r.peer_info.port_mapped()) {
+                (v2::Mapping::EndpointIndependent, _) => Some(NatType::Easy),
+                (v2::Mapping::EndpointDependent, true) => Some(NatType::HardMapped),
+                (v2::Mapping::EndpointDependent, false) => Some(NatType::Hard),
+                _ => None,
+            };
+            partner_nat = partner_nat.or(told);
+            log::info!(
+                "v2: our public address {}, partner's NAT {}, {} partner candidate(s)",
+                r.your_addr,
+                told.map_or("unknown", NatType::name),
+                partner_candidates.len()
+            );
+            self.report.v2 = Some(V2Report {
+                your_addr: r.your_addr,
+                partner_nat: told,
+                partner_candidates: partner_candidates.clone(),
+            });
+        }
         self.made = self.attempt;
         self.report.attempts = self.attempt;
         log::info!(
@@ -427,7 +513,7 @@ impl Connector {
         };
         self.reply = Some(reply);
         let nat = self.nat.unwrap_or(NatType::Unknown);
-        let mut roles = nat::roles(nat, self.cfg.partner_nat, self.cfg.birthday.delay);
+        let mut roles = nat::roles(nat, partner_nat, self.cfg.birthday.delay);
         if reply.peer.ip().is_loopback() {
             // No NAT on loopback: nothing to guess, and random probes of
             // 127.0.0.1 would hit unrelated local services.
@@ -452,8 +538,8 @@ impl Connector {
             roles,
             birthday: self.cfg.birthday,
             seed: self.rng.next_u64(),
-            // Protocol v2 will fill these from the server's reply.
-            partner_candidates: Vec::new(),
+            // With v2, the waiter gets the completer's candidates.
+            partner_candidates,
         };
         self.actions.push_back(Action::IcmpErrors(false));
         let mut punch = Punch::new(params, now);
@@ -649,5 +735,75 @@ mod tests {
         }
         assert_eq!(sent, 3, "requests at 0, 250 and 750 ms");
         assert_eq!(c.report().datagrams_sent, 3);
+    }
+
+    #[test]
+    fn v2_registers_with_its_token_info_and_candidates_and_reads_the_reply() {
+        let key = crate::auth::Key::new(1, &[3; 32]).unwrap();
+        let pair = v2::Pair::new(0x51f0_c2a9_e4d3_b817, 0x0bd1_e5a2_c4f6_a390);
+        let mut cfg = ClientConfig::with_token(
+            "198.18.0.2:4949".parse().unwrap(),
+            key.issue(pair, u64::MAX),
+        );
+        cfg.stun_port = Some(3478);
+        cfg.port_mapping.natpmp = false;
+        cfg.port_mapping.pcp = false;
+        cfg.port_mapping.upnp = false;
+        assert!(cfg.check().is_ok());
+        let t0 = Instant::now();
+        let mut c = Connector::new(cfg.clone(), t0, 1);
+        c.poll_action();
+        c.host_ip(Some("10.0.0.5".parse().unwrap()));
+        c.main_socket_opened(t0, Ok("0.0.0.0:40001".parse().unwrap()));
+        let easy = "203.0.113.5:40001".parse().unwrap();
+        answer_stun(&mut c, t0, [easy, easy]);
+        let t = c.poll_transmit(t0).expect("registration");
+        let req = v2::Request::parse(t.data()).expect("a v2 request");
+        assert_eq!(req.pair(), pair);
+        assert_eq!(req.info.mapping(), v2::Mapping::EndpointIndependent);
+        assert_eq!(
+            req.candidates.as_slice(),
+            [v2::Candidate {
+                kind: v2::CandidateKind::HOST,
+                addr: "10.0.0.5:40001".parse().unwrap()
+            }]
+        );
+        // A cookie reply: the request goes again at once, with the cookie.
+        let cookie = v2::Cookie::new([9; 16]).unwrap();
+        let t1 = t0 + Duration::from_millis(5);
+        c.handle(
+            t1,
+            SocketId::Main,
+            cfg.server,
+            &v2::CookieReply { pair, cookie }.to_bytes(),
+        );
+        let t = c.poll_transmit(t1).expect("sent again at once");
+        assert_eq!(v2::Request::parse(t.data()).unwrap().cookie, Some(cookie));
+        // The reply: the partner's candidates become paths, its info its NAT.
+        let cand: SocketAddr = "192.168.7.9:5555".parse().unwrap();
+        let reply = v2::Reply {
+            pair,
+            src_port: 2000,
+            dst_port: 3000,
+            peer: "198.51.100.7:4949".parse().unwrap(),
+            your_addr: easy,
+            peer_info: v2::ClientInfo::new(v2::Mapping::EndpointDependent, true),
+            peer_candidates: v2::Candidates::from_slice(&[v2::Candidate {
+                kind: v2::CandidateKind::HOST,
+                addr: cand,
+            }])
+            .unwrap(),
+        };
+        c.handle(t1, SocketId::Main, cfg.server, &reply.to_bytes());
+        let report = c.report().v2.clone().expect("v2 report");
+        assert_eq!(report.your_addr, easy);
+        assert_eq!(report.partner_nat, Some(NatType::HardMapped));
+        assert_eq!(report.partner_candidates, [cand]);
+        assert_eq!(c.report().cookies, 1);
+        let mut to = Vec::new();
+        while let Some(t) = c.poll_transmit(t1) {
+            to.push(t.to);
+        }
+        assert!(to.contains(&cand), "the candidate is probed: {to:?}");
     }
 }

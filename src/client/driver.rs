@@ -180,6 +180,9 @@ fn act(
         Action::NewAttempt => {
             sockets.clear(poll);
             *lease = None;
+            if cfg.token.is_some() {
+                c.host_ip(route_source(cfg.server));
+            }
             let opened = open(poll, cfg.server, 0, SocketId::Main)
                 .map_err(io_err("cannot open the registration socket"))
                 .and_then(|s| {
@@ -274,6 +277,18 @@ fn send_with_ttl(socket: &MioSocket, data: &[u8], to: SocketAddr, ttl: u8) -> io
         sock.set_unicast_hops_v6(old)?;
         sent
     }
+}
+
+/// The local IP the kernel would send from toward `to` (no datagram is
+/// sent: connecting a UDP socket only picks the route), or `None`.
+fn route_source(to: SocketAddr) -> Option<std::net::IpAddr> {
+    let any: SocketAddr = match to {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = UdpSocket::bind(any).ok()?;
+    s.connect(to).ok()?;
+    Some(s.local_addr().ok()?.ip())
 }
 
 /// A nonblocking UDP socket of `like`'s family on the wildcard address at

@@ -48,6 +48,11 @@ pub enum SocketId {
     Birthday(u16),
 }
 
+/// Bytes a [`Transmit`] holds: the longest datagram the client sends before
+/// the session, a v2 registration (punch datagrams are one header).
+pub const TRANSMIT_LEN: usize = crate::wire::v2::REQUEST_LEN;
+const _: () = assert!(HEADER_LEN <= TRANSMIT_LEN);
+
 /// A datagram to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transmit {
@@ -58,7 +63,7 @@ pub struct Transmit {
     /// A low TTL (or hop limit) for an opener; `None` for the default.
     pub ttl: Option<u8>,
     /// The bytes: `len` of them.
-    pub buf: [u8; HEADER_LEN],
+    pub buf: [u8; TRANSMIT_LEN],
     /// How many bytes of `buf` to send.
     pub len: usize,
 }
@@ -457,7 +462,15 @@ impl Punch {
         .to_bytes()
     }
 
-    fn push(&mut self, socket: SocketId, to: SocketAddr, ttl: Option<u8>, buf: [u8; HEADER_LEN]) {
+    fn push(
+        &mut self,
+        socket: SocketId,
+        to: SocketAddr,
+        ttl: Option<u8>,
+        header: [u8; HEADER_LEN],
+    ) {
+        let mut buf = [0u8; TRANSMIT_LEN];
+        buf[..HEADER_LEN].copy_from_slice(&header);
         self.transmits.push_back(Transmit {
             socket,
             to,

@@ -1,17 +1,29 @@
-//! Registration: send the 8-byte request until the server answers with the
+//! Registration: send the request until the server answers with the
 //! partner's address. Sans-IO: the caller sends what [`Registration::poll_transmit`]
 //! returns from the main socket and feeds back what arrives from the server.
 //!
-//! The request is retransmitted with backoff (250 ms doubling to 2 s) until a
-//! reply arrives. The server stays silent until the partner registers, so "no
-//! reply" means either no server or no partner. A reply of the wrong size or
-//! family is an error ([`super::ClientError::BadReply`]), never a crash.
+//! The request is the seed format's 8 bytes ([`Registration::new`]) or a
+//! protocol v2 request with a token ([`Registration::new_v2`]). It is
+//! retransmitted with backoff (250 ms doubling to 2 s) until a reply
+//! arrives. The server stays silent until the partner registers, so "no
+//! reply" means either no server or no partner (or, with v2, a token the
+//! server refused: it says nothing to those either). A reply of the wrong
+//! size or family is an error ([`super::ClientError::BadReply`]), never a
+//! crash.
+//!
+//! v2 cookies (PROTOCOL.md, "The cookie exchange"): a cookie reply's cookie
+//! goes into every later request. A cookie belongs to the address, not the
+//! pair, so it is taken from any cookie reply from the server; only one that
+//! echoes our own pair makes the request go again at once, at most once per
+//! retransmit interval (so forged cookie replies cannot make it send faster
+//! than twice its schedule).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::ClientError;
-use crate::wire::{stun, PeerId, Reply, Request, REQUEST_LEN};
+use crate::wire::v2;
+use crate::wire::{stun, PeerId, Reply, Request};
 
 /// First registration retransmit delay; doubled after each send.
 pub const REGISTER_BACKOFF_START: Duration = Duration::from_millis(250);
@@ -25,11 +37,35 @@ pub const REGISTER_BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// [`REGISTER_BACKOFF_START`].
 pub const REFUSED_GRACE: Duration = Duration::from_secs(2);
 
+/// Bytes of the longest request: a v2 request.
+pub const MAX_REQUEST_LEN: usize = v2::REQUEST_LEN;
+
+/// What the server said: the seed-format reply the punch needs, and with v2
+/// the whole v2 reply (our public address, the partner's info and
+/// candidates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The partner's address and the two ports.
+    pub reply: Reply,
+    /// The v2 reply it came in, if v2.
+    pub v2: Option<v2::Reply>,
+}
+
 /// Sans-IO registration with one server.
 #[derive(Debug)]
 pub struct Registration {
     server: SocketAddr,
-    request: [u8; REQUEST_LEN],
+    request: [u8; MAX_REQUEST_LEN],
+    len: usize,
+    /// The v2 request, kept to put a cookie in it.
+    v2: Option<v2::Request>,
+    /// Cookie replies taken.
+    cookies: u32,
+    /// The scheduled send a cookie reply pulled forward to now (kept, so the
+    /// early send does not shift the schedule).
+    pulled: Option<Instant>,
+    /// A cookie reply already made a request go early in this interval.
+    early_spent: bool,
     next_send: Instant,
     backoff: Duration,
     sent: u32,
@@ -40,11 +76,38 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Starts registering `self_id` for `peer_id` at `now`.
+    /// Starts registering `self_id` for `peer_id` at `now`, in the seed format.
     pub fn new(server: SocketAddr, self_id: PeerId, peer_id: PeerId, now: Instant) -> Registration {
+        let mut request = [0u8; MAX_REQUEST_LEN];
+        let seed = Request { self_id, peer_id }.emit();
+        request[..seed.len()].copy_from_slice(&seed);
+        Registration::with_bytes(server, request, seed.len(), None, now)
+    }
+
+    /// Starts registering with the v2 `request` (token, client info,
+    /// candidates; its cookie, if any, is replaced by what the server gives)
+    /// at `now`.
+    pub fn new_v2(server: SocketAddr, request: v2::Request, now: Instant) -> Registration {
+        let mut bytes = [0u8; MAX_REQUEST_LEN];
+        let len = request.emit(&mut bytes);
+        Registration::with_bytes(server, bytes, len, Some(request), now)
+    }
+
+    fn with_bytes(
+        server: SocketAddr,
+        request: [u8; MAX_REQUEST_LEN],
+        len: usize,
+        v2: Option<v2::Request>,
+        now: Instant,
+    ) -> Registration {
         Registration {
             server,
-            request: Request { self_id, peer_id }.emit(),
+            request,
+            len,
+            v2,
+            cookies: 0,
+            pulled: None,
+            early_spent: false,
             next_send: now,
             backoff: REGISTER_BACKOFF_START,
             sent: 0,
@@ -54,7 +117,7 @@ impl Registration {
     }
 
     /// The request, if one is due at `now`; schedules the next.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<[u8; REQUEST_LEN]> {
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<&[u8]> {
         if now < self.next_send {
             return None;
         }
@@ -62,10 +125,22 @@ impl Registration {
             self.refused_since = None;
         }
         self.refused_latest = false;
-        self.next_send = now + self.backoff;
-        self.backoff = (self.backoff * 2).min(REGISTER_BACKOFF_CAP);
+        if let Some(due) = self.pulled.take() {
+            // Pulled forward by a cookie reply: the schedule stays as it was.
+            self.next_send = due;
+            self.early_spent = true;
+        } else {
+            self.next_send = now + self.backoff;
+            self.backoff = (self.backoff * 2).min(REGISTER_BACKOFF_CAP);
+            self.early_spent = false;
+        }
         self.sent += 1;
-        Some(self.request)
+        Some(&self.request[..self.len])
+    }
+
+    /// Cookie replies taken so far (v2).
+    pub fn cookies(&self) -> u32 {
+        self.cookies
     }
 
     /// When the next request is due.
@@ -103,13 +178,80 @@ impl Registration {
         None
     }
 
-    /// A datagram from `from`: `None` if it is not the server's reply (another
-    /// source, or a STUN answer), else the reply or why it is bad.
-    pub fn handle(&self, from: SocketAddr, datagram: &[u8]) -> Option<Result<Reply, ClientError>> {
+    /// A datagram from `from` at `now`: `None` if it is not the server's
+    /// reply (another source, a STUN answer, a v2 cookie reply, which this
+    /// takes, or a v2 reply for another pair), else the reply or why it is
+    /// bad.
+    pub fn handle(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Option<Result<Answer, ClientError>> {
         if from != self.server || stun::is_stun(datagram) {
             return None;
         }
-        Some(check_reply(datagram, self.server))
+        let Some(mine) = self.v2 else {
+            return Some(
+                check_reply(datagram, self.server).map(|reply| Answer { reply, v2: None }),
+            );
+        };
+        let bad = |reason: String| {
+            Some(Err(ClientError::BadReply {
+                server: self.server,
+                reason,
+            }))
+        };
+        match v2::Response::parse(datagram) {
+            Ok(v2::Response::Cookie(c)) => {
+                self.take_cookie(c, mine, now);
+                None
+            }
+            Ok(v2::Response::Reply(r)) if r.pair != mine.pair() => {
+                log::debug!("ignored a v2 reply for another pair ({:?})", r.pair);
+                None
+            }
+            Ok(v2::Response::Reply(r)) => {
+                if r.peer.is_ipv4() != self.server.is_ipv4() {
+                    return bad(format!(
+                        "v2 reply carries an {} partner address for an {} registration",
+                        if r.peer.is_ipv4() { "IPv4" } else { "IPv6" },
+                        if self.server.is_ipv4() {
+                            "IPv4"
+                        } else {
+                            "IPv6"
+                        },
+                    ));
+                }
+                let reply = Reply {
+                    src_port: r.src_port,
+                    dst_port: r.dst_port,
+                    peer: r.peer,
+                };
+                Some(Ok(Answer { reply, v2: Some(r) }))
+            }
+            Err(e) => bad(format!(
+                "{} bytes that are no v2 reply ({e}); does the server run with --auth-key-file?",
+                datagram.len()
+            )),
+        }
+    }
+
+    /// Puts the cookie of `c` in our request; if `c` answers our own pair,
+    /// sends again now (once per retransmit interval).
+    fn take_cookie(&mut self, c: v2::CookieReply, mut mine: v2::Request, now: Instant) {
+        mine.cookie = Some(c.cookie);
+        self.len = mine.emit(&mut self.request);
+        self.v2 = Some(mine);
+        self.cookies += 1;
+        if c.pair == mine.pair()
+            && !self.early_spent
+            && self.pulled.is_none()
+            && now < self.next_send
+        {
+            self.pulled = Some(self.next_send);
+            self.next_send = now;
+        }
     }
 }
 
@@ -189,7 +331,7 @@ mod tests {
     fn only_the_servers_non_stun_datagrams_count() {
         let t0 = Instant::now();
         let server: SocketAddr = "192.0.2.1:1024".parse().unwrap();
-        let r = Registration::new(server, PeerId::from_u32(1), PeerId::from_u32(2), t0);
+        let mut r = Registration::new(server, PeerId::from_u32(1), PeerId::from_u32(2), t0);
         let reply = Reply {
             src_port: 2000,
             dst_port: 3000,
@@ -198,13 +340,16 @@ mod tests {
         let mut buf = [0u8; crate::wire::MAX_REPLY_LEN];
         let n = reply.emit(&mut buf);
         assert!(r
-            .handle("192.0.2.2:1024".parse().unwrap(), &buf[..n])
+            .handle("192.0.2.2:1024".parse().unwrap(), &buf[..n], t0)
             .is_none());
-        assert_eq!(r.handle(server, &buf[..n]).unwrap().unwrap(), reply);
+        assert_eq!(
+            r.handle(server, &buf[..n], t0).unwrap().unwrap().reply,
+            reply
+        );
         let mut stun_answer = [0u8; stun::MAX_ANSWER_LEN];
         let m = stun::write_success(&[1; 12], server, false, &mut stun_answer);
-        assert!(r.handle(server, &stun_answer[..m]).is_none());
-        assert!(r.handle(server, &buf[..19]).unwrap().is_err());
+        assert!(r.handle(server, &stun_answer[..m], t0).is_none());
+        assert!(r.handle(server, &buf[..19], t0).unwrap().is_err());
     }
 
     #[test]
@@ -222,5 +367,91 @@ mod tests {
         assert!(err.to_string().contains("IPv6"), "{err}");
         let err = check_reply(&buf[..19], server).unwrap_err();
         assert!(err.to_string().contains("wrong size"), "{err}");
+    }
+
+    fn v2_request(pair: v2::Pair) -> v2::Request {
+        let key = crate::auth::Key::new(1, &[7; 32]).unwrap();
+        v2::Request {
+            token: key.issue(pair, 1_700_000_000),
+            cookie: None,
+            info: v2::ClientInfo(1),
+            candidates: v2::Candidates::EMPTY,
+        }
+    }
+
+    #[test]
+    fn v2_sends_the_request_and_reads_the_v2_reply() {
+        let t0 = Instant::now();
+        let server: SocketAddr = "192.0.2.1:1024".parse().unwrap();
+        let pair = v2::Pair::new(0x1122_3344_5566_7788, 9);
+        let req = v2_request(pair);
+        let mut r = Registration::new_v2(server, req, t0);
+        assert_eq!(r.poll_transmit(t0), Some(&req.to_bytes()[..]));
+        let reply = v2::Reply {
+            pair,
+            src_port: 2000,
+            dst_port: 3000,
+            peer: "198.51.100.7:4949".parse().unwrap(),
+            your_addr: "203.0.113.9:5000".parse().unwrap(),
+            peer_info: v2::ClientInfo(2),
+            peer_candidates: v2::Candidates::EMPTY,
+        };
+        let a = r.handle(server, &reply.to_bytes(), t0).unwrap().unwrap();
+        assert_eq!(a.v2, Some(reply));
+        assert_eq!(
+            (a.reply.peer, a.reply.src_port, a.reply.dst_port),
+            (reply.peer, 2000, 3000)
+        );
+        // A reply for another pair is not ours; a seed reply is an error.
+        let other = v2::Reply {
+            pair: pair.counterpart(),
+            ..reply
+        };
+        assert!(r.handle(server, &other.to_bytes(), t0).is_none());
+        let seed = Reply {
+            src_port: 2000,
+            dst_port: 3000,
+            peer: reply.peer,
+        };
+        let mut buf = [0u8; crate::wire::MAX_REPLY_LEN];
+        let n = seed.emit(&mut buf);
+        let err = r.handle(server, &buf[..n], t0).unwrap().unwrap_err();
+        assert!(err.to_string().contains("--auth-key-file"), "{err}");
+    }
+
+    #[test]
+    fn a_cookie_reply_goes_into_every_request_and_resends_once_early() {
+        let t0 = Instant::now();
+        let server: SocketAddr = "192.0.2.1:1024".parse().unwrap();
+        let pair = v2::Pair::new(1, 2);
+        let mut r = Registration::new_v2(server, v2_request(pair), t0);
+        r.poll_transmit(t0).unwrap();
+        let due = r.poll_timeout();
+        let cookie = v2::Cookie::new([5; 16]).unwrap();
+        let t1 = t0 + Duration::from_millis(10);
+        // A cookie reply for another pair: cookie taken, no early send.
+        let foreign = v2::CookieReply {
+            pair: v2::Pair::new(8, 9),
+            cookie,
+        };
+        assert!(r.handle(server, &foreign.to_bytes(), t1).is_none());
+        assert_eq!(r.poll_timeout(), due);
+        assert_eq!(r.poll_transmit(t1), None);
+        // One for our pair: sent again at once, with the cookie.
+        let mine = v2::CookieReply { pair, cookie };
+        assert!(r.handle(server, &mine.to_bytes(), t1).is_none());
+        let sent = r.poll_transmit(t1).unwrap().to_vec();
+        assert_eq!(v2::Request::parse(&sent).unwrap().cookie, Some(cookie));
+        // More cookie replies in the same interval: no faster than that.
+        for k in 2..20 {
+            assert!(r
+                .handle(server, &mine.to_bytes(), t1 + Duration::from_millis(k))
+                .is_none());
+        }
+        assert_eq!(r.poll_transmit(t1 + Duration::from_millis(30)), None);
+        assert_eq!(r.poll_timeout(), due);
+        assert!(r.poll_transmit(due).is_some());
+        assert_eq!(r.cookies(), 20);
+        assert_eq!(r.sent(), 3);
     }
 }

@@ -27,6 +27,22 @@ pub struct ConnectReport {
     pub datagrams_sent: u64,
     /// Registrations made.
     pub attempts: u32,
+    /// Protocol v2: what the server's reply said (of the last attempt that
+    /// got one); `None` with the seed format.
+    pub v2: Option<V2Report>,
+    /// Protocol v2: cookie replies taken while registering.
+    pub cookies: u32,
+}
+
+/// What a v2 reply told us.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V2Report {
+    /// Our public address as the server saw it.
+    pub your_addr: std::net::SocketAddr,
+    /// The partner's NAT as it said (client info), if it knew.
+    pub partner_nat: Option<NatType>,
+    /// The partner's candidate addresses (only the peer that waited gets them).
+    pub partner_candidates: Vec<std::net::SocketAddr>,
 }
 
 impl ConnectReport {
@@ -98,10 +114,29 @@ impl ConnectReport {
             let _ = write!(mapping, "\"{}\":\"{}\"", escape(p), escape(why));
         }
         let tried: Vec<String> = self.tried.iter().map(|s| format!("\"{s}\"")).collect();
+        let v2 = match &self.v2 {
+            Some(v) => {
+                let cands: Vec<String> = v
+                    .partner_candidates
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect();
+                format!(
+                    "{{\"your_addr\":\"{}\",\"partner_nat\":{},\"partner_candidates\":[{}],\"cookies\":{}}}",
+                    v.your_addr,
+                    v.partner_nat
+                        .map_or("null".to_string(), |n| format!("\"{}\"", n.name())),
+                    cands.join(","),
+                    self.cookies
+                )
+            }
+            None => "null".into(),
+        };
         format!(
             "\"nat\":{{\"type\":\"{}\",\"public\":{},\"public_second\":{},\"port_preserved\":{}}},\
              \"mapping\":{{\"mapped\":{},\"protocols\":{{{}}}}},\"tried\":[{}],\
-             \"birthday\":{{\"sockets\":{},\"probes\":{},\"meetings\":{}}},\"datagrams_sent\":{}",
+             \"birthday\":{{\"sockets\":{},\"probes\":{},\"meetings\":{}}},\"datagrams_sent\":{},\
+             \"v2\":{}",
             self.nat_type(),
             addr(c.public),
             addr(c.public_second),
@@ -112,7 +147,8 @@ impl ConnectReport {
             self.birthday.sockets,
             self.birthday.probes,
             self.birthday.meetings,
-            self.datagrams_sent
+            self.datagrams_sent,
+            v2
         )
     }
 }

@@ -38,6 +38,7 @@ pub mod config;
 pub mod dns;
 pub mod key;
 pub mod owner;
+pub mod port;
 pub mod replay;
 
 use std::net::SocketAddr;
@@ -46,6 +47,7 @@ use crate::wire::cluster::{Body, Header, Kind, Message, View};
 pub use config::{ClusterConfig, ConfigError, MemberSource};
 pub use key::ClusterKey;
 pub use owner::{pair_key, PairKey};
+pub use port::{ClusterPort, ClusterSettings, ClusterStatus};
 use replay::ReplayWindow;
 
 /// Most members besides this one: a relay index (`via`) is one byte, and 0

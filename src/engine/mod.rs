@@ -396,30 +396,27 @@ impl Engine {
             }
         };
         let mut seed = || [rng.next_u64(), rng.next_u64()];
-        let table_seed = seed();
-        let pairs = Table::try_new(
-            cfg.capacity,
-            Load::DEFAULT,
-            table_seed,
-            PairEntry::default(),
-        )
-        .map_err(|_: AllocError| memory_error())?;
+        let (pair_seed, source_seed) = (seed(), seed());
         // The v2 key's hash is keyed from the table's seed (secret alike),
         // so that adding it drew nothing more from `rng`.
         let v2_hasher = SipHasher13::new_with_keys(
-            splitmix64(table_seed[0] ^ V2_KEY_DOMAIN),
-            splitmix64(table_seed[1] ^ V2_KEY_DOMAIN),
+            splitmix64(pair_seed[0] ^ V2_KEY_DOMAIN),
+            splitmix64(pair_seed[1] ^ V2_KEY_DOMAIN),
         );
+        // The IPv6 store first (address space only), then the smaller table,
+        // then the larger: what cannot be had fails before much is written.
+        let v6 =
+            V6Matches::try_new(if cfg.ipv6 { cfg.capacity } else { 0 }).ok_or_else(memory_error)?;
         let sources = if cfg.limits.is_off() {
             None
         } else {
             Some(
-                SourceCounts::try_new(cfg.capacity, cfg.limits, seed())
+                SourceCounts::try_new(cfg.capacity, cfg.limits, source_seed)
                     .map_err(|_| memory_error())?,
             )
         };
-        let v6 =
-            V6Matches::try_new(if cfg.ipv6 { cfg.capacity } else { 0 }).ok_or_else(memory_error)?;
+        let pairs = Table::try_new(cfg.capacity, Load::DEFAULT, pair_seed, PairEntry::default())
+            .map_err(|_: AllocError| memory_error())?;
         let period = u64::from((cfg.ttl_ms.min(cfg.replay_ttl_ms) / 4).max(1));
         let rate_x1024 = (pairs.slots() as u64 * 1024).div_ceil(period);
         Ok(Engine {

@@ -272,10 +272,11 @@ impl Sketch {
 
     fn try_new(capacity: usize, seed: [u64; 2]) -> Result<Sketch, AllocError> {
         let n = Self::blocks_for(capacity).ok_or(AllocError::Overflow)?;
-        let mut blocks = Vec::new();
+        let mut blocks: Vec<[u32; BLOCK]> = Vec::new();
         blocks
             .try_reserve_exact(n)
             .map_err(|_| AllocError::OutOfMemory(n.saturating_mul(BLOCK * 4)))?;
+        crate::sys::advise_huge_pages(blocks.as_ptr().cast(), blocks.capacity() * BLOCK * 4);
         blocks.resize(n, [0u32; BLOCK]);
         Ok(Sketch {
             blocks: blocks.into_boxed_slice(),

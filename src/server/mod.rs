@@ -10,7 +10,9 @@
 //! - `steering.rs`: the classic BPF program that sends both halves of a
 //!   pair to the same worker, and its Rust twin;
 //! - `shares.rs`: how the per-source limits hold across workers;
-//! - `ratelimit.rs`: the per-source token buckets (also `psync::limit`).
+//! - `ratelimit.rs`: the per-source token buckets (also `psync::limit`);
+//! - `gate.rs`: the admission gate the loop applies next: seed or v2,
+//!   `--require-auth`, tokens, address-validation cookies.
 //!
 //! **Workers.** With `workers` = N, each address (and the `--stun-port`) is
 //! bound by N sockets that form one `SO_REUSEPORT` group, bound together
@@ -31,6 +33,11 @@
 //! (a panic) stops them all and makes `run` return an error. The metrics
 //! endpoint runs on a thread of its own, from the counters each worker
 //! publishes between batches.
+//!
+//! **Cluster mode** (`--cluster-*`) runs one worker for now: the cluster
+//! socket's hand-over of forwarded requests to the worker that owns their
+//! pair (docs/cluster.md, "Decisions") is still to come, so `--workers`
+//! above 1 with a cluster is refused.
 
 use std::io;
 use std::net::SocketAddr;
@@ -44,16 +51,19 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use mio::{Interest, Poll, Token, Waker};
 
+use crate::cluster::{self, ClusterPort, ClusterSettings};
 use crate::engine::source::SourceLimits;
 use crate::engine::{ConfigError, Engine, EngineConfig};
 use crate::metrics::{MetricsServer, Snapshot, WorkerLoad, STALLED};
 use crate::stats::{Counters, IoCounters, WaitHistogram};
 use crate::sys::{self, RecvBatch, SendQueue};
+use gate::{AuthConfig, Gate};
 use ratelimit::{Rate, RateLimit, RateLimiter};
 use shares::{Coordinator, Limited, Measure, NoteFilter, Order};
 use steering::{Keys, Steering};
-use worker::{Endpoint, Kind, Link, Worker, NOTES_PER_BATCH, QUEUE_BATCHES, WAKER};
+use worker::{Endpoint, Kind, Link, Worker, CLUSTER, NOTES_PER_BATCH, QUEUE_BATCHES, WAKER};
 
+pub mod gate;
 pub mod ratelimit;
 mod shares;
 pub mod steering;
@@ -86,6 +96,10 @@ pub struct ServerConfig {
     /// Worker threads, each with its own loop, sockets and share of the
     /// tables (`--workers`; 1 to [`MAX_WORKERS`]).
     pub workers: usize,
+    /// Run as a member of a cluster (docs/cluster.md).
+    pub cluster: Option<ClusterSettings>,
+    /// Protocol v2: token keys, `--require-auth`, the cookie secret.
+    pub auth: AuthConfig,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +115,8 @@ impl Default for ServerConfig {
             metrics: None,
             stun_port: None,
             workers: 1,
+            cluster: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -176,6 +192,25 @@ pub enum ServerError {
         /// What the OS said.
         source: io::Error,
     },
+    /// A cluster setting is wrong.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ConfigError),
+    /// The cluster socket cannot be bound.
+    #[error("--cluster-bind {addr}: {source}")]
+    ClusterBind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// Cluster mode with more than one worker.
+    #[error(
+        "--workers {0}: cluster mode serves one worker for now (docs/cluster.md); use --workers 1"
+    )]
+    ClusterWorkers(usize),
+    /// The auth settings cannot be used.
+    #[error("{0}")]
+    Auth(String),
     /// Setting up the poller failed.
     #[error("cannot set up the event loop: {0}")]
     Poll(#[from] io::Error),
@@ -208,7 +243,7 @@ pub fn available_workers() -> usize {
 
 /// What a worker publishes between batches for the control and metrics
 /// threads.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct WorkerState {
     counters: Counters,
     wait: WaitHistogram,
@@ -218,6 +253,8 @@ struct WorkerState {
     turned: Option<Instant>,
     /// Publications so far.
     generation: u64,
+    /// Cluster mode: members, their liveness, refusals by reason.
+    cluster: Option<crate::cluster::ClusterStatus>,
 }
 
 /// What the threads of one server share: flags, and each worker's
@@ -234,7 +271,7 @@ impl Shared {
     fn states(&self) -> Vec<WorkerState> {
         self.states
             .iter()
-            .map(|m| *m.lock().unwrap_or_else(|e| e.into_inner()))
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone())
             .collect()
     }
 
@@ -271,6 +308,8 @@ enum Control {
 pub struct ReloadTarget<'a> {
     /// The worker's engine.
     pub engine: &'a mut Engine,
+    /// The worker's admission gate (its v2 keys).
+    pub gate: &'a mut Gate,
     /// Which worker (0 to `workers - 1`).
     pub worker: usize,
 }
@@ -348,6 +387,9 @@ pub struct Server {
     coordinator: Coordinator,
     stats_interval: Option<Duration>,
     reload_hooks: Vec<ReloadHook>,
+    /// `--auth-key-file`, read again on SIGHUP.
+    key_file: Option<std::path::PathBuf>,
+    cluster_addr: Option<SocketAddr>,
     table_bytes: usize,
     /// Each worker's final counters, once `run` has returned.
     finals: Vec<Counters>,
@@ -393,6 +435,12 @@ impl Server {
         }
         if n > 1 && !STEERING {
             return Err(ServerError::WorkersUnsupported(n));
+        }
+        if n > 1 && cfg.cluster.is_some() {
+            return Err(ServerError::ClusterWorkers(n));
+        }
+        if let Some(settings) = &cfg.cluster {
+            settings.config.validate()?;
         }
         let v4 = cfg.bind.iter().filter(|a| a.is_ipv4()).count();
         let v6 = cfg.bind.iter().filter(|a| a.is_ipv6()).count();
@@ -538,6 +586,31 @@ impl Server {
             start: Instant::now(),
             states: (0..n).map(|_| Mutex::new(WorkerState::default())).collect(),
         });
+        // Cluster mode (one worker): worker 0 owns the cluster socket.
+        let mut cluster = match &cfg.cluster {
+            Some(settings) => {
+                let addr = settings.config.bind;
+                Some(
+                    ClusterPort::bind(
+                        settings,
+                        (cfg.rcvbuf, cfg.sndbuf),
+                        cfg.batch,
+                        polls[0].registry(),
+                        CLUSTER,
+                        wakers[0].clone(),
+                        0,
+                    )
+                    .map_err(|source| ServerError::ClusterBind { addr, source })?,
+                )
+            }
+            None => None,
+        };
+        // The cookie secret is always drawn from the OS: cookies must not be
+        // predictable even when --seed makes everything else reproducible.
+        // One secret for every worker: a cookie is good wherever it lands.
+        let mut cookie_secret = [0u8; 32];
+        getrandom::fill(&mut cookie_secret)
+            .map_err(|e| ServerError::Poll(io::Error::other(e.to_string())))?;
         let (events_tx, events) = mpsc::sync_channel(EVENTS);
         let mut controls = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
@@ -547,12 +620,18 @@ impl Server {
             let (control_tx, control) = mpsc::channel();
             controls.push(control_tx);
             let seed = key_bits(whole.seed, 0x6c69_6d69_7465_7200 ^ k as u64)?;
-            let limiter = RateLimiter::new(cfg.rate_limit, [(seed >> 64) as u64, seed as u64]).map(
-                |mut l| {
-                    l.shared_by(n as u32);
-                    l
-                },
-            );
+            let limiter_seed = [(seed >> 64) as u64, seed as u64];
+            let limiter = RateLimiter::new(cfg.rate_limit, limiter_seed).map(|mut l| {
+                l.shared_by(n as u32);
+                l
+            });
+            let gate_seed = [
+                splitmix64(limiter_seed[0] ^ 1),
+                splitmix64(limiter_seed[1] ^ 2),
+            ];
+            let mut gate = Gate::new(&cfg.auth, cfg.rate_limit, gate_seed, &cookie_secret)
+                .map_err(ServerError::Auth)?;
+            gate.shared_by(n as u32);
             workers.push(Worker {
                 index: k,
                 poll,
@@ -563,6 +642,9 @@ impl Server {
                 shared_limits: n > 1,
                 io: IoCounters::default(),
                 for_engine: vec![false; cfg.batch].into_boxed_slice(),
+                gate,
+                v2_in: Vec::with_capacity(cfg.batch),
+                cluster: if k == 0 { cluster.take() } else { None },
                 notes: Vec::with_capacity(NOTES_PER_BATCH),
                 refused: Vec::with_capacity(NOTES_PER_BATCH),
                 note_filter: NoteFilter::default(),
@@ -576,6 +658,10 @@ impl Server {
                 generation: 0,
             });
         }
+        let cluster_addr = workers[0]
+            .cluster
+            .as_ref()
+            .and_then(|c| c.local_addr().ok());
         let rate = (cfg.rate_limit.per_second > 0).then_some(Rate {
             per_second: cfg.rate_limit.per_second,
             burst: cfg.rate_limit.burst.max(1),
@@ -597,6 +683,8 @@ impl Server {
             coordinator: Coordinator::new(n, rate, whole.limits),
             stats_interval: cfg.stats_interval,
             reload_hooks: Vec::new(),
+            key_file: cfg.auth.key_file.clone(),
+            cluster_addr,
             table_bytes,
             finals: Vec::new(),
         })
@@ -610,6 +698,11 @@ impl Server {
     /// The `--stun-port` addresses, one per bound address (empty without it).
     pub fn stun_addrs(&self) -> Vec<SocketAddr> {
         self.stun_addrs.clone()
+    }
+
+    /// The cluster socket's address, in cluster mode.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster_addr
     }
 
     /// The metrics endpoint's address, when `--metrics` was given.
@@ -821,7 +914,13 @@ impl Server {
             if let Some(due) = next_stats {
                 let now = Instant::now();
                 if now >= due {
-                    info!("stats {}", self.counters());
+                    let cluster = self
+                        .shared
+                        .states()
+                        .first()
+                        .and_then(|s| s.cluster.as_ref().map(cluster_line))
+                        .unwrap_or_default();
+                    info!("stats {}{cluster}", self.counters());
                     self.log_split(module_path!());
                     next_stats = self.stats_interval.map(|d| now + d);
                 }
@@ -880,22 +979,41 @@ impl Server {
         }
     }
 
-    /// Runs the reload hooks and sends their changes to every worker.
+    /// Re-reads the key file (once) and runs the reload hooks, and sends
+    /// their changes to every worker.
     fn reload(&mut self) {
-        if self.reload_hooks.is_empty() {
+        if self.reload_hooks.is_empty() && self.key_file.is_none() {
             info!(target: crate::cli::REPORT_TARGET, "reload: nothing to reload");
         }
+        if let Some(path) = &self.key_file {
+            match gate::reload_key_file(path) {
+                Ok((keys, what)) => {
+                    let apply: Apply = Arc::new(move |t| t.gate.set_keys(keys.clone()));
+                    self.apply_everywhere(&apply);
+                    info!(target: crate::cli::REPORT_TARGET, "reload: {what}");
+                }
+                Err(why) => warn!("reload failed, keeping the old auth keys: {why}"),
+            }
+        }
+        let mut changes = Vec::new();
         for hook in &mut self.reload_hooks {
             match hook() {
                 Ok((what, apply)) => {
-                    for (control, waker) in self.controls.iter().zip(self.wakers.iter()) {
-                        if control.send(Control::Reload(apply.clone())).is_ok() {
-                            let _ = waker.wake();
-                        }
-                    }
+                    changes.push(apply);
                     info!(target: crate::cli::REPORT_TARGET, "reload: {what}");
                 }
                 Err(why) => warn!("reload failed, keeping the old state: {why}"),
+            }
+        }
+        for apply in changes {
+            self.apply_everywhere(&apply);
+        }
+    }
+
+    fn apply_everywhere(&self, apply: &Apply) {
+        for (control, waker) in self.controls.iter().zip(self.wakers.iter()) {
+            if control.send(Control::Reload(apply.clone())).is_ok() {
+                let _ = waker.wake();
             }
         }
     }
@@ -930,7 +1048,26 @@ fn snapshot(shared: &Shared, udp_sockets: usize) -> Snapshot {
         }
     }
     s.stalled = stalled.map(|(k, d)| (k, d.as_secs_f64()));
+    s.cluster = states.first().and_then(|w| w.cluster.clone());
     s
+}
+
+/// The cluster's part of the stats line: live members and how long ago
+/// each was heard from.
+fn cluster_line(s: &crate::cluster::ClusterStatus) -> String {
+    let mut line = format!(" cluster_live={}", s.live);
+    for m in &s.members {
+        let age = m.heard_ms_ago.map_or("never".to_string(), |ms| {
+            format!("{:.1}s", ms as f64 / 1000.0)
+        });
+        line.push_str(&format!(
+            " member={}:{}:{}",
+            m.addr,
+            if m.live { "live" } else { "down" },
+            age
+        ));
+    }
+    line
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -35,14 +35,18 @@ use std::time::{Duration, Instant};
 use log::{debug, trace};
 use mio::{Events, Poll, Token};
 
+use super::gate::{Clock, Gate, Verdict};
 use super::ratelimit::{self, RateLimiter};
 use super::shares::{Limited, Measure, NoteFilter, Order, Share};
 use super::{Control, Event, ReloadTarget, Shared, WorkerState};
+use crate::cluster::port::{unix_ms, Incoming};
+use crate::cluster::{ClusterPort, Now};
 use crate::engine::source::{prefixes, Level, SourceLimits};
 use crate::engine::{DropReason, Engine, Outcome, Transmit};
 use crate::stats::{Counters, IoCounters};
 use crate::sys::{self, RecvBatch, SendQueue};
-use crate::wire::{stun, MAX_REPLY_LEN};
+use crate::wire::cluster::MAX_PAYLOAD;
+use crate::wire::{stun, v2, MAX_REPLY_LEN};
 
 /// Datagrams received per socket per wakeup before the loop looks at timers
 /// and the other socket (as boringtun's MAX_ITR): fairness and bounded latency.
@@ -63,6 +67,8 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 pub(super) const NOTES_PER_BATCH: usize = 16;
 
 pub(super) const WAKER: Token = Token(usize::MAX);
+/// The cluster socket's token, above any endpoint's.
+pub(super) const CLUSTER: Token = Token(usize::MAX - 1);
 
 /// What a socket is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,11 +114,18 @@ pub(super) struct Worker {
     /// What happened on the sockets (the engine counts its own decisions).
     pub(super) io: IoCounters,
     /// Per datagram of the batch in hand: for the engine (passed the rate
-    /// limiter and is not STUN).
+    /// limiter and the gate, and is not STUN).
     pub(super) for_engine: Box<[bool]>,
+    /// Protocol v2: what the engine gets (auth, cookies; see `gate.rs`).
+    pub(super) gate: Gate,
+    /// The v2 requests of the batch in hand the gate admitted (capacity:
+    /// one batch, so pushing never allocates).
+    pub(super) v2_in: Vec<(v2::Request, SocketAddr)>,
+    /// Cluster mode (one worker): the cluster socket and membership.
+    pub(super) cluster: Option<ClusterPort>,
     /// Share refusals of the batch in hand, and the notes they may become.
     pub(super) notes: Vec<Limited>,
-    pub(super) refused: Vec<(usize, Level)>,
+    pub(super) refused: Vec<(Option<SocketAddr>, Level)>,
     pub(super) note_filter: NoteFilter,
     pub(super) batch: usize,
     pub(super) start: Instant,
@@ -126,6 +139,13 @@ impl Worker {
         self.start.elapsed().as_millis() as u64
     }
 
+    fn cluster_now(&self) -> Now {
+        Now {
+            mono_ms: self.now_ms(),
+            unix_ms: unix_ms(),
+        }
+    }
+
     /// The counters now, gauges included.
     fn counters(&self) -> Counters {
         let mut io = self.io;
@@ -134,6 +154,9 @@ impl Worker {
             .iter()
             .map(|e| sys::socket_drops(&e.socket).unwrap_or(0))
             .sum();
+        if let Some(c) = self.cluster.as_ref() {
+            (io.forwarded_in, io.forward_rejected) = c.totals();
+        }
         Counters::new(self.engine.counters(), io)
     }
 
@@ -147,6 +170,7 @@ impl Worker {
             capacity: self.engine.capacity(),
             replay_entries: self.engine.replay_entries(),
             turned: Some(now),
+            cluster: self.cluster.as_ref().map(|c| c.status(self.cluster_now())),
         };
         // A poisoned lock means a reader panicked mid-copy; the data is
         // plain numbers, so write on.
@@ -181,6 +205,7 @@ impl Worker {
                 Control::Order(Order::Set { what, share }) => self.set_share(what, share),
                 Control::Reload(apply) => apply(&mut ReloadTarget {
                     engine: &mut self.engine,
+                    gate: &mut self.gate,
                     worker: self.index,
                 }),
                 Control::Publish => self.publish(Instant::now()),
@@ -248,17 +273,26 @@ impl Worker {
         let mut expiry_owed = false;
         let mut dirty = true;
         let mut published = Instant::now();
+        // Cluster mode: when the next heartbeat or liveness check is due
+        // (loop ms), and after SIGTERM, when the drain ends.
+        let mut cluster_due: Option<u64> = None;
+        let mut drain_until: Option<u64> = None;
         self.publish(published);
         loop {
             let now = Instant::now();
-            let timeout = if self
-                .endpoints
-                .iter()
-                .any(|e| e.readable && can_read(e, self.batch))
+            let cluster_ready = self.cluster.as_ref().is_some_and(|c| c.readable());
+            let timeout = if cluster_ready
+                || self
+                    .endpoints
+                    .iter()
+                    .any(|e| e.readable && can_read(e, self.batch))
             {
                 Some(Duration::ZERO)
             } else {
                 let mut t = (published + HEARTBEAT).saturating_duration_since(now);
+                if let Some(due) = cluster_due {
+                    t = t.min(Duration::from_millis(due.saturating_sub(self.now_ms())));
+                }
                 if dirty {
                     t = t.min((published + PUBLISH_EVERY).saturating_duration_since(now));
                 }
@@ -276,7 +310,12 @@ impl Worker {
                 return Err(e);
             }
             for event in events.iter() {
-                if let Some(ep) = self.endpoints.get_mut(event.token().0) {
+                let token = event.token();
+                if token == CLUSTER {
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.set_readable();
+                    }
+                } else if let Some(ep) = self.endpoints.get_mut(token.0) {
                     if event.is_readable() {
                         ep.readable = true;
                     }
@@ -286,8 +325,29 @@ impl Worker {
             for i in 0..self.endpoints.len() {
                 dirty |= self.service(i, now_ms);
             }
+            if self.cluster.is_some() {
+                self.service_cluster(now_ms);
+                let now = self.cluster_now();
+                if let Some(c) = self.cluster.as_mut() {
+                    cluster_due = Some(c.timers(now));
+                }
+                dirty = true;
+            }
             if self.link.shared.stop.load(Ordering::Acquire) {
-                break;
+                // A member first tells the others it leaves, and keeps
+                // relaying for --cluster-drain; a single server stops now.
+                let now = self.cluster_now();
+                match (self.cluster.as_mut(), drain_until) {
+                    (Some(c), None) => {
+                        let drain = c.leave(now);
+                        drain_until = Some(now.mono_ms + drain.as_millis() as u64);
+                        cluster_due = Some(now.mono_ms);
+                    }
+                    (Some(_), Some(end)) if now.mono_ms < end => {
+                        cluster_due = Some(cluster_due.map_or(end, |d| d.min(end)));
+                    }
+                    _ => break,
+                }
             }
             dirty |= self.control(now_ms);
             let now = Instant::now();
@@ -329,8 +389,12 @@ impl Worker {
             refused,
             shared_limits,
             whole_pending,
+            gate,
+            v2_in,
+            cluster,
             ..
         } = self;
+        let unix = if cluster.is_some() { unix_ms() } else { 0 };
         let (shared_limits, whole) = (*shared_limits, *whole_pending);
         let ep = &mut endpoints[i];
         flush(ep, io);
@@ -360,6 +424,11 @@ impl Worker {
                 kind,
                 ..
             } = ep;
+            // The wall clock for tokens and cookies, once per batch.
+            let clock = Clock {
+                unix_secs: Clock::unix_now(),
+                millis: now_ms as u32,
+            };
             // The rate limiter first, in two passes like the engine: fetch
             // every source's bucket, then decide. STUN is answered here.
             if let Some(l) = limiter.as_ref() {
@@ -375,23 +444,40 @@ impl Worker {
                     io.recv_errors += 1;
                     continue;
                 };
-                if let Some(l) = limiter.as_mut() {
-                    if !l.allow(d.from.ip(), now_ms as u32) {
-                        io.rate_limited += 1;
-                        if shared_limits
+                let within_rate = match limiter.as_mut() {
+                    None => true,
+                    Some(l) => {
+                        let within = l.allow(d.from.ip(), now_ms as u32);
+                        // Refused by this worker's share, maybe not by the
+                        // source's whole limit: ask for more, after the batch.
+                        if !within
+                            && shared_limits
                             && notes.len() < NOTES_PER_BATCH
                             && l.share_limited(d.from.ip())
                         {
                             notes.push(Limited::Rate(ratelimit::source(d.from.ip())));
                         }
-                        continue;
+                        within
                     }
-                }
+                };
                 if *kind == Kind::Stun || stun::is_stun(d.data) {
-                    answer_stun(queue, io, d);
+                    if within_rate {
+                        answer_stun(queue, io, d);
+                    } else {
+                        io.rate_limited += 1;
+                    }
                     continue;
                 }
-                *ok = true;
+                match gate.admit(d.data, d.from, within_rate, clock, io) {
+                    // Cluster: an admitted request whose pair another member
+                    // owns goes there.
+                    Verdict::Engine | Verdict::V2(_)
+                        if forward(cluster, io, d.data, d.from, unix) => {}
+                    Verdict::Engine => *ok = true,
+                    Verdict::V2(req) => v2_in.push((req, d.from)),
+                    Verdict::Cookie(c) => queue_bytes(queue, io, d.from, &c.to_bytes()),
+                    Verdict::Drop => {}
+                }
             }
             let for_engine = &*for_engine;
             engine.handle_batch(
@@ -418,25 +504,52 @@ impl Worker {
                                 waiting.reply.src_port,
                                 waiting.reply.dst_port
                             );
-                            queue_reply(queue, io, waiting);
-                            queue_reply(queue, io, completing);
+                            send_reply(queue, io, cluster, waiting, unix);
+                            send_reply(queue, io, cluster, completing, unix);
                         }
-                        Outcome::Replayed(t) => queue_reply(queue, io, t),
+                        Outcome::Replayed(t) => send_reply(queue, io, cluster, t, unix),
                         Outcome::Dropped(DropReason::SourceLimit(level))
                             if shared_limits && refused.len() < NOTES_PER_BATCH =>
                         {
-                            refused.push((k, *level));
+                            refused.push((recv.get(k).map(|d| d.from), *level));
                         }
                         _ => {}
                     }
                 },
             );
+            let admitted = &*v2_in;
+            engine.handle_batch_v2(
+                admitted.len(),
+                |k| admitted.get(k).map(|(req, from)| (req, *from)),
+                now_ms,
+                |k, outcome| {
+                    trace!("{local}: v2 request {k} of the batch: {outcome:?}");
+                    match outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            debug!("matched v2 {} <-> {}", waiting.to, completing.to);
+                            send_v2(queue, io, cluster, waiting, unix);
+                            send_v2(queue, io, cluster, completing, unix);
+                        }
+                        Outcome::Replayed(t) => send_v2(queue, io, cluster, t, unix),
+                        Outcome::Dropped(DropReason::SourceLimit(level))
+                            if shared_limits && refused.len() < NOTES_PER_BATCH =>
+                        {
+                            refused.push((admitted.get(k).map(|(_, from)| *from), *level));
+                        }
+                        _ => {}
+                    }
+                },
+            );
+            v2_in.clear();
             // A pending refusal is a share's when this worker's limit for
             // the prefix is below the whole and the prefix holds less than
             // the whole here.
-            for (k, level) in refused.drain(..) {
-                let Some(d) = recv.get(k) else { continue };
-                let (ps, count) = prefixes(d.from.ip());
+            for (from, level) in refused.drain(..) {
+                let Some(from) = from else { continue };
+                let (ps, count) = prefixes(from.ip());
                 let Some(p) = ps[..count].iter().find(|p| p.level == level) else {
                     continue;
                 };
@@ -458,6 +571,149 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Cluster mode: hands forwarded requests to the engine and relayed
+    /// replies to their clients, until the cluster socket is drained.
+    fn service_cluster(&mut self, now_ms: u64) {
+        let now = self.cluster_now();
+        let Worker {
+            endpoints,
+            engine,
+            io,
+            cluster,
+            ..
+        } = self;
+        let mut buf = [0u8; MAX_PAYLOAD];
+        while let Some(incoming) = cluster.as_mut().and_then(|c| c.next(now, &mut buf)) {
+            match incoming {
+                Incoming::Request { via, client, len } if len == v2::REQUEST_LEN => {
+                    // The member the client reached admitted it (token,
+                    // cookie, --require-auth); the cluster MAC vouches for that.
+                    let Ok(req) = v2::Request::parse(&buf[..len]) else {
+                        io.v2_malformed += 1;
+                        continue;
+                    };
+                    let outcome = engine.handle_relayed_v2(&req, client, via, now_ms);
+                    trace!("cluster: v2 forwarded from member {via}: {outcome:?}");
+                    let Some(ep) = client_endpoint(endpoints, client) else {
+                        continue;
+                    };
+                    match &outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            send_v2(&mut ep.queue, io, cluster, waiting, now.unix_ms);
+                            send_v2(&mut ep.queue, io, cluster, completing, now.unix_ms);
+                        }
+                        Outcome::Replayed(t) => send_v2(&mut ep.queue, io, cluster, t, now.unix_ms),
+                        _ => {}
+                    }
+                }
+                Incoming::Request { via, client, len } => {
+                    let outcome = engine.handle_relayed(&buf[..len], client, via, now_ms);
+                    trace!("cluster: forwarded from member {via}: {outcome:?}");
+                    let Some(ep) = client_endpoint(endpoints, client) else {
+                        continue;
+                    };
+                    match &outcome {
+                        Outcome::Matched {
+                            waiting,
+                            completing,
+                        } => {
+                            send_reply(&mut ep.queue, io, cluster, waiting, now.unix_ms);
+                            send_reply(&mut ep.queue, io, cluster, completing, now.unix_ms);
+                        }
+                        Outcome::Replayed(t) => {
+                            send_reply(&mut ep.queue, io, cluster, t, now.unix_ms)
+                        }
+                        _ => {}
+                    }
+                }
+                Incoming::Reply { client, len } => {
+                    let queued = client_endpoint(endpoints, client)
+                        .is_some_and(|ep| ep.queue.push(client, &buf[..len]));
+                    if !queued {
+                        io.send_dropped += 1;
+                    }
+                }
+            }
+        }
+        for ep in endpoints.iter_mut() {
+            flush(ep, io);
+        }
+    }
+}
+
+/// The client socket of `client`'s family (never a `--stun-port` one).
+fn client_endpoint(endpoints: &mut [Endpoint], client: SocketAddr) -> Option<&mut Endpoint> {
+    endpoints
+        .iter_mut()
+        .find(|e| e.kind == Kind::Main && e.local.is_ipv4() == client.is_ipv4())
+}
+
+/// Cluster mode: forwards an admitted request whose pair another member
+/// owns, and says whether it did (the request is then done here).
+fn forward(
+    cluster: &mut Option<ClusterPort>,
+    io: &mut IoCounters,
+    request: &[u8],
+    from: SocketAddr,
+    unix_ms: u64,
+) -> bool {
+    let Some(port) = cluster.as_mut() else {
+        return false;
+    };
+    let Some(via) = port.owner(request) else {
+        return false;
+    };
+    io.forwarded_out += 1;
+    port.forward(via, from, request, unix_ms);
+    true
+}
+
+/// [`send_reply`] for a v2 reply.
+fn send_v2(
+    queue: &mut SendQueue,
+    io: &mut IoCounters,
+    cluster: &mut Option<ClusterPort>,
+    t: &Transmit<v2::Reply>,
+    unix_ms: u64,
+) {
+    let bytes = t.reply.to_bytes();
+    if let (true, Some(port)) = (t.via != 0, cluster.as_mut()) {
+        if port.relay(t.via, t.to, &bytes, unix_ms) {
+            io.sent += 1;
+        } else {
+            io.send_dropped += 1;
+        }
+        return;
+    }
+    queue_bytes(queue, io, t.to, &bytes);
+}
+
+/// Sends an engine reply: to the client from this member, or, when its
+/// request came through another member (`via` > 0), back to that member.
+fn send_reply(
+    queue: &mut SendQueue,
+    io: &mut IoCounters,
+    cluster: &mut Option<ClusterPort>,
+    t: &Transmit,
+    unix_ms: u64,
+) {
+    if let (true, Some(port)) = (t.via != 0, cluster.as_mut()) {
+        let mut buf = [0u8; MAX_REPLY_LEN];
+        let len = t.reply.emit(&mut buf);
+        if port.relay(t.via, t.to, &buf[..len], unix_ms) {
+            io.sent += 1;
+        } else {
+            io.send_dropped += 1;
+        }
+        return;
+    }
+    queue_reply(queue, io, t);
+}
+
 /// True when the queue has room for the replies of one more full batch
 /// (at most two per request).
 fn can_read(ep: &Endpoint, batch: usize) -> bool {
@@ -468,6 +724,13 @@ fn queue_reply(queue: &mut SendQueue, io: &mut IoCounters, t: &Transmit) {
     let mut buf = [0u8; MAX_REPLY_LEN];
     let len = t.reply.emit(&mut buf);
     if !queue.push(t.to, &buf[..len]) {
+        io.send_dropped += 1;
+    }
+}
+
+/// Queues a datagram already encoded (v2 replies and cookie replies).
+fn queue_bytes(queue: &mut SendQueue, io: &mut IoCounters, to: SocketAddr, bytes: &[u8]) {
+    if !queue.push(to, bytes) {
         io.send_dropped += 1;
     }
 }

@@ -56,13 +56,19 @@ pub use imp::{RecvBatch, SendQueue};
 pub const RECV_BUF_LEN: usize = 512;
 
 /// Bytes of one queued reply in a [`SendQueue`]: the longest datagram the
-/// server sends, a STUN Binding success for IPv6 with FINGERPRINT (52 bytes;
-/// seed replies are 20 or 32), rounded up. Protocol v2 replies, never longer
-/// than their requests, will need it raised.
-pub const SEND_SLOT_LEN: usize = 64;
+/// server sends, a protocol v2 reply (152 bytes, never longer than its
+/// request; cookie replies are 40, STUN answers at most 52, seed replies 20
+/// or 32). The queue copies only a reply's own bytes, so the slot's size
+/// costs memory (queue length x 152 bytes), not time.
+pub const SEND_SLOT_LEN: usize = crate::wire::v2::MAX_LEN;
 
 const _: () = assert!(crate::wire::MAX_REPLY_LEN <= SEND_SLOT_LEN);
 const _: () = assert!(crate::wire::stun::MAX_ANSWER_LEN <= SEND_SLOT_LEN);
+const _: () = assert!(crate::wire::v2::REPLY_LEN <= SEND_SLOT_LEN);
+const _: () = assert!(crate::wire::v2::COOKIE_REPLY_LEN <= SEND_SLOT_LEN);
+// The receive buffer holds a whole v2 request and more, so a longer
+// datagram cut to 152 bytes is never taken for one (its real length shows).
+const _: () = assert!(crate::wire::v2::MAX_LEN < RECV_BUF_LEN);
 
 /// One datagram of a received batch.
 #[derive(Clone, Copy, Debug)]
@@ -435,6 +441,32 @@ pub fn thread_cpu_time() -> std::time::Duration {
     return rusage(libc::RUSAGE_THREAD);
     #[cfg(not(target_os = "linux"))]
     return rusage(libc::RUSAGE_SELF);
+}
+
+/// Asks the kernel to back `len` bytes at `p` with transparent huge pages
+/// where it can (`madvise(MADV_HUGEPAGE)`), before they are first touched.
+/// For the engine's big tables, which are probed at random: with 4 KiB pages
+/// nearly every probe of a table larger than the TLB's reach also misses the
+/// TLB and walks the page tables; with 2 MiB pages it does not. A hint: it
+/// fails quietly (no THP support, or `never`), and does nothing off Linux.
+pub fn advise_huge_pages(p: *const u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        // Only whole pages inside the range: madvise needs an aligned start.
+        const PAGE: usize = 4096;
+        let start = (p as usize).div_ceil(PAGE) * PAGE;
+        let end = (p as usize).saturating_add(len) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the range lies inside an allocation the caller owns;
+            // MADV_HUGEPAGE changes no contents and no mapping, only how the
+            // kernel backs the pages, and a failure is harmless.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, len);
 }
 
 #[cfg(test)]

@@ -96,7 +96,7 @@ pub mod field {
     pub const PEER_ADDR: Field = DST_PORT.end..DST_PORT.end + super::ADDR_LEN;
     /// Reply: the asker's own public address as the server saw it (slot, kind 0).
     pub const YOUR_ADDR: Field = PEER_ADDR.end..PEER_ADDR.end + super::ADDR_LEN;
-    /// Reply: the partner's [`super::ClientInfo`] byte, relayed verbatim.
+    /// Reply: bits 0-3 of the partner's [`super::ClientInfo`] byte (4-7 zero).
     pub const PEER_INFO: usize = YOUR_ADDR.end;
     /// Reply: how many partner candidate slots are used (0 to 4).
     pub const PEER_CANDIDATE_COUNT: usize = PEER_INFO + 1;
@@ -397,9 +397,11 @@ pub enum Mapping {
 /// |---|---|
 /// | 0-1 | [`Mapping`]: 0 unknown, 1 endpoint-independent, 2 endpoint-dependent, 3 reserved |
 /// | 2 | the peer holds a port mapping on its router (NAT-PMP, PCP or UPnP); it is among its candidates |
-/// | 3-7 | reserved: senders write 0, receivers ignore them, the server relays them |
+/// | 3 | reserved: senders write 0, receivers ignore it; the server relays it |
+/// | 4-7 | reserved: senders write 0, receivers ignore them; the server does not relay them |
 ///
-/// The server never interprets this byte, so new bits need no server upgrade.
+/// The server never interprets this byte and relays bits 0-3 (it keeps four
+/// bits per side), so a meaning for bit 3 needs no server upgrade.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClientInfo(pub u8);
 
@@ -650,9 +652,11 @@ pub struct Reply {
     /// The asker's own public address, as the server saw it (so a client
     /// learns it without STUN).
     pub your_addr: SocketAddr,
-    /// The partner's [`ClientInfo`] byte, verbatim.
+    /// Bits 0-3 of the partner's [`ClientInfo`] byte (bits 4-7 zero).
     pub peer_info: ClientInfo,
-    /// The partner's candidates, verbatim (empty when the server has none).
+    /// The partner's candidates, verbatim: in the waiter's reply, those of
+    /// the request that completed the pair; none in the completer's reply
+    /// or in a replay (the server stores none; PROTOCOL.md).
     pub peer_candidates: Candidates,
 }
 

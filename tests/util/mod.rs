@@ -135,6 +135,13 @@ pub fn assert_accounted(c: &Counters) {
         + c.engine.matched
         + c.engine.replayed
         + c.io.stun_answered
-        + c.io.stun_refused;
+        + c.io.stun_refused
+        + c.io.seed_refused
+        + c.io.v2_malformed
+        + c.io.v2_bad_source
+        + c.io.auth_failed_unknown_key
+        + c.io.auth_failed_expired
+        + c.io.auth_failed_bad_mac
+        + c.io.cookie_sent;
     assert_eq!(c.received, outcomes, "every datagram accounted for: {c}");
 }

@@ -74,7 +74,7 @@ struct Sim {
     loss_percent: u32,
     /// (arrival, seq) -> (to side, from, to port, datagram)
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
-    in_flight: BTreeMap<u64, (usize, SocketAddr, u16, [u8; HEADER_LEN])>,
+    in_flight: BTreeMap<u64, (usize, SocketAddr, u16, Vec<u8>)>,
     seq: u64,
 }
 
@@ -206,7 +206,7 @@ impl Sim {
             }
             self.seq += 1;
             self.in_flight
-                .insert(self.seq, (other, from, t.to.port(), t.buf));
+                .insert(self.seq, (other, from, t.to.port(), t.data().to_vec()));
             self.queue.push(Reverse((now + ONE_WAY, self.seq)));
         }
     }

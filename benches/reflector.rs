@@ -1,0 +1,293 @@
+//! psync-server against a stateless UDP reflector: server CPU per pair at
+//! saturation, measured alternately in one run.
+//!
+//! A *reflector* is the least a server can do with the same traffic: it
+//! receives each 8-byte request with `recvmmsg` and answers it at once with a
+//! 20-byte reply to its source with `sendmmsg`, through the very
+//! `psync::sys::{RecvBatch, SendQueue}` psync uses, in the same kind of `mio`
+//! loop. Per pair it moves the same four datagrams psync does (two requests
+//! in, two replies out) and keeps no state, so its CPU per pair is the
+//! kernel's floor; psync's own work (engine, table, limiter, loop) is the
+//! difference.
+//!
+//! Both run in this process on their own thread (named, so that their CPU
+//! time can be read from `/proc/self/task/*/stat`), one at a time, in
+//! alternating rounds; one client thread on the other core drives each with a
+//! closed loop of [`WINDOW`] pairs in flight, batched through the same
+//! `psync::sys` calls, from [`SOCKETS`] sockets on distinct 127.x.y.1
+//! addresses (distinct /24s, so psync's default per-source pending limits
+//! stay on; no source holds more than a few registrations). psync runs with
+//! `ServerConfig::default()` except `--rate-limit 0`: a rate limit of 100
+//! datagrams/s per source would throttle a loopback flood from 64 sources.
+//!
+//! Run with `cargo bench --bench reflector` (rounds and seconds per round:
+//! `PSYNC_REFLECT_ROUNDS`, default 6; `PSYNC_REFLECT_SECS`, default 3).
+//! Prints each round and the median ratio of psync's CPU per pair to the
+//! reflector's.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use psync::limit::RateLimit;
+use psync::sys::{self, RecvBatch, SendQueue};
+use psync::wire::{Reply, MAX_REPLY_LEN, REQUEST_LEN};
+use psync::{PeerId, Request, Server, ServerConfig};
+
+/// Client sockets, each on its own 127.x.y.1 address.
+const SOCKETS: usize = 64;
+/// Pairs in flight: enough that the server always has a batch waiting.
+const WINDOW: u64 = 512;
+/// Datagrams per `recvmmsg`/`sendmmsg`, as the server's default `--batch`.
+const BATCH: usize = 64;
+/// No reply for this long: what was in flight is lost; start afresh.
+const STALL: Duration = Duration::from_millis(300);
+
+const SERVER_THREAD: &str = "psync-srv";
+const REFLECTOR_THREAD: &str = "reflector";
+
+/// CPU time (user + system) of this process's thread named `name`.
+fn thread_cpu(name: &str) -> Option<Duration> {
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        return Some(Duration::from_millis(ticks * 10));
+    }
+    None
+}
+
+/// The stateless reflector: every 8-byte request gets a 20-byte reply.
+fn reflector(stop: Arc<AtomicBool>) -> (SocketAddr, JoinHandle<u64>) {
+    let (std_socket, _) =
+        sys::bind_udp("127.0.0.1:0".parse().unwrap(), 4 << 20, 4 << 20).expect("bind");
+    let addr = std_socket.local_addr().unwrap();
+    let thread = std::thread::Builder::new()
+        .name(REFLECTOR_THREAD.into())
+        .spawn(move || {
+            let mut socket = UdpSocket::from_std(std_socket);
+            let mut poll = Poll::new().unwrap();
+            poll.registry()
+                .register(&mut socket, Token(0), Interest::READABLE)
+                .unwrap();
+            let mut events = Events::with_capacity(8);
+            let mut recv = RecvBatch::new(BATCH);
+            let mut queue = SendQueue::new(BATCH * 32, BATCH);
+            let mut answered = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
+                while let Ok(n) = recv.recv(&socket) {
+                    for k in 0..n {
+                        let Some(d) = recv.get(k) else { continue };
+                        if d.data.len() != REQUEST_LEN {
+                            continue;
+                        }
+                        let reply = Reply {
+                            src_port: 1024,
+                            dst_port: 1025,
+                            peer: d.from,
+                        };
+                        let mut buf = [0u8; MAX_REPLY_LEN];
+                        let len = reply.emit(&mut buf);
+                        if queue.push(d.from, &buf[..len]) {
+                            answered += 1;
+                        }
+                    }
+                    if queue.len() >= BATCH {
+                        queue.flush(&socket);
+                    }
+                }
+                queue.flush(&socket);
+            }
+            answered
+        })
+        .expect("spawn reflector");
+    (addr, thread)
+}
+
+/// A closed-loop client: pairs `(a, b)` from one socket and `(b, a)` from
+/// the next, any reply counting.
+struct Client {
+    poll: Poll,
+    sockets: Vec<UdpSocket>,
+    queues: Vec<SendQueue>,
+    recv: RecvBatch,
+    next_id: u32,
+    next_socket: usize,
+}
+
+impl Client {
+    fn new() -> Client {
+        let poll = Poll::new().unwrap();
+        let mut sockets = Vec::new();
+        for k in 0..SOCKETS {
+            let ip = format!("127.{}.{}.1", 10 + k / 200, k % 200);
+            let (s, _) = sys::bind_udp(format!("{ip}:0").parse().unwrap(), 4 << 20, 4 << 20)
+                .expect("bind client socket (127.0.0.0/8 is local)");
+            let mut s = UdpSocket::from_std(s);
+            poll.registry()
+                .register(&mut s, Token(k), Interest::READABLE)
+                .unwrap();
+            sockets.push(s);
+        }
+        Client {
+            poll,
+            queues: (0..SOCKETS)
+                .map(|_| SendQueue::new(4 * WINDOW as usize, BATCH))
+                .collect(),
+            sockets,
+            recv: RecvBatch::with_buf_len(BATCH, 64),
+            next_id: 1,
+            next_socket: 0,
+        }
+    }
+
+    /// Runs for `secs` against `server`; returns pairs completed (replies / 2).
+    fn run(&mut self, server: SocketAddr, secs: Duration) -> u64 {
+        let mut events = Events::with_capacity(SOCKETS);
+        let mut inflight = 0u64;
+        let mut replies = 0u64;
+        let start = Instant::now();
+        let mut progress = start;
+        while start.elapsed() < secs {
+            while inflight < 2 * WINDOW {
+                let x = self.next_socket;
+                let y = (x + 1) % SOCKETS;
+                self.next_socket = (x + 2) % SOCKETS;
+                let (a, b) = (self.next_id, self.next_id.wrapping_add(1));
+                self.next_id = self.next_id.wrapping_add(2) | 1;
+                let req = |s: u32, p: u32| {
+                    Request {
+                        self_id: PeerId::from_u32(s),
+                        peer_id: PeerId::from_u32(p),
+                    }
+                    .emit()
+                };
+                self.queues[x].push(server, &req(a, b));
+                self.queues[y].push(server, &req(b, a));
+                inflight += 2;
+            }
+            for (q, s) in self.queues.iter_mut().zip(&self.sockets) {
+                q.flush(s);
+            }
+            let _ = self.poll.poll(&mut events, Some(Duration::from_millis(10)));
+            let mut got = 0;
+            for s in &self.sockets {
+                while let Ok(n) = self.recv.recv(s) {
+                    got += n as u64;
+                }
+            }
+            replies += got;
+            inflight = inflight.saturating_sub(got);
+            let now = Instant::now();
+            if got > 0 {
+                progress = now;
+            } else if now - progress > STALL {
+                inflight = 0;
+                progress = now;
+            }
+        }
+        // Let what is in flight land before the next round.
+        std::thread::sleep(Duration::from_millis(200));
+        for s in &self.sockets {
+            while self.recv.recv(s).is_ok() {}
+        }
+        replies / 2
+    }
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs this too:
+    // then only a smoke round.
+    let bench = std::env::args().any(|a| a == "--bench");
+    let rounds = if bench {
+        env("PSYNC_REFLECT_ROUNDS", 6)
+    } else {
+        1
+    };
+    let secs = Duration::from_secs(if bench {
+        env("PSYNC_REFLECT_SECS", 3)
+    } else {
+        1
+    });
+    let mut client = Client::new();
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        // psync, default flags but the rate limit.
+        let cfg = ServerConfig {
+            bind: vec!["127.0.0.1:0".parse().unwrap()],
+            stats_interval: None,
+            rate_limit: RateLimit::OFF,
+            ..ServerConfig::default()
+        };
+        let mut server = Server::bind(&cfg).expect("server binds");
+        let addr = server.local_addrs()[0];
+        let handle = server.shutdown_handle();
+        let thread = std::thread::Builder::new()
+            .name(SERVER_THREAD.into())
+            .spawn(move || server.run())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let cpu0 = thread_cpu(SERVER_THREAD).unwrap_or_default();
+        let t = Instant::now();
+        let pairs = client.run(addr, secs);
+        let took = t.elapsed();
+        let cpu = thread_cpu(SERVER_THREAD).unwrap_or_default() - cpu0;
+        handle.shutdown();
+        let c = thread.join().unwrap().expect("server ran");
+        let psync_us = cpu.as_secs_f64() * 1e6 / pairs.max(1) as f64;
+        let psync_rate = pairs as f64 / took.as_secs_f64();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let (raddr, rthread) = reflector(stop.clone());
+        std::thread::sleep(Duration::from_millis(100));
+        let cpu0 = thread_cpu(REFLECTOR_THREAD).unwrap_or_default();
+        let t = Instant::now();
+        let rpairs = client.run(raddr, secs);
+        let rtook = t.elapsed();
+        let rcpu = thread_cpu(REFLECTOR_THREAD).unwrap_or_default() - cpu0;
+        stop.store(true, Ordering::Relaxed);
+        rthread.join().unwrap();
+        let refl_us = rcpu.as_secs_f64() * 1e6 / rpairs.max(1) as f64;
+        let refl_rate = rpairs as f64 / rtook.as_secs_f64();
+
+        let ratio = psync_us / refl_us;
+        ratios.push(ratio);
+        println!(
+            "round {round}: psync {psync_rate:.0} pairs/s, {psync_us:.2} us CPU/pair \
+             (matched {}, replay_full {}, table_full {}, per-source limited {}); \
+             reflector {refl_rate:.0} pairs/s, {refl_us:.2} us CPU/pair; ratio {ratio:.3}",
+            c.engine.matched,
+            c.engine.replay_full,
+            c.engine.table_full,
+            c.engine.per_ip_limit + c.engine.per_prefix_limit,
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    println!(
+        "psync / reflector CPU per pair: median {median:.3}, min {:.3}, max {:.3} over {} rounds",
+        ratios[0],
+        ratios[ratios.len() - 1],
+        ratios.len()
+    );
+    let _ = io::Write::flush(&mut io::stdout());
+}

@@ -1,0 +1,435 @@
+//! The cluster's socket and what drives it from a server loop: the I/O
+//! around the pure [`Cluster`].
+//!
+//! A [`ClusterPort`] owns the cluster UDP socket (`--cluster-bind`), the
+//! [`Cluster`] state machine, a [`Sealer`] for the loop's forwards and
+//! replies, and, with `--cluster-dns`, the resolver thread. The loop asks
+//! it, per client request, whether another member owns the pair
+//! ([`ClusterPort::owner`]) and if so hands the request over
+//! ([`ClusterPort::forward`]); it sends each engine reply with a nonzero
+//! relay index back through [`ClusterPort::relay`]; it takes what arrives
+//! on the cluster socket from [`ClusterPort::next`] (forwarded requests for
+//! its engine, replies for its clients); and it runs
+//! [`ClusterPort::timers`] every turn (heartbeats, liveness, DNS answers).
+//!
+//! Datagrams to other members go out at once with `send_to`: the socket's
+//! send buffer is the queue, and a datagram it cannot take is dropped and
+//! counted (the client retransmits). Nothing here allocates per datagram;
+//! logging is per event (a member's liveness, a DNS answer), never per
+//! datagram above `debug`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use log::{debug, info, warn};
+use mio::{Interest, Registry, Token, Waker};
+
+use super::dns::Resolver;
+use super::{
+    pair_key, Cluster, ClusterConfig, ClusterCounters, MemberSource, MemberStatus, Now, Owner,
+    Received, Sealer,
+};
+use crate::sys::{self, RecvBatch};
+use crate::wire::cluster::{MAX_LEN, MAX_PAYLOAD};
+
+/// What the server needs to run as a member: the cluster's settings and
+/// how long to keep relaying after SIGTERM.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// Membership, identity, key, timeout.
+    pub config: ClusterConfig,
+    /// `--cluster-drain`: after SIGTERM, how long the member keeps serving
+    /// (forwarding every request, relaying replies) once it has told the
+    /// others it leaves.
+    pub drain: Duration,
+}
+
+/// Datagrams read from the cluster socket per call of [`ClusterPort::next`]
+/// before the loop gets its turn back (the loop's own budget is per wake-up).
+const RECV_BUDGET: usize = 4096;
+/// How long to wait at start for the first DNS answer before serving alone.
+const FIRST_DNS_WAIT: Duration = Duration::from_secs(5);
+
+/// Something that arrived for the loop, its bytes copied into the caller's
+/// buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A forwarded request (`len` bytes): give it to the engine with `via`.
+    Request {
+        /// The forwarding member's relay index.
+        via: u8,
+        /// The client's address.
+        client: SocketAddr,
+        /// Bytes of the request in the buffer.
+        len: usize,
+    },
+    /// A reply (`len` bytes) to send to `client` from the client socket of
+    /// its family.
+    Reply {
+        /// The client.
+        client: SocketAddr,
+        /// Bytes of the reply in the buffer.
+        len: usize,
+    },
+}
+
+/// Counters of the port's socket, beside the cluster's own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    /// Datagrams to members the socket could not take (full, or an error).
+    pub send_failed: u64,
+    /// Receive calls that failed unexpectedly.
+    pub recv_errors: u64,
+}
+
+/// A snapshot for `/metrics` and the stats line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// This member's cluster address.
+    pub me: Option<SocketAddr>,
+    /// Live members, this one included when it is.
+    pub live: usize,
+    /// Every listed member but this one.
+    pub members: Vec<MemberStatus>,
+    /// The cluster's counters (rejections by reason).
+    pub counters: ClusterCounters,
+    /// The sealers' forwards and replies made.
+    pub forwarded_out: u64,
+    /// Replies sent back to forwarders.
+    pub replies_out: u64,
+    /// The port's socket counters.
+    pub port: PortCounters,
+}
+
+/// The cluster socket and its state machine, driven by a server loop.
+pub struct ClusterPort {
+    socket: mio::net::UdpSocket,
+    recv: RecvBatch,
+    /// Datagrams of the batch in hand: (next to look at, received).
+    at: (usize, usize),
+    readable: bool,
+    cluster: Cluster,
+    sealer: Sealer,
+    resolver: Option<Resolver>,
+    /// The last DNS error logged, so a lasting outage logs once.
+    dns_error: Option<String>,
+    drain: Duration,
+    counters: PortCounters,
+    /// Liveness as last logged, by relay index.
+    logged_live: Vec<bool>,
+}
+
+/// The wall clock in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl ClusterPort {
+    /// Binds the cluster socket and registers it with `registry` under
+    /// `token`; with `--cluster-dns`, starts the resolver (which wakes the
+    /// loop through `waker`) and waits up to 5 s for its first answer.
+    /// `mono_ms` is the loop's clock now.
+    pub fn bind(
+        settings: &ClusterSettings,
+        buffers: (usize, usize),
+        batch: usize,
+        registry: &Registry,
+        token: Token,
+        waker: Arc<Waker>,
+        mono_ms: u64,
+    ) -> io::Result<ClusterPort> {
+        let cfg = &settings.config;
+        let (std_socket, _) = sys::bind_udp(cfg.bind, buffers.0, buffers.1)?;
+        let mut socket = mio::net::UdpSocket::from_std(std_socket);
+        registry.register(&mut socket, token, Interest::READABLE)?;
+        let now = Now {
+            mono_ms,
+            unix_ms: unix_ms(),
+        };
+        let mut cluster = Cluster::new(cfg, now);
+        let mut resolver = None;
+        match &cfg.members {
+            MemberSource::Static(list) => {
+                cluster.set_members(list, now);
+            }
+            MemberSource::Dns {
+                name,
+                port,
+                interval,
+            } => {
+                let r = Resolver::spawn(
+                    name.clone(),
+                    *port,
+                    cfg.bind.is_ipv6(),
+                    *interval,
+                    move || {
+                        let _ = waker.wake();
+                    },
+                )?;
+                match r.wait(FIRST_DNS_WAIT).map(|r| r.result) {
+                    Some(Ok(list)) => {
+                        let change = cluster.set_members(&list, now);
+                        info!(
+                            "cluster: {name} lists {} members{}",
+                            list.len(),
+                            if change.me_listed {
+                                ""
+                            } else {
+                                " (not this one yet)"
+                            }
+                        );
+                    }
+                    Some(Err(e)) => warn!("cluster: {e}; serving alone until it resolves"),
+                    None => {
+                        warn!("cluster: no answer for {name} yet; serving alone until it resolves")
+                    }
+                }
+                resolver = Some(r);
+            }
+        }
+        let sealer = cluster.sealer(1);
+        Ok(ClusterPort {
+            socket,
+            recv: RecvBatch::new(batch),
+            at: (0, 0),
+            // Data may have arrived between bind and register.
+            readable: true,
+            cluster,
+            sealer,
+            resolver,
+            dns_error: None,
+            drain: settings.drain,
+            counters: PortCounters::default(),
+            logged_live: vec![false; super::MAX_PEERS + 1],
+        })
+    }
+
+    /// The cluster socket's address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// The loop saw the socket readable.
+    pub fn set_readable(&mut self) {
+        self.readable = true;
+    }
+
+    /// True while datagrams may be waiting on the socket.
+    pub fn readable(&self) -> bool {
+        self.readable || self.at.0 < self.at.1
+    }
+
+    /// The relay index of the member that owns the pair of this client
+    /// datagram, when that is another member; `None` when this member owns
+    /// it or it is not a request (the loop handles it as a single server
+    /// would).
+    #[inline]
+    pub fn owner(&self, datagram: &[u8]) -> Option<u8> {
+        match self.cluster.routes().owner(pair_key(datagram)?) {
+            Owner::Me => None,
+            Owner::Member(via) => Some(via),
+        }
+    }
+
+    /// Forwards a client's request to member `via`. False when it could not
+    /// go (the socket's buffer is full: counted; the client retransmits).
+    pub fn forward(&mut self, via: u8, client: SocketAddr, request: &[u8], unix_ms: u64) -> bool {
+        let Some(to) = self.cluster.routes().member(via) else {
+            return false;
+        };
+        let mut buf = [0u8; MAX_LEN];
+        let Some(n) = self.sealer.forward(client, request, unix_ms, &mut buf) else {
+            return false;
+        };
+        self.send(to, &buf[..n])
+    }
+
+    /// Sends a reply for `client` back through member `via`, which relays
+    /// it. False when it could not go.
+    pub fn relay(&mut self, via: u8, client: SocketAddr, reply: &[u8], unix_ms: u64) -> bool {
+        let Some(to) = self.cluster.routes().member(via) else {
+            return false;
+        };
+        let mut buf = [0u8; MAX_LEN];
+        let Some(n) = self.sealer.reply(client, reply, unix_ms, &mut buf) else {
+            return false;
+        };
+        self.send(to, &buf[..n])
+    }
+
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
+        match self.socket.send_to(datagram, to) {
+            Ok(_) => true,
+            Err(e) => {
+                self.counters.send_failed += 1;
+                debug!("cluster: send to {to} failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// The next forwarded request or relayed reply from the cluster socket,
+    /// copied into `buf`; heartbeats and refused datagrams are taken care
+    /// of on the way. `None` when the socket is drained (or the budget for
+    /// this turn is spent: [`ClusterPort::readable`] stays true).
+    pub fn next(&mut self, now: Now, buf: &mut [u8; MAX_PAYLOAD]) -> Option<Incoming> {
+        let mut budget = RECV_BUDGET;
+        loop {
+            while self.at.0 < self.at.1 {
+                let k = self.at.0;
+                self.at.0 += 1;
+                let Some(d) = self.recv.get(k) else {
+                    self.counters.recv_errors += 1;
+                    continue;
+                };
+                // A datagram longer than the buffer was cut short: not whole,
+                // so the MAC cannot match; `receive` refuses it as malformed.
+                let data = if d.len == d.data.len() {
+                    d.data
+                } else {
+                    &[][..]
+                };
+                match self.cluster.receive(data, now) {
+                    Received::Request {
+                        via,
+                        client,
+                        request,
+                    } => {
+                        buf[..request.len()].copy_from_slice(request);
+                        return Some(Incoming::Request {
+                            via,
+                            client,
+                            len: request.len(),
+                        });
+                    }
+                    Received::Reply { client, reply } => {
+                        buf[..reply.len()].copy_from_slice(reply);
+                        return Some(Incoming::Reply {
+                            client,
+                            len: reply.len(),
+                        });
+                    }
+                    Received::Heartbeat => {}
+                    Received::Rejected(why) => {
+                        debug!("cluster: refused a datagram from {}: {why:?}", d.from);
+                    }
+                }
+            }
+            if !self.readable || budget == 0 {
+                return None;
+            }
+            match self.recv.recv(&self.socket) {
+                Ok(n) => {
+                    self.at = (0, n);
+                    budget = budget.saturating_sub(n.max(1));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return None;
+                }
+                Err(e) => {
+                    self.counters.recv_errors += 1;
+                    debug!("cluster: receive failed: {e}");
+                    self.readable = false;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Heartbeats due, liveness, and new DNS answers. Returns when it next
+    /// has work (monotonic ms).
+    pub fn timers(&mut self, now: Now) -> u64 {
+        if let Some(r) = self.resolver.as_ref().and_then(Resolver::latest) {
+            match r.result {
+                Ok(list) => {
+                    let change = self.cluster.set_members(&list, now);
+                    if change.added + change.removed > 0 {
+                        info!(
+                            "cluster: DNS lists {} members: {} new, {} gone{}",
+                            list.len(),
+                            change.added,
+                            change.removed,
+                            if change.me_listed {
+                                ""
+                            } else {
+                                "; this member is not among them"
+                            }
+                        );
+                    }
+                    self.dns_error = None;
+                }
+                Err(e) => {
+                    if self.dns_error.as_deref() != Some(e.as_str()) {
+                        warn!("cluster: {e}; keeping the last member list");
+                        self.dns_error = Some(e);
+                    }
+                }
+            }
+        }
+        if self.cluster.tick(now) {
+            self.log_liveness(now);
+        }
+        let mut buf = [0u8; MAX_LEN];
+        while let Some((to, n)) = self.cluster.poll_transmit(now, &mut buf) {
+            // Heartbeats share the socket; one that cannot go is counted.
+            let _ = self.send(to, &buf[..n]);
+        }
+        self.cluster.poll_timeout(now)
+    }
+
+    fn log_liveness(&mut self, now: Now) {
+        for m in self.cluster.members(now) {
+            let was = &mut self.logged_live[usize::from(m.via)];
+            if *was != m.live {
+                if m.live {
+                    info!("cluster: member {} is live", m.addr);
+                } else if m.leaving {
+                    info!("cluster: member {} left", m.addr);
+                } else {
+                    warn!(
+                        "cluster: member {} is silent; its pairs move to the others",
+                        m.addr
+                    );
+                }
+                *was = m.live;
+            }
+        }
+    }
+
+    /// SIGTERM: tell the others this member leaves, and forward everything
+    /// from now on. Returns how long to keep serving (`--cluster-drain`).
+    pub fn leave(&mut self, now: Now) -> Duration {
+        self.cluster.leave(now);
+        info!(
+            "cluster: leaving; relaying for {}",
+            crate::cli::format_duration(self.drain)
+        );
+        self.timers(now);
+        self.drain
+    }
+
+    /// The counters that belong in the server's counters: (forwarded in,
+    /// refused). The loop counts what it forwards out itself.
+    pub fn totals(&self) -> (u64, u64) {
+        let c = self.cluster.counters();
+        (c.forwarded_in, c.rejected())
+    }
+
+    /// What `/metrics` and the stats line show.
+    pub fn status(&self, now: Now) -> ClusterStatus {
+        ClusterStatus {
+            me: Some(self.cluster.me()),
+            live: self.cluster.routes().live_len(),
+            members: self.cluster.members(now),
+            counters: self.cluster.counters(),
+            forwarded_out: self.sealer.forwarded,
+            replies_out: self.sealer.replies,
+            port: self.counters,
+        }
+    }
+}
