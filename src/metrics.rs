@@ -182,8 +182,12 @@ impl MetricsServer {
     }
 
     /// Serves until `exit` is set (and the waker woken), rendering from
-    /// `snapshot()` whenever a connection is ready.
-    pub fn run(mut self, snapshot: impl Fn() -> Snapshot, exit: &AtomicBool) -> io::Result<()> {
+    /// `snapshot()` whenever a request is complete.
+    pub fn run(
+        mut self,
+        mut snapshot: impl FnMut() -> Snapshot,
+        exit: &AtomicBool,
+    ) -> io::Result<()> {
         let mut events = Events::with_capacity(64);
         let mut deadline: Option<Instant> = None;
         while !exit.load(Ordering::Acquire) {
@@ -194,13 +198,11 @@ impl MetricsServer {
                 }
                 return Err(e);
             }
-            let mut snap: Option<Snapshot> = None;
             for event in events.iter() {
                 let token = event.token();
                 if Metrics::owns(token) {
-                    let s = snap.get_or_insert_with(&snapshot);
                     self.metrics
-                        .ready(self.poll.registry(), token, Instant::now(), s);
+                        .ready(self.poll.registry(), token, Instant::now(), &mut snapshot);
                 }
             }
             // A new connection brings a deadline the poll must wake for.
@@ -241,7 +243,15 @@ impl Metrics {
     }
 
     /// Handles readiness of `token`: accepts, reads, answers, drains, closes.
-    pub fn ready(&mut self, registry: &Registry, token: Token, now: Instant, snapshot: &Snapshot) {
+    /// `snapshot` is called when a request is complete and its answer needs
+    /// the server's state.
+    pub fn ready(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        now: Instant,
+        snapshot: &mut dyn FnMut() -> Snapshot,
+    ) {
         if token.0 == TOKEN_BASE {
             self.accept(registry, now);
             return;
@@ -362,7 +372,11 @@ impl Metrics {
 
 /// Moves a connection along: read the head, write the response, drain.
 /// Ok(true) when the connection is finished and can be closed.
-fn drive(conn: &mut Conn, snapshot: &Snapshot, now: Instant) -> io::Result<bool> {
+fn drive(
+    conn: &mut Conn,
+    snapshot: &mut dyn FnMut() -> Snapshot,
+    now: Instant,
+) -> io::Result<bool> {
     if conn.phase == Phase::Head {
         loop {
             if conn.read == conn.request.len() {
@@ -378,7 +392,7 @@ fn drive(conn: &mut Conn, snapshot: &Snapshot, now: Instant) -> io::Result<bool>
                 Ok(n) => {
                     conn.read += n;
                     if let Some(head) = complete_head(&conn.request[..conn.read]) {
-                        conn.response = answer(head, snapshot);
+                        conn.response = answer(head, &snapshot());
                         break;
                     }
                 }

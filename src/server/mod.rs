@@ -227,7 +227,8 @@ pub const STEERING: bool = cfg!(all(target_os = "linux", not(feature = "portable
 const TICK: Duration = Duration::from_millis(100);
 /// Room in the channel from the workers to the control thread.
 const EVENTS: usize = 4096;
-/// How long a report (SIGUSR1) waits for the workers' fresh counters.
+/// How long a report (SIGUSR1) or a scrape waits for the workers' fresh
+/// counters.
 const FRESH_WAIT: Duration = Duration::from_millis(200);
 /// Events the control thread takes per turn before it looks at its flags.
 const EVENTS_PER_TURN: usize = 1024;
@@ -853,9 +854,22 @@ impl Server {
         let shared = self.shared.clone();
         let udp_sockets = self.udp_sockets;
         let flag = exit.clone();
+        let workers = Workers {
+            controls: self.controls.clone(),
+            wakers: self.wakers.clone(),
+            shared: self.shared.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("psync-metrics".into())
-            .spawn(move || m.run(|| snapshot(&shared, udp_sockets), &flag))?;
+            .spawn(move || {
+                m.run(
+                    || {
+                        workers.fresh();
+                        snapshot(&shared, udp_sockets)
+                    },
+                    &flag,
+                )
+            })?;
         Ok(MetricsThread {
             exit,
             waker,
@@ -928,23 +942,14 @@ impl Server {
         }
     }
 
-    /// Asks every worker to publish its counters now and waits for them
-    /// (a little: a worker in the middle of a long batch is not waited for).
+    /// Asks every worker to publish its counters now and waits for them.
     fn fresh_counters(&self) {
-        let before: Vec<u64> = self.shared.states().iter().map(|s| s.generation).collect();
-        for (control, waker) in self.controls.iter().zip(self.wakers.iter()) {
-            if control.send(Control::Publish).is_ok() {
-                let _ = waker.wake();
-            }
+        Workers {
+            controls: self.controls.clone(),
+            wakers: self.wakers.clone(),
+            shared: self.shared.clone(),
         }
-        let deadline = Instant::now() + FRESH_WAIT;
-        while Instant::now() < deadline {
-            let now: Vec<u64> = self.shared.states().iter().map(|s| s.generation).collect();
-            if now.iter().zip(&before).all(|(n, b)| n > b) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        .fresh();
     }
 
     /// With more than one worker, each one's `received` and `matched`.
@@ -1015,6 +1020,45 @@ impl Server {
             if control.send(Control::Reload(apply.clone())).is_ok() {
                 let _ = waker.wake();
             }
+        }
+    }
+}
+
+/// What another thread needs to ask the workers for fresh counters.
+struct Workers {
+    controls: Vec<Sender<Control>>,
+    wakers: Arc<[Arc<Waker>]>,
+    shared: Arc<Shared>,
+}
+
+impl Workers {
+    /// Asks every worker to publish its counters now and waits until each
+    /// has, for at most [`FRESH_WAIT`] (a worker deep in a long turn is not
+    /// waited for: its last copy serves). Workers answer between batches;
+    /// none ever waits for this.
+    fn fresh(&self) {
+        let before: Vec<u64> = self.shared.states().iter().map(|s| s.generation).collect();
+        // A worker that has stopped takes no more orders: not waited for.
+        let asked: Vec<bool> = self
+            .controls
+            .iter()
+            .zip(self.wakers.iter())
+            .map(|(control, waker)| {
+                let sent = control.send(Control::Publish).is_ok();
+                if sent {
+                    let _ = waker.wake();
+                }
+                sent
+            })
+            .collect();
+        let deadline = Instant::now() + FRESH_WAIT;
+        while Instant::now() < deadline {
+            let states = self.shared.states();
+            let done = (0..states.len()).all(|k| !asked[k] || states[k].generation > before[k]);
+            if done {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 }
