@@ -2,8 +2,9 @@
 //! entries expire at once, and the worst single turn.
 //!
 //! The engine with its defaults: room for 2^20 pairs, a 30 s registration
-//! lifetime, a 5 s replay lifetime and so a sweep period of 1.25 s (a quarter
-//! of the shorter), per-source counts on. It holds 10^6 registrations from
+//! lifetime, a 5 s replay lifetime, per-source counts on; with the table more
+//! than three quarters full, a sweep period of 1.25 s (a quarter of the
+//! shorter lifetime). It holds 10^6 registrations from
 //! 10^6 IPv4 addresses, made at the same instant; the loop has been calling
 //! [`Engine::expire`] every 10 ms (as the server's expiry tick does) while
 //! they lived, and then all of them expire together, each one uncounted from
@@ -34,7 +35,8 @@ type Millis = u64;
 const CAPACITY: usize = 1 << 20;
 const ENTRIES: usize = 1_000_000;
 const TTL: Millis = 30_000;
-/// A quarter of the shorter lifetime (the 5 s replay lifetime).
+/// A quarter of the shorter lifetime (the 5 s replay lifetime): the engine's
+/// pace while its table is more than three quarters full, as here.
 const SWEEP_PERIOD: Millis = 1_250;
 /// The server's expiry tick.
 const TICK: Millis = 10;

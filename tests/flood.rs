@@ -11,7 +11,8 @@
 //! - after SIGTERM, the final counters account for every datagram: what the
 //!   server counted as received plus what the kernel dropped at its socket
 //!   (the `drops` column of /proc/net/udp) is exactly what was sent, and
-//!   `bad_size` lies between the non-8-byte datagrams sent minus those drops
+//!   `bad_size` (with `v2_malformed` for the 152-byte ones) lies between the
+//!   non-8-byte datagrams sent minus those drops
 //!   and the non-8-byte datagrams sent.
 //!
 //! Bounded: at most `FLOOD` datagrams and `FLOOD_BUDGET` of sending; the test
@@ -423,7 +424,8 @@ fn garbage_flood_gets_no_reply_and_leaves_matching_and_memory_intact() {
         sent.total,
         "received + kernel drops != sent"
     );
-    // A wrong-size datagram of a v2 request's length is malformed v2.
+    // A wrong-size datagram of exactly the v2 request's length is v2 to the
+    // server, and dropped as a malformed one.
     let bad = get("bad_size") + get("v2_malformed");
     assert!(bad > 0);
     assert!(

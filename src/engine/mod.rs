@@ -287,10 +287,23 @@ impl EngineConfig {
     }
 }
 
-/// How expiry keeps pace: the whole table is walked once per sweep period.
+/// How expiry keeps pace: the whole table is walked once per sweep period,
+/// a quarter of the longer lifetime, or of the shorter one while the table
+/// is more than three quarters full.
+///
+/// Why two paces: expired entries matter in two ways. An expired waiting
+/// registration still counts against its source until it is reclaimed, which
+/// a quarter of `--ttl` bounds, as it always did. An expired remembered match
+/// only holds a slot, which matters only when the table fills: then the
+/// sweep goes faster, and a full table reclaims expired slots itself before
+/// it takes a live one. Walking a sparse table at the fast pace all the time
+/// cost a quarter of the engine's time in the engine bench and bought
+/// nothing.
 struct Pace {
-    /// Slots to examine per millisecond, in 1/1024ths.
-    rate_x1024: u64,
+    /// Slots to examine per millisecond, in 1/1024ths, at the slow pace.
+    slow_x1024: u64,
+    /// The same at the fast pace.
+    fast_x1024: u64,
     /// Slots owed, in 1/1024ths.
     debt_x1024: u64,
     last: Option<Millis>,
@@ -374,6 +387,12 @@ pub struct Engine {
 /// and its source.
 type Classified = (Result<PairKey, DropReason>, SocketAddr);
 
+/// Requests [`Engine::handle_batch`] fetches ahead of the one it handles.
+const AHEAD: usize = 16;
+/// Requests before it handles one that it looks at the slot of (see
+/// [`Engine::handle_batch`]).
+const PEEK: usize = 8;
+
 /// Requests [`Engine::handle_batch`] classifies ahead at most (a batch of
 /// more is handled in chunks of this many).
 const SCRATCH: usize = 256;
@@ -417,8 +436,12 @@ impl Engine {
         };
         let pairs = Table::try_new(cfg.capacity, Load::DEFAULT, pair_seed, PairEntry::default())
             .map_err(|_: AllocError| memory_error())?;
-        let period = u64::from((cfg.ttl_ms.min(cfg.replay_ttl_ms) / 4).max(1));
-        let rate_x1024 = (pairs.slots() as u64 * 1024).div_ceil(period);
+        let rate = |lifetime: u32| {
+            let period = u64::from((lifetime / 4).max(1));
+            (pairs.slots() as u64 * 1024).div_ceil(period)
+        };
+        let slow_x1024 = rate(cfg.ttl_ms.max(cfg.replay_ttl_ms));
+        let fast_x1024 = rate(cfg.ttl_ms.min(cfg.replay_ttl_ms));
         Ok(Engine {
             pairs,
             books: Books {
@@ -437,7 +460,8 @@ impl Engine {
             ipv4: cfg.ipv4,
             ipv6: cfg.ipv6,
             pace: Pace {
-                rate_x1024,
+                slow_x1024,
+                fast_x1024,
                 debt_x1024: 0,
                 last: None,
             },
@@ -618,27 +642,52 @@ impl Engine {
         let mut base = 0;
         while base < n {
             let m = (n - base).min(SCRATCH);
-            for k in 0..m {
-                self.scratch[k] = get(base + k).map(|(d, src)| {
-                    let key = self.classify(d, src);
-                    if let Ok(key) = &key {
-                        self.pairs.prefetch(self.pairs.hash(key.hash_input()));
-                        if let Some(s) = self.books.sources.as_ref() {
-                            s.prefetch(src.ip());
+            // A pipeline over the chunk: request i is classified and its
+            // slot and counts fetched; request i - (AHEAD - PEEK), whose
+            // slot has arrived by then, is looked at to fetch its waiting
+            // partner's counts; request i - AHEAD is handled. So about
+            // AHEAD requests' misses are in flight at once: enough to hide
+            // memory latency, few enough for the CPU's miss queues (fetching
+            // a whole batch ahead made the prefetches themselves stall).
+            for i in 0..m + AHEAD {
+                if i < m {
+                    self.scratch[i] = get(base + i).map(|(d, src)| {
+                        let key = self.classify(d, src);
+                        if let Ok(key) = &key {
+                            self.pairs.prefetch(self.pairs.hash(key.hash_input()));
+                            if let Some(s) = self.books.sources.as_ref() {
+                                s.prefetch(src.ip());
+                            }
                         }
+                        (key, src)
+                    });
+                }
+                if let Some(j) = (i + PEEK).checked_sub(AHEAD).filter(|&j| j < m) {
+                    self.prefetch_partner(j);
+                }
+                if let Some(j) = i.checked_sub(AHEAD).filter(|&j| j < m) {
+                    if let Some((key, src)) = self.scratch[j] {
+                        let outcome = self.handle_classified(key, src, 0, 0, now);
+                        done(base + j, &outcome);
                     }
-                    (key, src)
-                });
-            }
-            self.prefetch_partners(m);
-            for k in 0..m {
-                let Some((key, src)) = self.scratch[k] else {
-                    continue;
-                };
-                let outcome = self.handle_classified(key, src, 0, 0, now);
-                done(base + k, &outcome);
+                }
             }
             base += m;
+        }
+    }
+
+    /// For the classified request `scratch[j]`, if its slot holds a waiting
+    /// partner, fetches that partner's source counts.
+    #[inline]
+    fn prefetch_partner(&self, j: usize) {
+        let (Some(s), Some((Ok(key), _))) = (self.books.sources.as_ref(), &self.scratch[j]) else {
+            return;
+        };
+        let h = self.pairs.hash(key.hash_input());
+        if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
+            if let Some(addr) = self.pairs.get(i).waiter_other_than(key.side) {
+                s.prefetch(addr.ip());
+            }
         }
     }
 
@@ -1171,8 +1220,8 @@ impl Engine {
     }
 
     /// One turn of incremental expiry: examines as many slots as the time
-    /// since the last call earns (the whole table per sweep period, a
-    /// quarter of the shorter lifetime), at most [`MAX_SWEEP_PER_CALL`].
+    /// since the last call earns (the whole table per sweep period: see
+    /// `Pace`), at most [`MAX_SWEEP_PER_CALL`].
     /// Returns true when work is still owed, so the caller should call again
     /// soon rather than sleep.
     pub fn expire(&mut self, now: u64) -> bool {
@@ -1186,7 +1235,12 @@ impl Engine {
             self.pace.debt_x1024 = 0;
             return false;
         }
-        let owed = self.pace.debt_x1024 + elapsed * self.pace.rate_x1024;
+        let rate = if self.pairs.len() > self.capacity / 4 * 3 {
+            self.pace.fast_x1024
+        } else {
+            self.pace.slow_x1024
+        };
+        let owed = self.pace.debt_x1024 + elapsed * rate;
         // Never owe more than one full pass: catching up further is pointless.
         let owed = owed.min(self.pairs.slots() as u64 * 1024);
         let slots = ((owed / 1024) as usize).min(MAX_SWEEP_PER_CALL);

@@ -18,7 +18,7 @@
 //! registration and removes one when the registration leaves the table
 //! (match, eviction, or expiry when the sweep or a lookup reclaims it; an
 //! expired registration therefore counts until then, at most one sweep
-//! period, a quarter of the shorter lifetime). No clock, no I/O, no
+//! period, a quarter of `--ttl`). No clock, no I/O, no
 //! allocation after [`SourceCounts::try_new`].
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};

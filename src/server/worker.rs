@@ -562,6 +562,9 @@ impl Worker {
             if ep.queue.len() >= batch {
                 flush(ep, io);
             }
+            if let Some(port) = cluster.as_mut() {
+                port.flush();
+            }
         }
         flush(ep, io);
         if !self.notes.is_empty() {
@@ -576,6 +579,7 @@ impl Worker {
     /// replies to their clients, until the cluster socket is drained.
     fn service_cluster(&mut self, now_ms: u64) {
         let now = self.cluster_now();
+        let self_batch = self.batch;
         let Worker {
             endpoints,
             engine,
@@ -638,9 +642,18 @@ impl Worker {
                     }
                 }
             }
+            // Send in batches, before a queue can fill up.
+            for ep in endpoints.iter_mut() {
+                if ep.queue.len() >= self_batch {
+                    flush(ep, io);
+                }
+            }
         }
         for ep in endpoints.iter_mut() {
             flush(ep, io);
+        }
+        if let Some(port) = cluster.as_mut() {
+            port.flush();
         }
     }
 }
