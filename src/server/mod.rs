@@ -230,6 +230,9 @@ const EVENTS: usize = 4096;
 /// How long a report (SIGUSR1) or a scrape waits for the workers' fresh
 /// counters.
 const FRESH_WAIT: Duration = Duration::from_millis(200);
+/// How long a reload waits for every worker to put its change in force
+/// before it logs what it reloaded.
+const APPLY_WAIT: Duration = Duration::from_secs(1);
 /// Events the control thread takes per turn before it looks at its flags.
 const EVENTS_PER_TURN: usize = 1024;
 
@@ -854,11 +857,7 @@ impl Server {
         let shared = self.shared.clone();
         let udp_sockets = self.udp_sockets;
         let flag = exit.clone();
-        let workers = Workers {
-            controls: self.controls.clone(),
-            wakers: self.wakers.clone(),
-            shared: self.shared.clone(),
-        };
+        let workers = self.workers_link();
         let thread = std::thread::Builder::new()
             .name("psync-metrics".into())
             .spawn(move || {
@@ -944,12 +943,7 @@ impl Server {
 
     /// Asks every worker to publish its counters now and waits for them.
     fn fresh_counters(&self) {
-        Workers {
-            controls: self.controls.clone(),
-            wakers: self.wakers.clone(),
-            shared: self.shared.clone(),
-        }
-        .fresh();
+        self.workers_link().fresh();
     }
 
     /// With more than one worker, each one's `received` and `matched`.
@@ -1015,11 +1009,18 @@ impl Server {
         }
     }
 
+    /// Sends a change to every worker and waits until each has applied it
+    /// (at most [`APPLY_WAIT`]), so that what the log then says is in force.
     fn apply_everywhere(&self, apply: &Apply) {
-        for (control, waker) in self.controls.iter().zip(self.wakers.iter()) {
-            if control.send(Control::Reload(apply.clone())).is_ok() {
-                let _ = waker.wake();
-            }
+        self.workers_link()
+            .ask(|| Control::Reload(apply.clone()), APPLY_WAIT);
+    }
+
+    fn workers_link(&self) -> Workers {
+        Workers {
+            controls: self.controls.clone(),
+            wakers: self.wakers.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -1037,6 +1038,13 @@ impl Workers {
     /// waited for: its last copy serves). Workers answer between batches;
     /// none ever waits for this.
     fn fresh(&self) {
+        self.ask(|| Control::Publish, FRESH_WAIT);
+    }
+
+    /// Sends `message()` to every worker and waits until each has published
+    /// its counters since (every message it handles ends in a publication),
+    /// for at most `wait`.
+    fn ask(&self, message: impl Fn() -> Control, wait: Duration) {
         let before: Vec<u64> = self.shared.states().iter().map(|s| s.generation).collect();
         // A worker that has stopped takes no more orders: not waited for.
         let asked: Vec<bool> = self
@@ -1044,14 +1052,14 @@ impl Workers {
             .iter()
             .zip(self.wakers.iter())
             .map(|(control, waker)| {
-                let sent = control.send(Control::Publish).is_ok();
+                let sent = control.send(message()).is_ok();
                 if sent {
                     let _ = waker.wake();
                 }
                 sent
             })
             .collect();
-        let deadline = Instant::now() + FRESH_WAIT;
+        let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
             let states = self.shared.states();
             let done = (0..states.len()).all(|k| !asked[k] || states[k].generation > before[k]);

@@ -203,11 +203,15 @@ impl Worker {
                     });
                 }
                 Control::Order(Order::Set { what, share }) => self.set_share(what, share),
-                Control::Reload(apply) => apply(&mut ReloadTarget {
-                    engine: &mut self.engine,
-                    gate: &mut self.gate,
-                    worker: self.index,
-                }),
+                Control::Reload(apply) => {
+                    apply(&mut ReloadTarget {
+                        engine: &mut self.engine,
+                        gate: &mut self.gate,
+                        worker: self.index,
+                    });
+                    // Publishing tells the control thread it is in force.
+                    self.publish(Instant::now());
+                }
                 Control::Publish => self.publish(Instant::now()),
             }
         }
