@@ -520,6 +520,32 @@ impl Engine {
         Some(ps[..n].iter().map(|p| (p.level, s.held(*p))).collect())
     }
 
+    /// Registrations `prefix` holds pending here: an estimate never below
+    /// the truth (see [`source`]); 0 when per-source limits are off.
+    pub fn source_held(&self, prefix: source::Prefix) -> u32 {
+        self.books.sources.as_ref().map_or(0, |s| s.held(prefix))
+    }
+
+    /// The most registrations `prefix` may hold pending here: its own limit
+    /// if [`Engine::set_source_limit`] gave it one, else its level's from
+    /// [`EngineConfig::limits`]; `None` when there is no limit.
+    pub fn source_limit(&self, prefix: source::Prefix) -> Option<u32> {
+        self.books.sources.as_ref().and_then(|s| s.limit(prefix))
+    }
+
+    /// Gives one source prefix a pending limit of its own on this engine
+    /// (`Some(0)`: no new registration), or back its level's (`None`). A
+    /// server with several workers uses it to share a source's limit among
+    /// their engines. Registrations already held are never dropped for it.
+    /// False, and nothing changed, when per-source limits are off or
+    /// [`source::MAX_OVERRIDES`] prefixes already have their own.
+    pub fn set_source_limit(&mut self, prefix: source::Prefix, limit: Option<u32>) -> bool {
+        match self.books.sources.as_mut() {
+            Some(s) => s.set_limit(prefix, limit),
+            None => false,
+        }
+    }
+
     /// Bytes of the IPv6 match store written so far (its high-water mark).
     pub fn ipv6_store_touched(&self) -> usize {
         self.books.v6.touched_bytes()

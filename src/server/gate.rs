@@ -128,6 +128,21 @@ pub fn load_key_file(path: &Path) -> Result<KeySet, String> {
     KeySet::parse(&text).map_err(|e| format!("key file {shown}: {e}"))
 }
 
+/// Reads the key file again for a reload: the keys, and a line saying what
+/// they are (for the log), or why the file cannot be used.
+pub fn reload_key_file(path: &Path) -> Result<(Arc<KeySet>, String), String> {
+    let keys = load_key_file(path)?;
+    let ids: Vec<String> = keys.ids().map(|id| id.to_string()).collect();
+    let what = format!(
+        "{} auth key(s) from {} (IDs {}; tokens are issued with {})",
+        keys.len(),
+        path.display(),
+        ids.join(", "),
+        keys.last().id()
+    );
+    Ok((Arc::new(keys), what))
+}
+
 /// The time as the gate needs it, read by the loop once per batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Clock {
@@ -258,18 +273,18 @@ impl Gate {
     /// not be used, and the old keys stay.
     pub fn reload(&mut self) -> Option<Result<String, String>> {
         let path = self.key_file.clone()?;
-        Some(load_key_file(&path).map(|keys| {
-            let ids: Vec<String> = keys.ids().map(|id| id.to_string()).collect();
-            let what = format!(
-                "{} auth key(s) from {} (IDs {}; tokens are issued with {})",
-                keys.len(),
-                path.display(),
-                ids.join(", "),
-                keys.last().id()
-            );
-            self.set_keys(Arc::new(keys));
+        Some(reload_key_file(&path).map(|(keys, what)| {
+            self.set_keys(keys);
             what
         }))
+    }
+
+    /// Makes this gate one of `workers` (`--workers`): its validated budget
+    /// allows each source its share, as the loop's limiter does.
+    pub fn shared_by(&mut self, workers: u32) {
+        if let Some(l) = self.validated.as_mut() {
+            l.shared_by(workers);
+        }
     }
 
     /// Decides what becomes of `datagram` from `from`: see the module docs.
