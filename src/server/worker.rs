@@ -17,10 +17,11 @@
 //! away. A reply that still finds no room is counted in `send_dropped`.
 //!
 //! Where other traffic joins the loop: [`Worker::service`] is the one place a
-//! datagram is judged before the engine (rate limit, then STUN, then the
-//! engine); a check for protocol v2 (its admission gate) belongs beside the
-//! STUN branch, and a cluster socket would be one more [`Endpoint`] kind
-//! whose datagrams carry the relay byte that `engine::Transmit::via` names.
+//! datagram is judged before the engine: rate limit, then STUN, then the
+//! admission gate (`gate.rs`: seed or v2, `--require-auth`, cookies, and the
+//! batch's v2 tokens checked together), then the engine; a cluster socket
+//! would be one more [`Endpoint`] kind whose datagrams carry the relay byte
+//! that `engine::Transmit::via` names.
 //!
 //! Nothing here allocates, logs or formats per packet, except `trace!` and
 //! `debug!` lines that cost one level check unless `-vvv`/`-vv` asked for them.
