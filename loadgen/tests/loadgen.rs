@@ -30,8 +30,10 @@ impl TestServer {
 
     /// With `workers` worker loops (`--workers`).
     fn start_with(port_range: Option<(u16, u16)>, workers: usize) -> TestServer {
-        let mut cfg = ServerConfig::default();
-        cfg.workers = workers;
+        let mut cfg = ServerConfig {
+            workers,
+            ..ServerConfig::default()
+        };
         cfg.engine.capacity = 1 << 14;
         cfg.engine.limits = psync::engine::SourceLimits::OFF;
         if let Some((lo, hi)) = port_range {
