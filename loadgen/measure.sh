@@ -7,8 +7,11 @@
 #   loadgen/measure.sh --rate max --window 256 --duration 10
 #   WORKERS=2 loadgen/measure.sh --threads 2 --rate max --window 256
 #
-# WORKERS gives the server --workers (default 1); the last line then shows
-# how the pairs were spread over the workers.
+# WORKERS gives the server --workers (default 1, or auto); the last line
+# then shows how the pairs were spread over the workers. SERVER_CPUS and
+# LOADGEN_CPUS pin each process to CPUs (taskset -c syntax), so that on a
+# machine with many cores the two do not share any:
+#   SERVER_CPUS=0-7 LOADGEN_CPUS=8-15 WORKERS=auto loadgen/measure.sh --threads 8 ...
 #
 # BIN overrides the directory holding the two release binaries
 # (default: $CARGO_TARGET_DIR/release, else target/release).
@@ -20,7 +23,8 @@ start_server --rate-limit 0 --max-pending-per-ip 0 --max-pending-per-v4-24 0 \
     --workers "${WORKERS:-1}"
 
 status=0
-"$BIN/psync-loadgen" --server "$addr" --json "$@" >"$work/report.json" || status=$?
+${LOADGEN_CPUS:+taskset -c "$LOADGEN_CPUS"} "$BIN/psync-loadgen" --server "$addr" --json "$@" \
+    >"$work/report.json" || status=$?
 cat "$work/report.json"
 
 ticks=$(getconf CLK_TCK)
