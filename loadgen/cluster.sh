@@ -26,7 +26,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-openssl rand -hex 32 >"$work/key" 2>/dev/null || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/key"
+(umask 077; openssl rand -hex 32 >"$work/key" 2>/dev/null || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/key")
 common=(-4 -p 7000 --rate-limit 0 --max-pending-per-ip 0 --max-pending-per-v4-24 0 --stats-interval 0)
 members=(127.0.30.2 127.0.30.3 127.0.30.4)
 for ip in "${members[@]}"; do

@@ -749,20 +749,6 @@ fn render_cluster(out: &mut String, c: &crate::cluster::ClusterStatus) {
             "psync_cluster_rejected_total{{reason=\"{reason}\"}} {n}"
         );
     }
-    metric(
-        out,
-        "cluster_replies_relayed_total",
-        "counter",
-        "Replies sent back to the member that forwarded their request.",
-        c.replies_out as f64,
-    );
-    metric(
-        out,
-        "cluster_send_failed_total",
-        "counter",
-        "Datagrams to other members the cluster socket could not take.",
-        c.port.send_failed as f64,
-    );
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {

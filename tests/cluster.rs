@@ -47,9 +47,12 @@ impl Scratch {
         Scratch(dir)
     }
 
+    /// A file only its owner may read (as key files must be).
     fn file(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
         let p = self.0.join(name);
         std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
 }
@@ -731,6 +734,24 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
         lines[0].contains("15 bytes; it must be 16 to 64 bytes"),
         "{lines:?}"
     );
+    let open = scratch.file("open.key", &format!("{KEY_HEX}\n"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (code, lines) = run_failing(
+        &base(&open, &b2)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        lines.len() == 1
+            && lines[0].contains("--cluster-key-file")
+            && lines[0].contains("chmod 600"),
+        "{lines:?}"
+    );
     let (_, lines) = run_failing(
         &base(&missing, &b2)
             .iter()
@@ -1052,6 +1073,65 @@ fn v2_halves_on_different_members_match_through_the_owner() {
     }
     assert_eq!(members[2].metric("psync_matched_total"), 1.0);
     assert_eq!(members[2].metric("psync_forwarded_in_total"), 2.0);
+    for m in members {
+        assert!(m.stop());
+    }
+}
+
+#[test]
+fn members_with_several_workers_hand_forwards_to_the_pairs_worker() {
+    let scratch = Scratch::new("workers");
+    let key = key_file(&scratch);
+    let ips = three(18);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let members: Vec<Member> = ips
+        .iter()
+        .map(|ip| start(ip, &Members::Static(&ips), &key, &["--workers", "4"]))
+        .collect();
+    let addrs: Vec<SocketAddr> = members.iter().map(|m| m.client).collect();
+    let mut rng = Lcg(5);
+    for chunk in 0..4u32 {
+        let mut sides: Vec<Side> = Vec::new();
+        for p in 0..250 {
+            let id = 5_000_000 + 2 * (chunk * 250 + p);
+            sides.push(Side::new(request(id, id + 1), addrs[rng.below(3)]));
+            sides.push(Side::new(request(id + 1, id), addrs[rng.below(3)]));
+        }
+        complete(&mut sides, 20);
+        for pair in sides.chunks(2) {
+            check_pair(&pair[0], &pair[1]);
+        }
+    }
+    // A retransmit after the match is replayed by the worker that matched
+    // it, through the member the client sent to.
+    let req = (1u32..)
+        .map(|i| request(i, i + 600_000))
+        .find(|r| owner_of(r, &addrs) == Some(addrs[2]))
+        .unwrap();
+    let mut c = [0u8; 8];
+    c[..4].copy_from_slice(&req[4..]);
+    c[4..].copy_from_slice(&req[..4]);
+    let mut sides = [Side::new(req, addrs[0]), Side::new(c, addrs[1])];
+    complete(&mut sides, 20);
+    check_pair(&sides[0], &sides[1]);
+    let first = sides[0].reply.take().unwrap();
+    complete(&mut sides[..1], 20);
+    assert_eq!(sides[0].reply.as_ref(), Some(&first));
+    let pages: Vec<String> = members.iter().map(Member::metrics).collect();
+    let sum = |name: &str| pages.iter().map(|p| metric(p, name)).sum::<f64>();
+    assert_eq!(sum("psync_matched_total"), 1001.0);
+    assert_eq!(
+        sum("psync_forwarded_out_total"),
+        sum("psync_forwarded_in_total")
+    );
+    assert_eq!(sum("psync_forward_rejected_total"), 0.0);
+    // Every worker of the owners matched some: the hand-over spreads them.
+    for p in &pages {
+        for w in 0..4 {
+            let line = format!("psync_worker_matched_total{{worker=\"{w}\"}}");
+            assert!(metric(p, &line) > 0.0, "worker {w} matched nothing");
+        }
+    }
     for m in members {
         assert!(m.stop());
     }

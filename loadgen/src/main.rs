@@ -266,7 +266,7 @@ fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> 
             // Valid through the whole run and its drain, with an hour to spare.
             let run = args.warmup + args.duration + args.timeout;
             format::Format::V2 {
-                key: keys.last().clone(),
+                key: Box::new(keys.last().clone()),
                 expiry: since.as_secs() + run.as_secs() + 3600,
                 // IDs of this run differ from another run's in their high
                 // half (a restarted run meets no stale registration).

@@ -2,23 +2,22 @@
 //! around the pure [`Cluster`].
 //!
 //! A [`ClusterPort`] owns the cluster UDP socket (`--cluster-bind`), the
-//! [`Cluster`] state machine, a [`Sealer`] for the loop's forwards and
-//! replies, and, with `--cluster-dns`, the resolver thread. The loop asks
-//! it, per client request, whether another member owns the pair
-//! ([`ClusterPort::owner`]) and if so hands the request over
-//! ([`ClusterPort::forward`]); it sends each engine reply with a nonzero
-//! relay index back through [`ClusterPort::relay`]; it takes what arrives
-//! on the cluster socket from [`ClusterPort::next`] (forwarded requests for
-//! its engine, replies for its clients); and it runs
-//! [`ClusterPort::timers`] every turn (heartbeats, liveness, DNS answers).
+//! [`Cluster`] state machine and, with `--cluster-dns`, the resolver
+//! thread. The worker that owns it takes what arrives on the cluster socket
+//! from [`ClusterPort::next`] (forwarded requests for an engine, replies
+//! for clients) and runs [`ClusterPort::timers`] every turn (heartbeats,
+//! liveness, DNS answers). Each worker asks its [`ClusterLane`], per client
+//! request, whether another member owns the pair ([`ClusterLane::owner`])
+//! and if so hands the request over ([`ClusterLane::forward`]); it sends
+//! each engine reply with a nonzero relay index back through
+//! [`ClusterLane::relay`].
 //!
-//! With several worker loops in a process, the worker that owns the port
-//! hands each forwarded request to the worker that owns its pair (found with
-//! the steering program's twin), and every other worker gets a
-//! [`ClusterLane`] ([`ClusterPort::lane`]): its own sealer and sequence
-//! numbers (its lane), a duplicate of the cluster socket to send from, and
-//! the owner choice from [`SharedRoutes`], a snapshot that changes only
-//! with membership (one atomic load per batch to notice).
+//! Every worker (the port's included) sends with a lane of its own
+//! ([`ClusterPort::lane`]): its own sealer and sequence numbers, a duplicate
+//! of the cluster socket, and the owner choice from [`SharedRoutes`], a
+//! snapshot that changes only with membership (one atomic load per batch to
+//! notice). With several workers, the port's worker hands each forwarded
+//! request to the worker that owns its pair (the steering program's twin).
 //!
 //! Datagrams to other members are queued and sent with `sendmmsg` when the
 //! loop flushes ([`ClusterPort::flush`], after each batch), or at once with
@@ -89,15 +88,6 @@ pub enum Incoming {
     },
 }
 
-/// Counters of the port's socket, beside the cluster's own.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortCounters {
-    /// Datagrams to members the socket could not take (full, or an error).
-    pub send_failed: u64,
-    /// Receive calls that failed unexpectedly.
-    pub recv_errors: u64,
-}
-
 /// A snapshot for `/metrics` and the stats line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClusterStatus {
@@ -109,18 +99,11 @@ pub struct ClusterStatus {
     pub members: Vec<MemberStatus>,
     /// The cluster's counters (rejections by reason).
     pub counters: ClusterCounters,
-    /// The sealers' forwards and replies made.
-    pub forwarded_out: u64,
-    /// Replies sent back to forwarders.
-    pub replies_out: u64,
-    /// The port's socket counters.
-    pub port: PortCounters,
 }
 
 /// The cluster socket and its state machine, driven by a server loop.
 pub struct ClusterPort {
-    /// The socket, with this worker's sealer, queue and routes.
-    lane: ClusterLane,
+    socket: mio::net::UdpSocket,
     recv: RecvBatch,
     /// Datagrams of the batch in hand: (next to look at, received).
     at: (usize, usize),
@@ -132,7 +115,8 @@ pub struct ClusterPort {
     /// The last DNS error logged, so a lasting outage logs once.
     dns_error: Option<String>,
     drain: Duration,
-    counters: PortCounters,
+    /// Receive calls that failed unexpectedly.
+    recv_errors: u64,
     /// Liveness as last logged, by relay index.
     logged_live: Vec<bool>,
 }
@@ -208,18 +192,8 @@ impl ClusterPort {
             }
         }
         let shared = Arc::new(SharedRoutes::new(cluster.routes()));
-        let lane = ClusterLane {
-            socket,
-            queue: SendQueue::new(batch * QUEUE_BATCHES, batch),
-            sealer: cluster.sealer(1),
-            routes: shared
-                .latest(0)
-                .unwrap_or_else(|| Arc::new(cluster.routes().clone())),
-            shared: shared.clone(),
-            send_failed: 0,
-        };
         Ok(ClusterPort {
-            lane,
+            socket,
             recv: RecvBatch::new(batch),
             at: (0, 0),
             // Data may have arrived between bind and register.
@@ -229,29 +203,28 @@ impl ClusterPort {
             resolver,
             dns_error: None,
             drain: settings.drain,
-            counters: PortCounters::default(),
+            recv_errors: 0,
             logged_live: vec![false; super::MAX_PEERS + 1],
         })
     }
 
     /// The cluster socket's address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.lane.socket.local_addr()
+        self.socket.local_addr()
     }
 
-    /// What another worker of this process needs to forward and relay:
-    /// sending thread `lane` (2 and up; 0 and 1 are this worker's), a
-    /// duplicate of the cluster socket, and the shared routes. `batch` sizes
-    /// its send queue.
+    /// What a worker of this process needs to forward and relay: sending
+    /// thread `lane` (1 and up, one per worker; 0 is the port's
+    /// heartbeats), a duplicate of the cluster socket, and the shared
+    /// routes. `batch` sizes its send queue.
     pub fn lane(&self, lane: u8, batch: usize) -> io::Result<ClusterLane> {
-        let dup = self.lane.socket_dup()?;
+        let dup = mio::net::UdpSocket::from_std(std_socket(&self.socket)?);
         Ok(ClusterLane {
             socket: dup,
             queue: SendQueue::new(batch * QUEUE_BATCHES, batch),
             sealer: self.cluster.sealer(lane),
             routes: Arc::new(self.cluster.routes().clone()),
             shared: self.shared.clone(),
-            send_failed: 0,
         })
     }
 
@@ -265,27 +238,6 @@ impl ClusterPort {
         self.readable || self.at.0 < self.at.1
     }
 
-    /// See [`ClusterLane::owner`].
-    #[inline]
-    pub fn owner(&self, datagram: &[u8]) -> Option<u8> {
-        self.lane.owner(datagram)
-    }
-
-    /// See [`ClusterLane::forward`].
-    pub fn forward(&mut self, via: u8, client: SocketAddr, request: &[u8], unix_ms: u64) -> bool {
-        self.lane.forward(via, client, request, unix_ms)
-    }
-
-    /// See [`ClusterLane::relay`].
-    pub fn relay(&mut self, via: u8, client: SocketAddr, reply: &[u8], unix_ms: u64) -> bool {
-        self.lane.relay(via, client, reply, unix_ms)
-    }
-
-    /// See [`ClusterLane::flush`].
-    pub fn flush(&mut self) {
-        self.lane.flush();
-    }
-
     /// The next forwarded request or relayed reply from the cluster socket,
     /// copied into `buf`; heartbeats and refused datagrams are taken care
     /// of on the way. `None` when the socket is drained (or the budget for
@@ -297,7 +249,7 @@ impl ClusterPort {
                 let k = self.at.0;
                 self.at.0 += 1;
                 let Some(d) = self.recv.get(k) else {
-                    self.counters.recv_errors += 1;
+                    self.recv_errors += 1;
                     continue;
                 };
                 // A datagram longer than the buffer was cut short: not whole,
@@ -336,7 +288,7 @@ impl ClusterPort {
             if !self.readable || budget == 0 {
                 return None;
             }
-            match self.recv.recv(&self.lane.socket) {
+            match self.recv.recv(&self.socket) {
                 Ok(n) => {
                     self.at = (0, n);
                     budget = budget.saturating_sub(n.max(1));
@@ -346,7 +298,7 @@ impl ClusterPort {
                     return None;
                 }
                 Err(e) => {
-                    self.counters.recv_errors += 1;
+                    self.recv_errors += 1;
                     debug!("cluster: receive failed: {e}");
                     self.readable = false;
                     return None;
@@ -392,13 +344,15 @@ impl ClusterPort {
         let mut buf = [0u8; MAX_LEN];
         while let Some((to, n)) = self.cluster.poll_transmit(now, &mut buf) {
             // Heartbeats share the socket; one that cannot go is counted.
-            let _ = self.lane.send(to, &buf[..n]);
+            // A heartbeat the socket cannot take now is simply one fewer:
+            // the next goes out a quarter timeout later.
+            if let Err(e) = self.socket.send_to(&buf[..n], to) {
+                debug!("cluster: heartbeat to {to} failed: {e}");
+            }
         }
-        self.lane.flush();
         if self.shared.generation() != self.cluster.routes().generation() {
             self.shared.publish(self.cluster.routes());
         }
-        self.lane.refresh();
         self.cluster.poll_timeout(now)
     }
 
@@ -434,10 +388,16 @@ impl ClusterPort {
     }
 
     /// The counters that belong in the server's counters: (forwarded in,
-    /// refused). The loop counts what it forwards out itself.
-    pub fn totals(&self) -> (u64, u64) {
+    /// refused, failed receive calls). The loops count what they forward
+    /// out themselves.
+    pub fn totals(&self) -> (u64, u64, u64) {
         let c = self.cluster.counters();
-        (c.forwarded_in, c.rejected())
+        (c.forwarded_in, c.rejected(), self.recv_errors)
+    }
+
+    /// `--cluster-drain`.
+    pub fn drain(&self) -> Duration {
+        self.drain
     }
 
     /// What `/metrics` and the stats line show.
@@ -447,12 +407,6 @@ impl ClusterPort {
             live: self.cluster.routes().live_len(),
             members: self.cluster.members(now),
             counters: self.cluster.counters(),
-            forwarded_out: self.lane.sealer.forwarded,
-            replies_out: self.lane.sealer.replies,
-            port: PortCounters {
-                send_failed: self.lane.send_failed + self.counters.send_failed,
-                ..self.counters
-            },
         }
     }
 }
@@ -507,16 +461,9 @@ pub struct ClusterLane {
     sealer: Sealer,
     routes: Arc<Routes>,
     shared: Arc<SharedRoutes>,
-    send_failed: u64,
 }
 
 impl ClusterLane {
-    fn socket_dup(&self) -> io::Result<mio::net::UdpSocket> {
-        // dup(2) of the descriptor: the same socket, nonblocking like it.
-        let std = std_socket(&self.socket)?;
-        Ok(mio::net::UdpSocket::from_std(std))
-    }
-
     /// Takes the newest routes if membership changed (one atomic load when
     /// it did not). Call between batches.
     #[inline]
@@ -526,9 +473,9 @@ impl ClusterLane {
         }
     }
 
-    /// Forwards made, replies relayed, datagrams the socket did not take.
-    pub fn totals(&self) -> (u64, u64, u64) {
-        (self.sealer.forwarded, self.sealer.replies, self.send_failed)
+    /// Forwards made, and replies relayed.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.sealer.forwarded, self.sealer.replies)
     }
 
     /// The relay index of the member that owns the pair of this client
@@ -576,16 +523,11 @@ impl ClusterLane {
             }
             // Full: make room, then try once more.
             self.flush();
-            if self.queue.push(to, datagram) {
-                return true;
-            }
-            self.send_failed += 1;
-            return false;
+            return self.queue.push(to, datagram);
         }
         match self.socket.send_to(datagram, to) {
             Ok(_) => true,
             Err(e) => {
-                self.send_failed += 1;
                 debug!("cluster: send to {to} failed: {e}");
                 false
             }
@@ -593,17 +535,18 @@ impl ClusterLane {
     }
 
     /// Sends what is queued for other members (one `sendmmsg` per batch).
-    /// What the socket does not take now stays queued for the next flush.
-    pub fn flush(&mut self) {
+    /// What the socket does not take now stays queued for the next flush;
+    /// returns how many it refused with an error (and dropped).
+    pub fn flush(&mut self) -> u64 {
         if self.queue.is_empty() {
-            return;
+            return 0;
         }
-        let done = self.queue.flush(&self.socket);
-        self.send_failed += done.errors;
+        self.queue.flush(&self.socket).errors
     }
 }
 
-/// A `std` duplicate of a mio UDP socket (the same file description).
+/// A `std` duplicate of a mio UDP socket (the same file description, so
+/// nonblocking like it): `dup(2)`.
 fn std_socket(socket: &mio::net::UdpSocket) -> io::Result<std::net::UdpSocket> {
     use std::os::fd::{AsFd, OwnedFd};
     let fd: OwnedFd = socket.as_fd().try_clone_to_owned()?;

@@ -691,23 +691,6 @@ impl Engine {
         }
     }
 
-    /// Pass 2 of a batch: for each classified request of `scratch[..m]` whose
-    /// slot holds a waiting partner, fetches that partner's source counts.
-    fn prefetch_partners(&self, m: usize) {
-        if let Some(s) = self.books.sources.as_ref() {
-            for (key, _) in self.scratch[..m].iter().flatten() {
-                let Ok(key) = key else { continue };
-                let h = self.pairs.hash(key.hash_input());
-                if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
-                    let e = self.pairs.get(i);
-                    if let Some(addr) = e.waiter_other_than(key.side) {
-                        s.prefetch(addr.ip());
-                    }
-                }
-            }
-        }
-    }
-
     /// The pair key of an admitted v2 request from `src`, or why it is dropped.
     #[inline]
     fn classify_v2(&self, req: &v2::Request, src: SocketAddr) -> Result<PairKey, DropReason> {
@@ -798,25 +781,30 @@ impl Engine {
         let mut base = 0;
         while base < n {
             let m = (n - base).min(SCRATCH);
-            for k in 0..m {
-                self.scratch[k] = get(base + k).map(|(req, src)| {
-                    let key = self.classify_v2(req, src);
-                    if let Ok(key) = &key {
-                        self.pairs.prefetch(self.pairs.hash(key.hash_input()));
-                        if let Some(s) = self.books.sources.as_ref() {
-                            s.prefetch(src.ip());
+            // The pipeline of [`Engine::handle_batch`]: classify and fetch
+            // request i, look at request i - (AHEAD - PEEK), handle i - AHEAD.
+            for i in 0..m + AHEAD {
+                if i < m {
+                    self.scratch[i] = get(base + i).map(|(req, src)| {
+                        let key = self.classify_v2(req, src);
+                        if let Ok(key) = &key {
+                            self.pairs.prefetch(self.pairs.hash(key.hash_input()));
+                            if let Some(s) = self.books.sources.as_ref() {
+                                s.prefetch(src.ip());
+                            }
                         }
+                        (key, src)
+                    });
+                }
+                if let Some(j) = (i + PEEK).checked_sub(AHEAD).filter(|&j| j < m) {
+                    self.prefetch_partner(j);
+                }
+                if let Some(j) = i.checked_sub(AHEAD).filter(|&j| j < m) {
+                    if let (Some((key, src)), Some((req, _))) = (self.scratch[j], get(base + j)) {
+                        let outcome = self.handle_classified_v2(key, req, src, 0, now);
+                        done(base + j, &outcome);
                     }
-                    (key, src)
-                });
-            }
-            self.prefetch_partners(m);
-            for k in 0..m {
-                let (Some((key, src)), Some((req, _))) = (self.scratch[k], get(base + k)) else {
-                    continue;
-                };
-                let outcome = self.handle_classified_v2(key, req, src, 0, now);
-                done(base + k, &outcome);
+                }
             }
             base += m;
         }

@@ -34,10 +34,12 @@
 //! endpoint runs on a thread of its own, from the counters each worker
 //! publishes between batches.
 //!
-//! **Cluster mode** (`--cluster-*`) runs one worker for now: the cluster
-//! socket's hand-over of forwarded requests to the worker that owns their
-//! pair (docs/cluster.md, "Decisions") is still to come, so `--workers`
-//! above 1 with a cluster is refused.
+//! **Cluster mode** (`--cluster-*`): worker 0 owns the cluster socket
+//! (membership, heartbeats, DNS) and hands each forwarded request to the
+//! worker that owns its pair, found with the steering program's twin,
+//! through a bounded queue per worker (docs/cluster.md, "Decisions"); every
+//! worker forwards and relays with a lane of its own (its own sequence
+//! numbers and a duplicate of the cluster socket).
 
 use std::io;
 use std::net::SocketAddr;
@@ -61,7 +63,10 @@ use gate::{AuthConfig, Gate};
 use ratelimit::{Rate, RateLimit, RateLimiter};
 use shares::{Coordinator, Limited, Measure, NoteFilter, Order};
 use steering::{Keys, Steering};
-use worker::{Endpoint, Kind, Link, Worker, CLUSTER, NOTES_PER_BATCH, QUEUE_BATCHES, WAKER};
+use worker::{
+    ClusterParts, Endpoint, Kind, Link, Worker, CLUSTER, HANDOFF_QUEUE, NOTES_PER_BATCH,
+    QUEUE_BATCHES, WAKER,
+};
 
 pub mod gate;
 pub mod ratelimit;
@@ -203,10 +208,8 @@ pub enum ServerError {
         /// What the OS said.
         source: io::Error,
     },
-    /// Cluster mode with more than one worker.
-    #[error(
-        "--workers {0}: cluster mode serves one worker for now (docs/cluster.md); use --workers 1"
-    )]
+    /// Cluster mode with more workers than lanes.
+    #[error("--workers {0}: cluster mode serves at most 255 workers")]
     ClusterWorkers(usize),
     /// The auth settings cannot be used.
     #[error("{0}")]
@@ -440,11 +443,12 @@ impl Server {
         if n > 1 && !STEERING {
             return Err(ServerError::WorkersUnsupported(n));
         }
-        if n > 1 && cfg.cluster.is_some() {
-            return Err(ServerError::ClusterWorkers(n));
-        }
         if let Some(settings) = &cfg.cluster {
             settings.config.validate()?;
+            // Each worker sends on a lane of its own; lane 0 is the heartbeats'.
+            if n > usize::from(u8::MAX) {
+                return Err(ServerError::ClusterWorkers(n));
+            }
         }
         let v4 = cfg.bind.iter().filter(|a| a.is_ipv4()).count();
         let v6 = cfg.bind.iter().filter(|a| a.is_ipv6()).count();
@@ -591,7 +595,9 @@ impl Server {
             start: Instant::now(),
             states: (0..n).map(|_| Mutex::new(WorkerState::default())).collect(),
         });
-        // Cluster mode (one worker): worker 0 owns the cluster socket.
+        // Cluster mode: worker 0 owns the cluster socket; every worker
+        // sends with a lane of its own (lane k + 1), and worker 0 hands each
+        // forwarded request to the worker that owns its pair.
         let mut cluster = match &cfg.cluster {
             Some(settings) => {
                 let addr = settings.config.bind;
@@ -616,6 +622,35 @@ impl Server {
         let mut cookie_secret = [0u8; 32];
         getrandom::fill(&mut cookie_secret)
             .map_err(|e| ServerError::Poll(io::Error::other(e.to_string())))?;
+        let mut cparts: Vec<Option<ClusterParts>> = Vec::with_capacity(n);
+        if let (Some(port), Some(settings)) = (cluster.as_ref(), cfg.cluster.as_ref()) {
+            let addr = settings.config.bind;
+            let mut handoff = vec![None];
+            let mut inboxes = vec![None];
+            for waker in wakers.iter().skip(1) {
+                let (tx, rx) = mpsc::sync_channel(HANDOFF_QUEUE);
+                handoff.push(Some((tx, waker.clone())));
+                inboxes.push(Some(rx));
+            }
+            for (k, inbox) in inboxes.into_iter().enumerate() {
+                let lane = port
+                    .lane(u8::try_from(k + 1).unwrap_or(u8::MAX), cfg.batch)
+                    .map_err(|source| ServerError::ClusterBind { addr, source })?;
+                cparts.push(Some(ClusterParts {
+                    lane,
+                    steering: if k == 0 { steering } else { None },
+                    handoff: if k == 0 {
+                        std::mem::take(&mut handoff)
+                    } else {
+                        Vec::new()
+                    },
+                    inbox,
+                    drain: settings.drain,
+                }));
+            }
+        } else {
+            cparts.resize_with(n, || None);
+        }
         let (events_tx, events) = mpsc::sync_channel(EVENTS);
         let mut controls = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
@@ -650,6 +685,7 @@ impl Server {
                 gate,
                 v2_in: Vec::with_capacity(cfg.batch),
                 cluster: if k == 0 { cluster.take() } else { None },
+                cparts: cparts[k].take(),
                 notes: Vec::with_capacity(NOTES_PER_BATCH),
                 refused: Vec::with_capacity(NOTES_PER_BATCH),
                 note_filter: NoteFilter::default(),

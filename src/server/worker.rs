@@ -33,14 +33,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, trace};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::gate::{Clock, Gate, Verdict};
 use super::ratelimit::{self, RateLimiter};
 use super::shares::{Limited, Measure, NoteFilter, Order, Share};
+use super::steering::Steering;
 use super::{Control, Event, ReloadTarget, Shared, WorkerState};
 use crate::cluster::port::{unix_ms, Incoming};
-use crate::cluster::{ClusterPort, Now};
+use crate::cluster::{ClusterLane, ClusterPort, Now};
 use crate::engine::source::{prefixes, Level, SourceLimits};
 use crate::engine::{DropReason, Engine, Outcome, Transmit};
 use crate::stats::{Counters, IoCounters};
@@ -69,6 +70,34 @@ pub(super) const NOTES_PER_BATCH: usize = 16;
 pub(super) const WAKER: Token = Token(usize::MAX);
 /// The cluster socket's token, above any endpoint's.
 pub(super) const CLUSTER: Token = Token(usize::MAX - 1);
+
+/// A forwarded request the worker that owns the cluster socket hands to the
+/// worker that owns its pair (cluster mode with several workers).
+pub(super) struct Relayed {
+    via: u8,
+    client: SocketAddr,
+    len: usize,
+    bytes: [u8; MAX_PAYLOAD],
+}
+
+/// Room in each worker's queue of handed-over requests: a few batches;
+/// a request that finds it full is dropped and counted (`send_dropped`), and
+/// its client retransmits.
+pub(super) const HANDOFF_QUEUE: usize = 1024;
+
+/// Cluster mode: what a worker uses besides its engine and sockets.
+pub(super) struct ClusterParts {
+    /// Every worker: its lane to send forwards and relayed replies.
+    pub(super) lane: ClusterLane,
+    /// Worker 0 with several workers: where to hand each forwarded request
+    /// (by the steering program's twin), and the queues to the others.
+    pub(super) steering: Option<Steering>,
+    pub(super) handoff: Vec<Option<(SyncSender<Relayed>, Arc<Waker>)>>,
+    /// The other workers: the requests worker 0 hands over.
+    pub(super) inbox: Option<Receiver<Relayed>>,
+    /// `--cluster-drain`.
+    pub(super) drain: Duration,
+}
 
 /// What a socket is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,8 +154,10 @@ pub(super) struct Worker {
     /// The v2 requests of the batch in hand the gate admitted (capacity:
     /// one batch, so pushing never allocates).
     pub(super) v2_in: Vec<(v2::Request, SocketAddr)>,
-    /// Cluster mode (one worker): the cluster socket and membership.
+    /// Cluster mode: worker 0's cluster socket and membership.
     pub(super) cluster: Option<ClusterPort>,
+    /// Cluster mode: this worker's lane, hand-over queues and drain.
+    pub(super) cparts: Option<ClusterParts>,
     /// Share refusals of the batch in hand, and the notes they may become.
     pub(super) notes: Vec<Limited>,
     pub(super) refused: Vec<(Option<SocketAddr>, Level)>,
@@ -159,7 +190,10 @@ impl Worker {
             .map(|e| sys::socket_drops(&e.socket).unwrap_or(0))
             .sum();
         if let Some(c) = self.cluster.as_ref() {
-            (io.forwarded_in, io.forward_rejected) = c.totals();
+            let (forwarded_in, rejected, recv_errors) = c.totals();
+            io.forwarded_in = forwarded_in;
+            io.forward_rejected = rejected;
+            io.recv_errors += recv_errors;
         }
         Counters::new(self.engine.counters(), io)
     }
@@ -350,27 +384,37 @@ impl Worker {
                 }
             }
             let now_ms = self.now_ms();
+            if let Some(c) = self.cparts.as_mut() {
+                // Membership changed? One atomic load when it did not.
+                c.lane.refresh();
+            }
             for i in 0..self.endpoints.len() {
                 dirty |= self.service(i, now_ms);
             }
             self.watch_writable()?;
             if self.cluster.is_some() {
-                self.service_cluster(now_ms);
+                self.service_cluster();
                 let now = self.cluster_now();
                 if let Some(c) = self.cluster.as_mut() {
                     cluster_due = Some(c.timers(now));
                 }
                 dirty = true;
             }
+            dirty |= self.service_inbox(now_ms);
             if self.link.shared.stop.load(Ordering::Acquire) {
-                // A member first tells the others it leaves, and keeps
-                // relaying for --cluster-drain; a single server stops now.
+                // A member first tells the others it leaves (worker 0), and
+                // every worker keeps serving, now forwarding everything, for
+                // --cluster-drain; a single server stops now.
                 let now = self.cluster_now();
-                match (self.cluster.as_mut(), drain_until) {
-                    (Some(c), None) => {
-                        let drain = c.leave(now);
-                        drain_until = Some(now.mono_ms + drain.as_millis() as u64);
-                        cluster_due = Some(now.mono_ms);
+                let drain = self.cparts.as_ref().map(|c| c.drain);
+                match (drain, drain_until) {
+                    (Some(drain), None) => {
+                        if let Some(c) = self.cluster.as_mut() {
+                            c.leave(now);
+                        }
+                        let end = now.mono_ms + drain.as_millis() as u64;
+                        drain_until = Some(end);
+                        cluster_due = Some(cluster_due.map_or(end, |d| d.min(end)));
                     }
                     (Some(_), Some(end)) if now.mono_ms < end => {
                         cluster_due = Some(cluster_due.map_or(end, |d| d.min(end)));
@@ -420,10 +464,10 @@ impl Worker {
             whole_pending,
             gate,
             v2_in,
-            cluster,
+            cparts,
             ..
         } = self;
-        let unix = if cluster.is_some() { unix_ms() } else { 0 };
+        let unix = if cparts.is_some() { unix_ms() } else { 0 };
         let (shared_limits, whole) = (*shared_limits, *whole_pending);
         let ep = &mut endpoints[i];
         flush(ep, io);
@@ -507,13 +551,18 @@ impl Worker {
                 match gate.admit(d.data, d.from, within_rate, clock, io) {
                     // Cluster: an admitted request whose pair another member
                     // owns goes there.
-                    Verdict::Engine | Verdict::V2(_)
-                        if forward(cluster, io, d.data, d.from, unix) => {}
+                    Verdict::Engine if forward(cparts, io, d.data, d.from, unix) => {}
                     Verdict::Engine => *ok = true,
-                    Verdict::V2(req) => v2_in.push((req, d.from)),
+                    Verdict::CheckToken(req) => v2_in.push((req, d.from)),
                     Verdict::Cookie(c) => queue_bytes(queue, io, d.from, &c.to_bytes()),
                     Verdict::Drop => {}
                 }
+            }
+            // v2: the batch's tokens, checked together; then, in a cluster,
+            // what another member owns goes there.
+            gate.check_tokens(v2_in, clock.unix_secs, io);
+            if cparts.is_some() {
+                v2_in.retain(|(req, from)| !forward(cparts, io, &req.to_bytes(), *from, unix));
             }
             let for_engine = &*for_engine;
             engine.handle_batch(
@@ -540,10 +589,10 @@ impl Worker {
                                 waiting.reply.src_port,
                                 waiting.reply.dst_port
                             );
-                            send_reply(queue, io, cluster, waiting, unix);
-                            send_reply(queue, io, cluster, completing, unix);
+                            send_reply(queue, io, cparts, waiting, unix);
+                            send_reply(queue, io, cparts, completing, unix);
                         }
-                        Outcome::Replayed(t) => send_reply(queue, io, cluster, t, unix),
+                        Outcome::Replayed(t) => send_reply(queue, io, cparts, t, unix),
                         Outcome::Dropped(DropReason::SourceLimit(level))
                             if shared_limits && refused.len() < NOTES_PER_BATCH =>
                         {
@@ -566,10 +615,10 @@ impl Worker {
                             completing,
                         } => {
                             debug!("matched v2 {} <-> {}", waiting.to, completing.to);
-                            send_v2(queue, io, cluster, waiting, unix);
-                            send_v2(queue, io, cluster, completing, unix);
+                            send_v2(queue, io, cparts, waiting, unix);
+                            send_v2(queue, io, cparts, completing, unix);
                         }
-                        Outcome::Replayed(t) => send_v2(queue, io, cluster, t, unix),
+                        Outcome::Replayed(t) => send_v2(queue, io, cparts, t, unix),
                         Outcome::Dropped(DropReason::SourceLimit(level))
                             if shared_limits && refused.len() < NOTES_PER_BATCH =>
                         {
@@ -598,8 +647,8 @@ impl Worker {
             if ep.queue.len() >= batch {
                 flush(ep, io);
             }
-            if let Some(port) = cluster.as_mut() {
-                port.flush();
+            if let Some(c) = cparts.as_mut() {
+                io.send_errors += c.lane.flush();
             }
         }
         flush(ep, io);
@@ -611,63 +660,64 @@ impl Worker {
 }
 
 impl Worker {
-    /// Cluster mode: hands forwarded requests to the engine and relayed
-    /// replies to their clients, until the cluster socket is drained.
-    fn service_cluster(&mut self, now_ms: u64) {
+    /// Cluster mode, worker 0: takes what arrives on the cluster socket
+    /// until it is drained: forwarded requests for this worker's engine, or
+    /// handed to the worker that owns their pair; replies for clients.
+    fn service_cluster(&mut self) {
         let now = self.cluster_now();
-        let self_batch = self.batch;
+        let index = self.index;
         let Worker {
             endpoints,
             engine,
             io,
             cluster,
+            cparts,
+            batch,
             ..
         } = self;
+        let Some(port) = cluster.as_mut() else {
+            return;
+        };
         let mut buf = [0u8; MAX_PAYLOAD];
-        while let Some(incoming) = cluster.as_mut().and_then(|c| c.next(now, &mut buf)) {
+        let mut wake = [false; super::MAX_WORKERS];
+        while let Some(incoming) = port.next(now, &mut buf) {
             match incoming {
-                Incoming::Request { via, client, len } if len == v2::REQUEST_LEN => {
-                    // The member the client reached admitted it (token,
-                    // cookie, --require-auth); the cluster MAC vouches for that.
-                    let Ok(req) = v2::Request::parse(&buf[..len]) else {
-                        io.v2_malformed += 1;
-                        continue;
-                    };
-                    let outcome = engine.handle_relayed_v2(&req, client, via, now_ms);
-                    trace!("cluster: v2 forwarded from member {via}: {outcome:?}");
-                    let Some(ep) = client_endpoint(endpoints, client) else {
-                        continue;
-                    };
-                    match &outcome {
-                        Outcome::Matched {
-                            waiting,
-                            completing,
-                        } => {
-                            send_v2(&mut ep.queue, io, cluster, waiting, now.unix_ms);
-                            send_v2(&mut ep.queue, io, cluster, completing, now.unix_ms);
-                        }
-                        Outcome::Replayed(t) => send_v2(&mut ep.queue, io, cluster, t, now.unix_ms),
-                        _ => {}
-                    }
-                }
                 Incoming::Request { via, client, len } => {
-                    let outcome = engine.handle_relayed(&buf[..len], client, via, now_ms);
-                    trace!("cluster: forwarded from member {via}: {outcome:?}");
-                    let Some(ep) = client_endpoint(endpoints, client) else {
-                        continue;
-                    };
-                    match &outcome {
-                        Outcome::Matched {
-                            waiting,
-                            completing,
-                        } => {
-                            send_reply(&mut ep.queue, io, cluster, waiting, now.unix_ms);
-                            send_reply(&mut ep.queue, io, cluster, completing, now.unix_ms);
+                    let owner = cparts
+                        .as_ref()
+                        .and_then(|c| c.steering)
+                        .and_then(|s| s.worker(&buf[..len]))
+                        .map_or(index, |w| w as usize);
+                    if owner == index {
+                        handle_relayed(
+                            engine,
+                            endpoints,
+                            io,
+                            cparts,
+                            via,
+                            client,
+                            &buf[..len],
+                            now,
+                        );
+                    } else {
+                        let peer = cparts
+                            .as_ref()
+                            .and_then(|c| c.handoff.get(owner))
+                            .and_then(Option::as_ref);
+                        let handed = peer.is_some_and(|(tx, _)| {
+                            tx.try_send(Relayed {
+                                via,
+                                client,
+                                len,
+                                bytes: buf,
+                            })
+                            .is_ok()
+                        });
+                        if handed {
+                            wake[owner] = true;
+                        } else {
+                            io.send_dropped += 1;
                         }
-                        Outcome::Replayed(t) => {
-                            send_reply(&mut ep.queue, io, cluster, t, now.unix_ms)
-                        }
-                        _ => {}
                     }
                 }
                 Incoming::Reply { client, len } => {
@@ -680,17 +730,135 @@ impl Worker {
             }
             // Send in batches, before a queue can fill up.
             for ep in endpoints.iter_mut() {
-                if ep.queue.len() >= self_batch {
+                if ep.queue.len() >= *batch {
                     flush(ep, io);
+                }
+            }
+        }
+        if let Some(c) = cparts.as_ref() {
+            for (k, _) in wake.iter().enumerate().filter(|(_, w)| **w) {
+                if let Some(Some((_, waker))) = c.handoff.get(k) {
+                    let _ = waker.wake();
                 }
             }
         }
         for ep in endpoints.iter_mut() {
             flush(ep, io);
         }
-        if let Some(port) = cluster.as_mut() {
-            port.flush();
+        if let Some(c) = cparts.as_mut() {
+            io.send_errors += c.lane.flush();
         }
+    }
+
+    /// Cluster mode, the other workers: the forwarded requests worker 0
+    /// handed over.
+    fn service_inbox(&mut self, now_ms: u64) -> bool {
+        let now = Now {
+            mono_ms: now_ms,
+            unix_ms: unix_ms(),
+        };
+        let mut got = 0;
+        // At most one queue's worth per turn, so the sockets get theirs.
+        while got < HANDOFF_QUEUE {
+            let Some(r) = self
+                .cparts
+                .as_ref()
+                .and_then(|c| c.inbox.as_ref())
+                .and_then(|inbox| inbox.try_recv().ok())
+            else {
+                break;
+            };
+            got += 1;
+            let Worker {
+                endpoints,
+                engine,
+                io,
+                cparts,
+                ..
+            } = self;
+            handle_relayed(
+                engine,
+                endpoints,
+                io,
+                cparts,
+                r.via,
+                r.client,
+                &r.bytes[..r.len],
+                now,
+            );
+        }
+        if got == 0 {
+            return false;
+        }
+        let Worker {
+            endpoints,
+            io,
+            cparts,
+            ..
+        } = self;
+        for ep in endpoints.iter_mut() {
+            flush(ep, io);
+        }
+        if let Some(c) = cparts.as_mut() {
+            io.send_errors += c.lane.flush();
+        }
+        true
+    }
+}
+
+/// A forwarded request for this worker's engine: matched, and its replies
+/// sent to the client from here or back through the member that forwarded.
+#[allow(clippy::too_many_arguments)]
+fn handle_relayed(
+    engine: &mut Engine,
+    endpoints: &mut [Endpoint],
+    io: &mut IoCounters,
+    cparts: &mut Option<ClusterParts>,
+    via: u8,
+    client: SocketAddr,
+    request: &[u8],
+    now: Now,
+) {
+    if request.len() == v2::REQUEST_LEN {
+        // The member the client reached admitted it (token, cookie,
+        // --require-auth); the cluster MAC vouches for that.
+        let Ok(req) = v2::Request::parse(request) else {
+            io.v2_malformed += 1;
+            return;
+        };
+        let outcome = engine.handle_relayed_v2(&req, client, via, now.mono_ms);
+        trace!("cluster: v2 forwarded from member {via}: {outcome:?}");
+        let Some(ep) = client_endpoint(endpoints, client) else {
+            return;
+        };
+        match &outcome {
+            Outcome::Matched {
+                waiting,
+                completing,
+            } => {
+                send_v2(&mut ep.queue, io, cparts, waiting, now.unix_ms);
+                send_v2(&mut ep.queue, io, cparts, completing, now.unix_ms);
+            }
+            Outcome::Replayed(t) => send_v2(&mut ep.queue, io, cparts, t, now.unix_ms),
+            _ => {}
+        }
+        return;
+    }
+    let outcome = engine.handle_relayed(request, client, via, now.mono_ms);
+    trace!("cluster: forwarded from member {via}: {outcome:?}");
+    let Some(ep) = client_endpoint(endpoints, client) else {
+        return;
+    };
+    match &outcome {
+        Outcome::Matched {
+            waiting,
+            completing,
+        } => {
+            send_reply(&mut ep.queue, io, cparts, waiting, now.unix_ms);
+            send_reply(&mut ep.queue, io, cparts, completing, now.unix_ms);
+        }
+        Outcome::Replayed(t) => send_reply(&mut ep.queue, io, cparts, t, now.unix_ms),
+        _ => {}
     }
 }
 
@@ -704,20 +872,22 @@ fn client_endpoint(endpoints: &mut [Endpoint], client: SocketAddr) -> Option<&mu
 /// Cluster mode: forwards an admitted request whose pair another member
 /// owns, and says whether it did (the request is then done here).
 fn forward(
-    cluster: &mut Option<ClusterPort>,
+    cparts: &mut Option<ClusterParts>,
     io: &mut IoCounters,
     request: &[u8],
     from: SocketAddr,
     unix_ms: u64,
 ) -> bool {
-    let Some(port) = cluster.as_mut() else {
+    let Some(c) = cparts.as_mut() else {
         return false;
     };
-    let Some(via) = port.owner(request) else {
+    let Some(via) = c.lane.owner(request) else {
         return false;
     };
     io.forwarded_out += 1;
-    port.forward(via, from, request, unix_ms);
+    if !c.lane.forward(via, from, request, unix_ms) {
+        io.send_dropped += 1;
+    }
     true
 }
 
@@ -725,13 +895,13 @@ fn forward(
 fn send_v2(
     queue: &mut SendQueue,
     io: &mut IoCounters,
-    cluster: &mut Option<ClusterPort>,
+    cparts: &mut Option<ClusterParts>,
     t: &Transmit<v2::Reply>,
     unix_ms: u64,
 ) {
     let bytes = t.reply.to_bytes();
-    if let (true, Some(port)) = (t.via != 0, cluster.as_mut()) {
-        if port.relay(t.via, t.to, &bytes, unix_ms) {
+    if let (true, Some(c)) = (t.via != 0, cparts.as_mut()) {
+        if c.lane.relay(t.via, t.to, &bytes, unix_ms) {
             io.sent += 1;
         } else {
             io.send_dropped += 1;
@@ -746,14 +916,14 @@ fn send_v2(
 fn send_reply(
     queue: &mut SendQueue,
     io: &mut IoCounters,
-    cluster: &mut Option<ClusterPort>,
+    cparts: &mut Option<ClusterParts>,
     t: &Transmit,
     unix_ms: u64,
 ) {
-    if let (true, Some(port)) = (t.via != 0, cluster.as_mut()) {
+    if let (true, Some(c)) = (t.via != 0, cparts.as_mut()) {
         let mut buf = [0u8; MAX_REPLY_LEN];
         let len = t.reply.emit(&mut buf);
-        if port.relay(t.via, t.to, &buf[..len], unix_ms) {
+        if c.lane.relay(t.via, t.to, &buf[..len], unix_ms) {
             io.sent += 1;
         } else {
             io.send_dropped += 1;
