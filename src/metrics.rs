@@ -1,15 +1,21 @@
-//! Prometheus metrics and health checks over HTTP, served from the server's
-//! own `mio` loop.
+//! Prometheus metrics and health checks over HTTP, served by a thread of its
+//! own ([`MetricsServer`]) from copies of the counters that each worker
+//! publishes between its batches, so that no scrape ever waits on a worker
+//! and no worker ever waits on a scrape.
 //!
-//! Paths: `GET /metrics` (the text exposition format: the counters, build
-//! information and process metrics), `GET /healthz` (200 while the loop
-//! answers: liveness) and `GET /readyz` (200 once the UDP sockets are bound
-//! and the loop is turning, 503 once it is shutting down: readiness). `HEAD`
-//! works on each. Anything else gets 404 or 400.
+//! Paths: `GET /metrics` (the text exposition format: the counters summed
+//! over the workers, each worker's `received` and `matched` with a `worker`
+//! label, build information and process metrics), `GET /healthz` (200 while
+//! every worker's loop turns, 503 when one has not for [`STALLED`]:
+//! liveness) and `GET /readyz` (200 once the UDP sockets are bound and every
+//! worker's loop is turning, 503 once it is shutting down: readiness).
+//! `HEAD` works on each. Anything else gets 404 or 400.
 //!
 //! The endpoint is small on purpose and must never let a client starve a
 //! scrape or stall the UDP path:
-//! - every socket is nonblocking and serviced between UDP batches;
+//! - it runs on its own thread; the workers only copy their counters into a
+//!   mutex-guarded slot now and then, off the packet path;
+//! - every socket is nonblocking;
 //! - at most [`MAX_CONNS`] connections; when full, a new connection evicts
 //!   one that has not finished its request, taken from the source address
 //!   holding the most connections, oldest first (a slowloris from one
@@ -28,10 +34,12 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Registry, Token};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
 use crate::stats::{Counters, WaitHistogram};
@@ -52,9 +60,15 @@ pub const LINGER: Duration = Duration::from_secs(1);
 /// After the response, at most this many of the client's bytes are drained.
 pub const MAX_DRAIN: usize = 1 << 20;
 
+/// A worker whose loop has not turned for this long makes `/healthz` fail
+/// (an idle worker turns once a second).
+pub const STALLED: Duration = Duration::from_secs(10);
+
 /// First token of the metrics listener; connections follow it. Far above
 /// the UDP sockets' tokens.
 pub const TOKEN_BASE: usize = 1 << 30;
+/// The metrics thread's waker.
+const WAKER: Token = Token(TOKEN_BASE - 1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -79,8 +93,17 @@ struct Conn {
     deadline: Instant,
 }
 
-/// What the metrics page shows: a copy of the server's state, taken when a
-/// metrics connection is ready.
+/// One worker's share of the traffic, for the `worker` label.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerLoad {
+    /// Datagrams it received.
+    pub received: u64,
+    /// Pairs it matched.
+    pub matched: u64,
+}
+
+/// What the metrics page shows: the workers' latest published counters,
+/// summed, taken when a metrics connection is ready.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// All counters, gauges refreshed.
@@ -97,6 +120,13 @@ pub struct Snapshot {
     pub udp_sockets: usize,
     /// A shutdown was asked for; the loop is finishing.
     pub stopping: bool,
+    /// A worker has not turned its loop yet.
+    pub starting: bool,
+    /// The worker whose loop has not turned for longest, and for how many
+    /// seconds, when that is more than [`STALLED`].
+    pub stalled: Option<(usize, f64)>,
+    /// Each worker's traffic, in worker order.
+    pub workers: Vec<WorkerLoad>,
     /// Cluster mode: members, their liveness, refusals by reason.
     pub cluster: Option<crate::cluster::ClusterStatus>,
 }
@@ -110,9 +140,75 @@ impl Snapshot {
             Some("no UDP socket is bound")
         } else if self.stopping {
             Some("shutting down")
+        } else if self.starting {
+            Some("workers starting")
+        } else if self.stalled.is_some() {
+            Some("a worker is stalled")
         } else {
             None
         }
+    }
+}
+
+/// The metrics endpoint on its own thread: a `mio` loop over the listener
+/// and its connections, which renders from the snapshot its caller builds.
+pub struct MetricsServer {
+    poll: Poll,
+    metrics: Metrics,
+    waker: Arc<Waker>,
+}
+
+impl MetricsServer {
+    /// Binds `addr` (the thread starts with [`MetricsServer::run`]).
+    pub fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
+        let poll = Poll::new()?;
+        let metrics = Metrics::bind(addr, poll.registry())?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        Ok(MetricsServer {
+            poll,
+            metrics,
+            waker,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.metrics.local_addr()
+    }
+
+    /// Wakes [`MetricsServer::run`] so that it sees its `exit` flag.
+    pub fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
+    }
+
+    /// Serves until `exit` is set (and the waker woken), rendering from
+    /// `snapshot()` whenever a request is complete.
+    pub fn run(
+        mut self,
+        mut snapshot: impl FnMut() -> Snapshot,
+        exit: &AtomicBool,
+    ) -> io::Result<()> {
+        let mut events = Events::with_capacity(64);
+        let mut deadline: Option<Instant> = None;
+        while !exit.load(Ordering::Acquire) {
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for event in events.iter() {
+                let token = event.token();
+                if Metrics::owns(token) {
+                    self.metrics
+                        .ready(self.poll.registry(), token, Instant::now(), &mut snapshot);
+                }
+            }
+            // A new connection brings a deadline the poll must wake for.
+            deadline = self.metrics.expire(self.poll.registry(), Instant::now());
+        }
+        Ok(())
     }
 }
 
@@ -147,7 +243,15 @@ impl Metrics {
     }
 
     /// Handles readiness of `token`: accepts, reads, answers, drains, closes.
-    pub fn ready(&mut self, registry: &Registry, token: Token, now: Instant, snapshot: &Snapshot) {
+    /// `snapshot` is called when a request is complete and its answer needs
+    /// the server's state.
+    pub fn ready(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        now: Instant,
+        snapshot: &mut dyn FnMut() -> Snapshot,
+    ) {
         if token.0 == TOKEN_BASE {
             self.accept(registry, now);
             return;
@@ -268,7 +372,11 @@ impl Metrics {
 
 /// Moves a connection along: read the head, write the response, drain.
 /// Ok(true) when the connection is finished and can be closed.
-fn drive(conn: &mut Conn, snapshot: &Snapshot, now: Instant) -> io::Result<bool> {
+fn drive(
+    conn: &mut Conn,
+    snapshot: &mut dyn FnMut() -> Snapshot,
+    now: Instant,
+) -> io::Result<bool> {
     if conn.phase == Phase::Head {
         loop {
             if conn.read == conn.request.len() {
@@ -284,7 +392,7 @@ fn drive(conn: &mut Conn, snapshot: &Snapshot, now: Instant) -> io::Result<bool>
                 Ok(n) => {
                     conn.read += n;
                     if let Some(head) = complete_head(&conn.request[..conn.read]) {
-                        conn.response = answer(head, snapshot);
+                        conn.response = answer(head, &snapshot());
                         break;
                     }
                 }
@@ -367,7 +475,14 @@ fn answer(head: &[u8], snapshot: &Snapshot) -> Vec<u8> {
             out.extend_from_slice(body.as_bytes());
             out
         }
-        b"/healthz" => response(200, "OK", "ok\n"),
+        b"/healthz" => match snapshot.stalled {
+            None => response(200, "OK", "ok\n"),
+            Some((worker, secs)) => response(
+                503,
+                "Service Unavailable",
+                &format!("worker {worker} has not turned its loop for {secs:.0} s\n"),
+            ),
+        },
         b"/readyz" => match snapshot.not_ready() {
             None => response(200, "OK", "ready\n"),
             Some(why) => response(503, "Service Unavailable", &format!("not ready: {why}\n")),
@@ -502,9 +617,40 @@ pub fn render(s: &Snapshot) -> String {
         &mut out,
         "ready",
         "gauge",
-        "1 when /readyz answers 200: UDP sockets bound, loop turning, not shutting down.",
+        "1 when /readyz answers 200: UDP sockets bound, every worker's loop turning, not shutting down.",
         if s.not_ready().is_none() { 1.0 } else { 0.0 },
     );
+    metric(
+        &mut out,
+        "workers",
+        "gauge",
+        "Worker threads serving UDP (--workers).",
+        s.workers.len() as f64,
+    );
+    let _ = write!(
+        out,
+        "# HELP psync_worker_received_total Datagrams received, per worker (the balance of --workers).\n\
+         # TYPE psync_worker_received_total counter\n"
+    );
+    for (k, w) in s.workers.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "psync_worker_received_total{{worker=\"{k}\"}} {}",
+            w.received
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP psync_worker_matched_total Pairs matched, per worker.\n\
+         # TYPE psync_worker_matched_total counter\n"
+    );
+    for (k, w) in s.workers.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "psync_worker_matched_total{{worker=\"{k}\"}} {}",
+            w.matched
+        );
+    }
     let _ = write!(
         out,
         "# HELP psync_pair_wait_seconds How long the first peer of a pair waited for the second, \
@@ -603,20 +749,6 @@ fn render_cluster(out: &mut String, c: &crate::cluster::ClusterStatus) {
             "psync_cluster_rejected_total{{reason=\"{reason}\"}} {n}"
         );
     }
-    metric(
-        out,
-        "cluster_replies_relayed_total",
-        "counter",
-        "Replies sent back to the member that forwarded their request.",
-        c.replies_out as f64,
-    );
-    metric(
-        out,
-        "cluster_send_failed_total",
-        "counter",
-        "Datagrams to other members the cluster socket could not take.",
-        c.port.send_failed as f64,
-    );
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {

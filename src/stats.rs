@@ -240,6 +240,14 @@ impl WaitHistogram {
             .zip(self.counts.iter().copied())
     }
 
+    /// Adds another histogram's waits (another worker's) to this one.
+    pub fn add(&mut self, other: &WaitHistogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.sum_ms += other.sum_ms;
+    }
+
     /// Total of all recorded waits, in ms.
     pub fn sum_ms(&self) -> u64 {
         self.sum_ms
@@ -268,5 +276,9 @@ mod tests {
         assert_eq!(b[13], (None, 1));
         assert_eq!(h.count(), 5);
         assert_eq!(h.sum_ms(), 120_004);
+        let mut twice = h;
+        twice.add(&h);
+        assert_eq!((twice.count(), twice.sum_ms()), (10, 240_008));
+        assert_eq!(twice.buckets().nth(13), Some((None, 2)));
     }
 }

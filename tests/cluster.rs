@@ -22,6 +22,18 @@ use psync::wire::{PeerId, Reply, Request};
 const SERVER: &str = env!("CARGO_BIN_EXE_psync-server");
 const CLIENT_PORT: u16 = 7000;
 const CLUSTER_PORT: u16 = 7001;
+/// The addresses of test `n`'s members: `127.A.n.x`, where `A` comes from
+/// the process ID, so that two test runs on one machine (several agents, or
+/// a developer and CI) do not fight over the same addresses and ports.
+fn block(n: u8) -> String {
+    format!("127.{}.{n}", 20 + std::process::id() % 200)
+}
+
+/// The IPs `block(n).2`, `.3` and `.4`.
+fn three(n: u8) -> [String; 3] {
+    [2, 3, 4].map(|x| format!("{}.{x}", block(n)))
+}
+
 const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 /// A scratch directory, deleted on drop.
@@ -35,9 +47,12 @@ impl Scratch {
         Scratch(dir)
     }
 
+    /// A file only its owner may read (as key files must be).
     fn file(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
         let p = self.0.join(name);
         std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
 }
@@ -238,16 +253,16 @@ fn request(a: u32, b: u32) -> [u8; 8] {
 /// sends to.
 struct Side {
     socket: UdpSocket,
-    request: [u8; 8],
+    request: Vec<u8>,
     to: SocketAddr,
     reply: Option<(SocketAddr, Vec<u8>)>,
 }
 
 impl Side {
-    fn new(request: [u8; 8], to: SocketAddr) -> Side {
+    fn new(request: impl AsRef<[u8]>, to: SocketAddr) -> Side {
         Side {
             socket: client_socket(),
-            request,
+            request: request.as_ref().to_vec(),
             to,
             reply: None,
         }
@@ -261,7 +276,7 @@ impl Side {
         if self.reply.is_some() {
             return;
         }
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 512];
         if let Ok((n, from)) = self.socket.recv_from(&mut buf) {
             self.reply = Some((from, buf[..n].to_vec()));
         }
@@ -329,7 +344,8 @@ fn unix_ms() -> u64 {
 fn halves_on_different_members_match_and_replies_come_back_the_way_they_came() {
     let scratch = Scratch::new("spray");
     let key = key_file(&scratch);
-    let ips = ["127.0.10.2", "127.0.10.3", "127.0.10.4"];
+    let ips = three(10);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let members: Vec<Member> = ips
         .iter()
         .map(|ip| start(ip, &Members::Static(&ips), &key, &[]))
@@ -395,7 +411,8 @@ fn halves_on_different_members_match_and_replies_come_back_the_way_they_came() {
 fn a_killed_members_pairs_complete_at_the_new_owner() {
     let scratch = Scratch::new("kill");
     let key = key_file(&scratch);
-    let ips = ["127.0.11.2", "127.0.11.3", "127.0.11.4"];
+    let ips = three(11);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let mut members: Vec<Member> = ips
         .iter()
         .map(|ip| {
@@ -470,7 +487,7 @@ fn a_killed_members_pairs_complete_at_the_new_owner() {
     assert_eq!(
         metric(
             &page,
-            "psync_cluster_member_live{member=\"127.0.11.4:7001\"}"
+            &format!("psync_cluster_member_live{{member=\"{}:7001\"}}", ips[2])
         ),
         0.0
     );
@@ -508,7 +525,8 @@ fn forged_stale_and_replayed_forwards_have_no_effect_and_are_counted() {
     let scratch = Scratch::new("forge");
     let key = key_file(&scratch);
     // Member .4 is listed but never runs: the test speaks in its name.
-    let ips = ["127.0.12.2", "127.0.12.3", "127.0.12.4"];
+    let ips = three(12);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let members: Vec<Member> = ips[..2]
         .iter()
         .map(|ip| start(ip, &Members::Static(&ips), &key, &[]))
@@ -516,8 +534,8 @@ fn forged_stale_and_replayed_forwards_have_no_effect_and_are_counted() {
     let target = members[0].cluster;
     let good_key = ClusterKey::parse(KEY_HEX).unwrap();
     let bad_key = ClusterKey::new(&[&[7u8; 32]]).unwrap();
-    let ghost: SocketAddr = "127.0.12.4:7001".parse().unwrap();
-    let stranger: SocketAddr = "127.0.12.9:7001".parse().unwrap();
+    let ghost: SocketAddr = format!("{}:7001", ips[2]).parse().unwrap();
+    let stranger: SocketAddr = format!("{}.9:7001", block(12)).parse().unwrap();
     let victim = client_socket();
     let client = victim.local_addr().unwrap();
     let req = request(4242, 4243);
@@ -596,7 +614,8 @@ fn forged_stale_and_replayed_forwards_have_no_effect_and_are_counted() {
 fn sigterm_announces_the_departure_and_the_others_rehome_at_once() {
     let scratch = Scratch::new("drain");
     let key = key_file(&scratch);
-    let ips = ["127.0.14.2", "127.0.14.3", "127.0.14.4"];
+    let ips = three(14);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     // A long timeout: only the announcement can explain a quick re-homing.
     let mut members: Vec<Member> = ips
         .iter()
@@ -655,15 +674,16 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
     let short = scratch.file("short.key", "00112233445566778899aabbccddee\n");
     let good = key_file(&scratch);
     let missing = scratch.0.join("missing.key");
+    let [b2, b3, b4, b5] = [2, 3, 4, 5].map(|x| format!("{}.{x}", block(15)));
     let base = |key: &Path, peers: &str| -> Vec<String> {
         [
             "-4",
             "--bind",
-            "127.0.15.2",
+            &b2,
             "-p",
             "0",
             "--cluster-bind",
-            "127.0.15.2:7001",
+            &format!("{}:7001", b2),
             "--cluster-key-file",
             &key.display().to_string(),
             "--cluster-peer",
@@ -674,19 +694,13 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
         .collect()
     };
     let cases: [(Vec<String>, &str); 5] = [
-        (base(&short, "127.0.15.2,127.0.15.3"), "--cluster-key-file"),
-        (
-            base(&missing, "127.0.15.2,127.0.15.3"),
-            "--cluster-key-file",
-        ),
-        (
-            base(&good, "127.0.15.3,127.0.15.4,127.0.15.5"),
-            "--cluster-peer",
-        ),
+        (base(&short, &format!("{b2},{b3}")), "--cluster-key-file"),
+        (base(&missing, &format!("{b2},{b3}")), "--cluster-key-file"),
+        (base(&good, &format!("{b3},{b4},{b5}")), "--cluster-peer"),
         (
             vec![
                 "--cluster-peer".into(),
-                "127.0.15.2".into(),
+                b2.clone(),
                 "--cluster-key-file".into(),
                 good.display().to_string(),
             ],
@@ -695,9 +709,9 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
         (
             vec![
                 "--cluster-peer".into(),
-                "127.0.15.2".into(),
+                b2.clone(),
                 "--cluster-bind".into(),
-                "127.0.15.2".into(),
+                b2.clone(),
             ],
             "--cluster-key-file",
         ),
@@ -711,7 +725,7 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
         assert!(lines[0].contains(flag), "{flag} named: {lines:?}");
     }
     let (_, lines) = run_failing(
-        &base(&short, "127.0.15.2")
+        &base(&short, &b2)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -720,21 +734,41 @@ fn bad_cluster_settings_get_one_line_naming_the_flag() {
         lines[0].contains("15 bytes; it must be 16 to 64 bytes"),
         "{lines:?}"
     );
+    let open = scratch.file("open.key", &format!("{KEY_HEX}\n"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (code, lines) = run_failing(
+        &base(&open, &b2)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        lines.len() == 1
+            && lines[0].contains("--cluster-key-file")
+            && lines[0].contains("chmod 600"),
+        "{lines:?}"
+    );
     let (_, lines) = run_failing(
-        &base(&missing, "127.0.15.2")
+        &base(&missing, &b2)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
     assert!(lines[0].ends_with("no such file"), "{lines:?}");
     let (_, lines) = run_failing(
-        &base(&good, "127.0.15.3")
+        &base(&good, &b3)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
     assert!(
-        lines[0].contains("do not include this server's --cluster-bind 127.0.15.2:7001"),
+        lines[0].contains(&format!(
+            "do not include this server's --cluster-bind {b2}:7001"
+        )),
         "{lines:?}"
     );
 }
@@ -837,13 +871,15 @@ fn dns_membership_follows_the_records() {
     }
     let scratch = Scratch::new("dns");
     let key = key_file(&scratch);
-    let dns_ip = "127.0.54.1";
+    let dns_ip = format!("{}.1", block(54));
+    let dns_ip = dns_ip.as_str();
     let resolv = scratch.file(
         "resolv.conf",
         &format!("nameserver {dns_ip}\noptions timeout:1 attempts:1\n"),
     );
     let name = "members.psync.test";
-    let ips = ["127.0.13.2", "127.0.13.3", "127.0.13.4"];
+    let ips = three(13);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let dns = Dnsmasq::start(&scratch, dns_ip, name, &ips).expect("dnsmasq answers");
     let spec = format!("{name}:{CLUSTER_PORT}");
     let members: Vec<Member> = ips
@@ -893,6 +929,209 @@ fn dns_membership_follows_the_records() {
     let before = members[2].metric("psync_forwarded_in_total");
     spray(4_000_000, &addrs[..2]);
     assert_eq!(members[2].metric("psync_forwarded_in_total"), before);
+    for m in members {
+        assert!(m.stop());
+    }
+}
+
+/// Runs two psync-clients for the pair (1, 2) with `--server servers` and
+/// returns their exit codes and stderr.
+fn clients(servers_a: &str, servers_b: &str) -> [(Option<i32>, String); 2] {
+    let spawn = |servers: &str, me: &str, peer: &str| {
+        Command::new(env!("CARGO_BIN_EXE_psync-client"))
+            .args([
+                "--server",
+                servers,
+                "--self",
+                me,
+                "--peer",
+                peer,
+                "--timeout",
+                "15",
+                "--no-port-mapping",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn(servers_a, "1", "2");
+    let b = spawn(servers_b, "2", "1");
+    [a, b].map(|c| {
+        let out = c.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+}
+
+#[test]
+fn clients_that_know_the_members_ask_the_owner_and_fall_back() {
+    let scratch = Scratch::new("client");
+    let key = key_file(&scratch);
+    let ips = three(16);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let mut members: Vec<Member> = ips
+        .iter()
+        .map(|ip| {
+            start(
+                ip,
+                &Members::Static(&ips),
+                &key,
+                &["--cluster-timeout", "1s"],
+            )
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = members.iter().map(|m| m.client).collect();
+    let list = addrs
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let owner = owner_of(&request(1, 2), &addrs).unwrap();
+    let owner_index = addrs.iter().position(|a| *a == owner).unwrap();
+    // Both know the members: both ask the owner, nothing is forwarded.
+    for (code, err) in clients(&list, &list) {
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let forwarded: f64 = members
+        .iter()
+        .map(|m| m.metric("psync_forwarded_out_total"))
+        .sum();
+    assert_eq!(forwarded, 0.0, "clients that know the owner skip the hop");
+    assert!(members[owner_index].metric("psync_matched_total") >= 1.0);
+    // One knows only a member that does not own the pair: one hop, still works.
+    let other = addrs[(owner_index + 1) % 3].to_string();
+    for (code, err) in clients(&list, &other) {
+        assert_eq!(code, Some(0), "{err}");
+    }
+    // The owner dies: both fall back to the next member, which owns the
+    // pair once the owner has been silent for the timeout.
+    let dead = members.remove(owner_index);
+    drop(dead);
+    for (code, err) in clients(&list, &list) {
+        assert_eq!(code, Some(0), "{err}");
+    }
+}
+
+#[test]
+fn v2_halves_on_different_members_match_through_the_owner() {
+    use psync::auth::{issue_token, Key};
+    use psync::wire::v2;
+    use std::os::unix::fs::PermissionsExt;
+
+    let scratch = Scratch::new("v2");
+    let key = key_file(&scratch);
+    let secret = [0x5bu8; 32];
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let auth = scratch.file("auth.keys", &format!("1 {hex}\n"));
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let auth_arg = auth.display().to_string();
+    let ips = three(17);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let members: Vec<Member> = ips
+        .iter()
+        .map(|ip| {
+            start(
+                ip,
+                &Members::Static(&ips),
+                &key,
+                &["--auth-key-file", &auth_arg],
+            )
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = members.iter().map(|m| m.client).collect();
+    let signer = Key::new(1, &secret).unwrap();
+    let expiry = unix_ms() / 1000 + 60;
+    let v2_request = |pair: v2::Pair| {
+        v2::Request {
+            token: issue_token(&signer, pair, expiry),
+            cookie: None,
+            info: v2::ClientInfo(0),
+            candidates: v2::Candidates::EMPTY,
+        }
+        .to_bytes()
+    };
+    // A pair owned by the third member, its halves sent to the other two.
+    let pair = (1u64..)
+        .map(|i| v2::Pair::new(0x1000_0000_0000 + i, 0x2000_0000_0000 + i))
+        .find(|p| owner_of(&v2_request(*p), &addrs) == Some(addrs[2]))
+        .unwrap();
+    let mut sides = [
+        Side::new(v2_request(pair), addrs[0]),
+        Side::new(v2_request(pair.counterpart()), addrs[1]),
+    ];
+    complete(&mut sides, 20);
+    for (me, other) in [(0, 1), (1, 0)] {
+        let (from, bytes) = sides[me].reply.as_ref().expect("a v2 reply");
+        assert_eq!(*from, sides[me].to, "from the member the client sent to");
+        let r = v2::Reply::parse(bytes).unwrap();
+        assert_eq!(r.peer, sides[other].socket.local_addr().unwrap());
+        assert_eq!(r.your_addr, sides[me].socket.local_addr().unwrap());
+    }
+    assert_eq!(members[2].metric("psync_matched_total"), 1.0);
+    assert_eq!(members[2].metric("psync_forwarded_in_total"), 2.0);
+    for m in members {
+        assert!(m.stop());
+    }
+}
+
+#[test]
+fn members_with_several_workers_hand_forwards_to_the_pairs_worker() {
+    let scratch = Scratch::new("workers");
+    let key = key_file(&scratch);
+    let ips = three(18);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let members: Vec<Member> = ips
+        .iter()
+        .map(|ip| start(ip, &Members::Static(&ips), &key, &["--workers", "4"]))
+        .collect();
+    let addrs: Vec<SocketAddr> = members.iter().map(|m| m.client).collect();
+    let mut rng = Lcg(5);
+    for chunk in 0..4u32 {
+        let mut sides: Vec<Side> = Vec::new();
+        for p in 0..250 {
+            let id = 5_000_000 + 2 * (chunk * 250 + p);
+            sides.push(Side::new(request(id, id + 1), addrs[rng.below(3)]));
+            sides.push(Side::new(request(id + 1, id), addrs[rng.below(3)]));
+        }
+        complete(&mut sides, 20);
+        for pair in sides.chunks(2) {
+            check_pair(&pair[0], &pair[1]);
+        }
+    }
+    // A retransmit after the match is replayed by the worker that matched
+    // it, through the member the client sent to.
+    let req = (1u32..)
+        .map(|i| request(i, i + 600_000))
+        .find(|r| owner_of(r, &addrs) == Some(addrs[2]))
+        .unwrap();
+    let mut c = [0u8; 8];
+    c[..4].copy_from_slice(&req[4..]);
+    c[4..].copy_from_slice(&req[..4]);
+    let mut sides = [Side::new(req, addrs[0]), Side::new(c, addrs[1])];
+    complete(&mut sides, 20);
+    check_pair(&sides[0], &sides[1]);
+    let first = sides[0].reply.take().unwrap();
+    complete(&mut sides[..1], 20);
+    assert_eq!(sides[0].reply.as_ref(), Some(&first));
+    let pages: Vec<String> = members.iter().map(Member::metrics).collect();
+    let sum = |name: &str| pages.iter().map(|p| metric(p, name)).sum::<f64>();
+    assert_eq!(sum("psync_matched_total"), 1001.0);
+    assert_eq!(
+        sum("psync_forwarded_out_total"),
+        sum("psync_forwarded_in_total")
+    );
+    assert_eq!(sum("psync_forward_rejected_total"), 0.0);
+    // Every worker of the owners matched some: the hand-over spreads them.
+    for p in &pages {
+        for w in 0..4 {
+            let line = format!("psync_worker_matched_total{{worker=\"{w}\"}}");
+            assert!(metric(p, &line) > 0.0, "worker {w} matched nothing");
+        }
+    }
     for m in members {
         assert!(m.stop());
     }

@@ -294,3 +294,37 @@ fn thousands_of_pairs_get_exactly_the_right_replies() {
         0
     );
 }
+
+/// `--workers` has a range, and more than one needs the kernel's steering,
+/// which the portable I/O fallback does not use.
+#[test]
+fn workers_out_of_range_or_unsupported_are_refused() {
+    let bind = |workers: usize, capacity: usize| {
+        let mut cfg = config();
+        cfg.bind = vec!["127.0.0.1:0".parse().unwrap()];
+        cfg.workers = workers;
+        cfg.engine.capacity = capacity;
+        psync::Server::bind(&cfg).err().map(|e| e.to_string())
+    };
+    let max = psync::server::MAX_WORKERS;
+    for bad in [0, max + 1] {
+        let msg = bind(bad, 1024).expect("refused");
+        assert!(msg.starts_with("--workers must be between 1 and"), "{msg}");
+    }
+    if cfg!(feature = "portable-io") || !cfg!(target_os = "linux") {
+        let msg = bind(2, 1024).expect("refused");
+        assert!(
+            msg.starts_with("--workers 2: this build serves one worker only"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+    } else {
+        assert_eq!(bind(4, 1024), None);
+        let msg = bind(4, 3).expect("refused");
+        assert!(
+            msg.starts_with("--capacity 3 is below --workers 4"),
+            "{msg}"
+        );
+    }
+    assert_eq!(bind(1, 1), None);
+}

@@ -33,8 +33,11 @@ use psync::sys::{self, RecvBatch, SendQueue};
 /// Everything a run needs, validated by the front end.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The server.
+    /// The server (the first of `servers`).
     pub server: SocketAddr,
+    /// Every server: the members of a cluster, or just `server`. With
+    /// several, the two halves of a pair go to different ones.
+    pub servers: Vec<SocketAddr>,
     /// The address our sockets bind to, which the server must see unchanged.
     pub local_ip: IpAddr,
     /// Sockets simulating peers.
@@ -210,9 +213,25 @@ struct Peers {
     blocked: Vec<bool>,
     /// Our socket index by local port.
     by_port: Box<[u16]>,
-    server: SocketAddr,
+    servers: Vec<SocketAddr>,
     send_failed: u64,
     registry: mio::Registry,
+}
+
+/// Where a datagram goes: with several servers (a cluster), a request
+/// `(a, b)` goes to server `min(a, b) + [a > b]` (mod their number), so the
+/// two halves of a pair always reach different members and a retransmit
+/// the same one; anything else goes to the first.
+fn destination(servers: &[SocketAddr], payload: &[u8]) -> SocketAddr {
+    match <[u8; 8]>::try_from(payload) {
+        Ok(b) if servers.len() > 1 => {
+            let a = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let c = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            let k = a.min(c).wrapping_add(u32::from(a > c));
+            servers[k as usize % servers.len()]
+        }
+        _ => servers[0],
+    }
 }
 
 impl Peers {
@@ -226,7 +245,11 @@ impl Peers {
             is_dirty: vec![false; n],
             blocked: vec![false; n],
             by_port: vec![NO_SOCKET; 1 << 16].into_boxed_slice(),
-            server: cfg.server,
+            servers: if cfg.servers.is_empty() {
+                vec![cfg.server]
+            } else {
+                cfg.servers.clone()
+            },
             send_failed: 0,
             registry: poll.registry().try_clone()?,
         };
@@ -273,7 +296,8 @@ impl Peers {
 
     /// Queues `payload` on socket `i`, sending a full batch at once.
     fn queue(&mut self, i: usize, payload: &[u8]) {
-        if !self.outboxes[i].push(self.server, payload) {
+        let to = destination(&self.servers, payload);
+        if !self.outboxes[i].push(to, payload) {
             self.send_failed += 1;
             return;
         }
@@ -625,7 +649,11 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                         Some(d) => (d.data, d.len, Some(d.from.port())),
                         None => (&[][..], 0, None),
                     };
-                    if port != Some(server_port) {
+                    let from_server = match recv.get(k) {
+                        Some(d) if cfg.servers.len() > 1 => peers.servers.contains(&d.from),
+                        _ => port == Some(server_port),
+                    };
+                    if !from_server {
                         stray += 1;
                         continue;
                     }

@@ -29,7 +29,7 @@ pub enum Format {
     /// 152-byte v2 requests with tokens, 152-byte replies.
     V2 {
         /// The key tokens are issued with.
-        key: Key,
+        key: Box<Key>,
         /// The tokens' expiry, Unix seconds.
         expiry: u64,
         /// The high 32 bits of every ID of this run.
@@ -101,7 +101,7 @@ mod tests {
     fn v2_requests_carry_a_valid_token_and_replies_are_checked() {
         let key = Key::new(3, &[1; 32]).unwrap();
         let f = Format::V2 {
-            key: key.clone(),
+            key: Box::new(key.clone()),
             expiry: 2_000_000_000,
             high: 0xabcd,
         };

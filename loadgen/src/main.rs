@@ -55,7 +55,9 @@ const MAX_SOCKETS: usize = 1024;
 #[derive(Parser, Debug)]
 #[command(name = "psync-loadgen")]
 struct Args {
-    /// The server, as HOST:PORT or [IPv6]:PORT (a name prefers its IPv4 address).
+    /// The server, as HOST:PORT or [IPv6]:PORT (a name prefers its IPv4
+    /// address). For a cluster, several, comma-separated: the two halves of
+    /// each pair then go to different members, so forwarding is measured.
     #[arg(short, long, value_name = "ADDR")]
     server: String,
 
@@ -173,7 +175,15 @@ fn resolve(server: &str) -> Result<SocketAddr, String> {
 }
 
 fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> {
-    let server = resolve(&args.server)?;
+    let servers: Vec<SocketAddr> = args
+        .server
+        .split(',')
+        .map(|s| resolve(s.trim()))
+        .collect::<Result<_, _>>()?;
+    let server = servers[0];
+    if servers.iter().any(|s| s.is_ipv4() != server.is_ipv4()) {
+        return Err("--server: the servers must all be of one address family".into());
+    }
     let sockets = usize::from(args.sockets);
     let slots = pairs::socket_pairs(sockets);
     let load = match (args.rate, args.window) {
@@ -211,7 +221,7 @@ fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> 
             // Valid through the whole run and its drain, with an hour to spare.
             let run = args.warmup + args.duration + args.timeout;
             format::Format::V2 {
-                key: keys.last().clone(),
+                key: Box::new(keys.last().clone()),
                 expiry: since.as_secs() + run.as_secs() + 3600,
                 // IDs of this run differ from another run's in their high
                 // half (a restarted run meets no stale registration).
@@ -222,6 +232,7 @@ fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> 
     Ok(driver::Config {
         format,
         server,
+        servers,
         local_ip,
         sockets,
         duration: args.duration,

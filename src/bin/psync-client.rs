@@ -27,7 +27,9 @@ use psync::PeerId;
 #[derive(Parser, Debug)]
 #[command(name = "psync-client")]
 struct Args {
-    /// The rendezvous server.
+    /// The rendezvous server. For a cluster, several (comma-separated), or a
+    /// name with several addresses: the client asks the member that owns
+    /// its pair first and falls back to the others (docs/cluster.md).
     #[arg(long, value_name = "HOST:PORT")]
     server: String,
 
@@ -206,12 +208,27 @@ const PROGRAM: Program = Program {
     version: env!("CARGO_PKG_VERSION"),
 };
 
-fn resolve(server: &str) -> Result<SocketAddr, String> {
-    server
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve --server '{server}' (want HOST:PORT): {e}"))?
-        .next()
-        .ok_or_else(|| format!("--server '{server}' resolves to no address"))
+/// Every address `--server` names (comma-separated HOST:PORT, each may
+/// resolve to several), of the first one's family, without repeats.
+fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
+    let mut all: Vec<SocketAddr> = Vec::new();
+    for one in server.split(',').map(str::trim) {
+        let found: Vec<SocketAddr> = one
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve --server '{one}' (want HOST:PORT): {e}"))?
+            .collect();
+        if found.is_empty() {
+            return Err(format!("--server '{one}' resolves to no address"));
+        }
+        for a in found {
+            if !all.contains(&a) {
+                all.push(a);
+            }
+        }
+    }
+    let ipv4 = all[0].is_ipv4();
+    all.retain(|a| a.is_ipv4() == ipv4);
+    Ok(all)
 }
 
 fn fail(e: &ClientError) -> ExitCode {
@@ -241,7 +258,7 @@ fn main() -> ExitCode {
         _ => LevelFilter::Debug,
     });
 
-    let server = match resolve(&args.server) {
+    let servers = match resolve(&args.server) {
         Ok(a) => a,
         Err(msg) => {
             cli::error(PROGRAM.name, &msg);
@@ -249,9 +266,9 @@ fn main() -> ExitCode {
         }
     };
     let mut cfg = match token(&args) {
-        Ok(Some(t)) => ClientConfig::with_token(server, t),
+        Ok(Some(t)) => ClientConfig::with_token(servers[0], t),
         Ok(None) => ClientConfig::new(
-            server,
+            servers[0],
             PeerId::from_u32(args.self_id.unwrap_or_default()),
             PeerId::from_u32(args.peer.unwrap_or_default()),
         ),
@@ -260,6 +277,27 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_USAGE);
         }
     };
+    // A cluster: the member that owns the pair first (the function the
+    // members use), the others in the order that would own it next.
+    let request: Vec<u8> = match cfg.token {
+        Some(token) => psync::wire::v2::Request {
+            token,
+            cookie: None,
+            info: psync::wire::v2::ClientInfo(0),
+            candidates: psync::wire::v2::Candidates::EMPTY,
+        }
+        .to_bytes()
+        .to_vec(),
+        None => psync::Request {
+            self_id: cfg.self_id,
+            peer_id: cfg.peer_id,
+        }
+        .emit()
+        .to_vec(),
+    };
+    let ranked = psync::cluster::owner::rank(&request, &servers);
+    cfg.server = ranked[0];
+    cfg.fallbacks = ranked[1..].to_vec();
     cfg.strategy = args.strategy.map(|s| match s {
         StrategyArg::Seed => Strategy::Seed,
         StrategyArg::Observed => Strategy::Observed,

@@ -156,6 +156,13 @@ struct Args {
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     stun_port: Option<u16>,
 
+    /// Worker threads, each with its own loop, sockets and share of
+    /// --capacity; the kernel steers both halves of a pair to the same one.
+    /// `auto`: one per CPU this process may use. More than 1 needs Linux
+    /// [1 to 256, or auto].
+    #[arg(long, default_value = "1", value_name = "N|auto", value_parser = parse_workers)]
+    workers: usize,
+
     /// Seed for port choice and hashing, for reproducible runs (default: from the OS).
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
@@ -257,6 +264,19 @@ fn cluster_settings(args: &Args) -> Result<Option<ClusterSettings>, String> {
     }))
 }
 
+fn parse_workers(s: &str) -> Result<usize, String> {
+    if s == "auto" {
+        return Ok(psync::server::available_workers());
+    }
+    match s.parse::<usize>() {
+        Ok(n) if (1..=psync::server::MAX_WORKERS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a number of workers from 1 to {}, or 'auto'",
+            psync::server::MAX_WORKERS
+        )),
+    }
+}
+
 fn config(args: &Args) -> Result<ServerConfig, String> {
     let mut bind: Vec<SocketAddr> = if args.bind.is_empty() {
         let mut v = Vec::new();
@@ -323,6 +343,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         },
         metrics: args.metrics,
         stun_port: args.stun_port,
+        workers: args.workers,
         cluster: cluster_settings(args)?,
         auth,
     })
@@ -453,8 +474,10 @@ fn main() -> ExitCode {
         ));
     }
     log::info!(
-        "psync-server {}; capacity {} pairs, ttl {}, replay ttl {}, ports {}-{}, batch {}, tables {} MiB",
+        "psync-server {}; {} worker{}, capacity {} pairs, ttl {}, replay ttl {}, ports {}-{}, batch {}, tables {} MiB",
         cli::version(PROGRAM.version),
+        server.workers(),
+        if server.workers() == 1 { "" } else { "s" },
         args.capacity,
         cli::format_duration(args.ttl),
         cli::format_duration(args.replay_ttl),
@@ -467,10 +490,22 @@ fn main() -> ExitCode {
     match server.run() {
         Ok(counters) => {
             cli::eprint(&format!("psync-server: final counters: {counters}"));
+            let split = server.worker_counters();
+            if split.len() > 1 {
+                let list = |f: fn(&psync::Counters) -> u64| {
+                    let v: Vec<String> = split.iter().map(|c| f(c).to_string()).collect();
+                    v.join("/")
+                };
+                cli::eprint(&format!(
+                    "psync-server: per worker: received {}, matched {}",
+                    list(|c| c.received),
+                    list(|c| c.engine.matched)
+                ));
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            cli::error(PROGRAM.name, &format!("event loop failed: {e}"));
+            cli::error(PROGRAM.name, &format!("stopped: {e}"));
             ExitCode::from(1)
         }
     }

@@ -170,8 +170,12 @@ impl Birthday {
 /// What [`connect`](super::connect) needs.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// The rendezvous server.
+    /// The rendezvous server (in a cluster: the member that owns the pair,
+    /// `psync::cluster::owner::rank`).
     pub server: SocketAddr,
+    /// The other members of a cluster, tried in this order when `server`
+    /// stays silent or refuses (docs/cluster.md); empty for one server.
+    pub fallbacks: Vec<SocketAddr>,
     /// This peer's ID.
     pub self_id: PeerId,
     /// The partner's ID.
@@ -227,6 +231,7 @@ impl ClientConfig {
     pub fn new(server: SocketAddr, self_id: PeerId, peer_id: PeerId) -> ClientConfig {
         ClientConfig {
             server,
+            fallbacks: Vec::new(),
             self_id,
             peer_id,
             strategy: None,

@@ -183,15 +183,19 @@ impl Connector {
                 }
             }
             Phase::Register(r) => {
-                if let Some(req) = r.poll_transmit(now) {
-                    let mut buf = [0u8; TRANSMIT_LEN];
+                let mut buf = [0u8; TRANSMIT_LEN];
+                let len = r.poll_transmit(now).map(|req| {
                     buf[..req.len()].copy_from_slice(req);
+                    req.len()
+                });
+                if let Some(len) = len {
+                    // Asked after the send: it may have moved to the next member.
                     self.transmits.push_back(Transmit {
                         socket: SocketId::Main,
-                        to: self.cfg.server,
+                        to: r.server(),
                         ttl: None,
                         buf,
-                        len: req.len(),
+                        len,
                     });
                 }
             }
@@ -338,7 +342,8 @@ impl Connector {
         let r = match self.cfg.token {
             Some(token) => Registration::new_v2(self.cfg.server, self.v2_request(token), now),
             None => Registration::new(self.cfg.server, self.cfg.self_id, self.cfg.peer_id, now),
-        };
+        }
+        .with_fallbacks(&self.cfg.fallbacks);
         self.phase = Phase::Register(Box::new(r));
     }
 

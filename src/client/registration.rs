@@ -51,10 +51,23 @@ pub struct Answer {
     pub v2: Option<v2::Reply>,
 }
 
-/// Sans-IO registration with one server.
+/// Requests one cluster member may leave unanswered before the next member
+/// is tried (about 1.75 s at the backoff above). The members forward to
+/// the pair's owner whichever is asked, so moving on is safe; it costs a
+/// fresh rendezvous only if a match's reply was lost that many times.
+pub const FALLBACK_AFTER: u32 = 3;
+
+/// Sans-IO registration with one server, or with the members of a cluster
+/// (the pair's owner first, then the others, each tried in turn when the
+/// one before stays silent or refuses).
 #[derive(Debug)]
 pub struct Registration {
     server: SocketAddr,
+    /// Cluster members to fall back to, in the order to try them
+    /// (`server` is the one in use; it is also among them).
+    servers: Vec<SocketAddr>,
+    /// Requests sent to `server` since it last answered or was chosen.
+    unanswered: u32,
     request: [u8; MAX_REQUEST_LEN],
     len: usize,
     /// The v2 request, kept to put a cookie in it.
@@ -102,6 +115,8 @@ impl Registration {
     ) -> Registration {
         Registration {
             server,
+            servers: vec![server],
+            unanswered: 0,
             request,
             len,
             v2,
@@ -116,11 +131,42 @@ impl Registration {
         }
     }
 
+    /// The same registration, with the other members of a cluster to try
+    /// after [`FALLBACK_AFTER`] unanswered requests or a refusal.
+    pub fn with_fallbacks(mut self, fallbacks: &[SocketAddr]) -> Registration {
+        self.servers
+            .extend(fallbacks.iter().filter(|&&f| f != self.server));
+        self
+    }
+
+    /// The server the next request goes to.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// Moves on to the next cluster member, if there are others.
+    fn next_server(&mut self) {
+        if self.servers.len() > 1 {
+            let i = self
+                .servers
+                .iter()
+                .position(|&s| s == self.server)
+                .unwrap_or(0);
+            self.server = self.servers[(i + 1) % self.servers.len()];
+            log::info!("no answer yet; trying cluster member {}", self.server);
+        }
+        self.unanswered = 0;
+    }
+
     /// The request, if one is due at `now`; schedules the next.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<&[u8]> {
         if now < self.next_send {
             return None;
         }
+        if self.unanswered >= FALLBACK_AFTER {
+            self.next_server();
+        }
+        self.unanswered += 1;
         if !self.refused_latest {
             self.refused_since = None;
         }
@@ -168,6 +214,10 @@ impl Registration {
             );
         }
         self.refused_latest = true;
+        // Another member may be up: try it at once.
+        if self.servers.len() > 1 {
+            self.next_server();
+        }
         if now.duration_since(since) >= REFUSED_GRACE {
             return Some(ClientError::Refused {
                 server: self.server,
@@ -188,13 +238,11 @@ impl Registration {
         datagram: &[u8],
         now: Instant,
     ) -> Option<Result<Answer, ClientError>> {
-        if from != self.server || stun::is_stun(datagram) {
+        if !self.servers.contains(&from) || stun::is_stun(datagram) {
             return None;
         }
         let Some(mine) = self.v2 else {
-            return Some(
-                check_reply(datagram, self.server).map(|reply| Answer { reply, v2: None }),
-            );
+            return Some(check_reply(datagram, from).map(|reply| Answer { reply, v2: None }));
         };
         let bad = |reason: String| {
             Some(Err(ClientError::BadReply {
@@ -204,6 +252,8 @@ impl Registration {
         };
         match v2::Response::parse(datagram) {
             Ok(v2::Response::Cookie(c)) => {
+                // The member answers: no reason to move on.
+                self.unanswered = 0;
                 self.take_cookie(c, mine, now);
                 None
             }
@@ -278,6 +328,46 @@ pub fn check_reply(datagram: &[u8], server: SocketAddr) -> Result<Reply, ClientE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_or_refusing_member_is_left_for_the_next() {
+        let owner: SocketAddr = "192.0.2.1:1024".parse().unwrap();
+        let others: [SocketAddr; 2] = [
+            "192.0.2.2:1024".parse().unwrap(),
+            "192.0.2.3:1024".parse().unwrap(),
+        ];
+        let t0 = Instant::now();
+        let mut r = Registration::new(owner, PeerId::from_u32(1), PeerId::from_u32(2), t0)
+            .with_fallbacks(&others);
+        let mut to = Vec::new();
+        let mut now = t0;
+        for _ in 0..7 {
+            assert!(r.poll_transmit(now).is_some());
+            to.push(r.server());
+            now = r.poll_timeout();
+        }
+        assert_eq!(
+            &to[..3],
+            &[owner; 3],
+            "the owner first, {FALLBACK_AFTER} times"
+        );
+        assert_eq!(&to[3..6], &[others[0]; 3]);
+        assert_eq!(to[6], others[1]);
+        // A refusal moves on at once; replies count from any member.
+        assert!(r.refused(now).is_none());
+        assert_eq!(r.server(), owner);
+        let reply = [0u8; 20];
+        assert!(r.handle(others[0], &reply, now).is_some());
+        assert!(r
+            .handle("192.0.2.9:1024".parse().unwrap(), &reply, now)
+            .is_none());
+        // One server: never moves.
+        let mut one = Registration::new(owner, PeerId::from_u32(1), PeerId::from_u32(2), t0);
+        for _ in 0..6 {
+            one.poll_transmit(one.poll_timeout());
+            assert_eq!(one.server(), owner);
+        }
+    }
 
     #[test]
     fn backs_off_from_250_ms_to_2_s() {

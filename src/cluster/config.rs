@@ -184,13 +184,37 @@ pub enum ConfigError {
     DnsInterval,
 }
 
+/// Longest key file: four secrets of 64 bytes in hex with comments fit
+/// many times over; a bigger file is a mistake.
+pub const MAX_KEY_FILE_LEN: u64 = 16 << 10;
+
 /// Reads the cluster key from `path`: one line naming the flag when the
-/// file is missing, unreadable, or holds no valid key.
+/// file is missing, unreadable, readable or writable by others (whoever
+/// holds the key can speak as any member: `chmod 600`, or 640 for a group),
+/// too large, or holds no valid key.
 pub fn read_key_file(path: &Path) -> Result<ClusterKey, ConfigError> {
     let err = |reason: String| ConfigError::KeyFile {
         path: path.display().to_string(),
         reason,
     };
+    let meta = std::fs::metadata(path).map_err(|e| err(io_reason(&e)))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            return Err(err(format!(
+                "others may read or write it (mode {mode:03o}); whoever holds the key can \
+                 speak as any member: chmod 600 it"
+            )));
+        }
+    }
+    if meta.len() > MAX_KEY_FILE_LEN {
+        return Err(err(format!(
+            "{} bytes; a key file is at most {MAX_KEY_FILE_LEN}",
+            meta.len()
+        )));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| err(io_reason(&e)))?;
     ClusterKey::parse(&text).map_err(|e: KeyFileError| err(e.to_string()))
 }
@@ -364,13 +388,21 @@ mod tests {
         let e = read_key_file(&missing).unwrap_err().to_string();
         assert!(e.starts_with("--cluster-key-file "), "{e}");
         assert!(e.ends_with("no such file"), "{e}");
-        let short = dir.join("short.key");
-        std::fs::write(&short, "00112233445566778899aabbccddee\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let short = write("short.key", "00112233445566778899aabbccddee\n", 0o600);
         let e = read_key_file(&short).unwrap_err().to_string();
         assert!(e.contains("15 bytes; it must be 16 to 64 bytes"), "{e}");
-        let good = dir.join("good.key");
-        std::fs::write(&good, format!("{}\n", "5a".repeat(32))).unwrap();
+        let good = write("good.key", &format!("{}\n", "5a".repeat(32)), 0o640);
         assert_eq!(read_key_file(&good).unwrap().len(), 1);
+        let open = write("open.key", &format!("{}\n", "5a".repeat(32)), 0o644);
+        let e = read_key_file(&open).unwrap_err().to_string();
+        assert!(e.contains("others may read or write it (mode 644)"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

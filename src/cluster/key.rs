@@ -11,7 +11,8 @@
 //! skipped. A member seals with the first and accepts any of them, so a key
 //! rotates without a flag day: add the new key second everywhere, then
 //! move it first everywhere, then remove the old one (each step a rolling
-//! restart or SIGHUP). MACs are compared in constant time.
+//! restart: the key file is read at start only). MACs are compared in
+//! constant time.
 //!
 //! Pure: the caller reads the file.
 

@@ -47,7 +47,7 @@ use crate::wire::cluster::{Body, Header, Kind, Message, View};
 pub use config::{ClusterConfig, ConfigError, MemberSource};
 pub use key::ClusterKey;
 pub use owner::{pair_key, PairKey};
-pub use port::{ClusterPort, ClusterSettings, ClusterStatus};
+pub use port::{ClusterLane, ClusterPort, ClusterSettings, ClusterStatus, SharedRoutes};
 use replay::ReplayWindow;
 
 /// Most members besides this one: a relay index (`via`) is one byte, and 0

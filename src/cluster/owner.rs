@@ -121,6 +121,17 @@ pub fn owner_of(request: &[u8], servers: &[SocketAddr]) -> Option<SocketAddr> {
     Some(*best)
 }
 
+/// `servers` in the order a client tries them for `request`: the owner
+/// first, then by falling score (each the owner if those before it were
+/// gone). Unchanged when the request has no pair key.
+pub fn rank(request: &[u8], servers: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut v = servers.to_vec();
+    if let Some(key) = pair_key(request) {
+        v.sort_by_key(|s| std::cmp::Reverse(score(key, member_hash(s.ip()))));
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +228,21 @@ mod tests {
             );
         }
         assert_eq!(owner_of(&[1; 8], &servers), None);
+        let req = crate::wire::Request {
+            self_id: crate::wire::PeerId::from_u32(3),
+            peer_id: crate::wire::PeerId::from_u32(4),
+        }
+        .emit();
+        let ranked = rank(&req, &servers);
+        assert_eq!(Some(ranked[0]), owner_of(&req, &servers));
+        assert_eq!(ranked.len(), 3);
+        // Without the owner, the runner-up owns the pair.
+        let rest: Vec<SocketAddr> = servers
+            .iter()
+            .copied()
+            .filter(|s| *s != ranked[0])
+            .collect();
+        assert_eq!(owner_of(&req, &rest), Some(ranked[1]));
         assert_eq!(owner_of(&[1, 0, 0, 0, 2, 0, 0, 0], &[]), None);
     }
 

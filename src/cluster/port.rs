@@ -2,25 +2,35 @@
 //! around the pure [`Cluster`].
 //!
 //! A [`ClusterPort`] owns the cluster UDP socket (`--cluster-bind`), the
-//! [`Cluster`] state machine, a [`Sealer`] for the loop's forwards and
-//! replies, and, with `--cluster-dns`, the resolver thread. The loop asks
-//! it, per client request, whether another member owns the pair
-//! ([`ClusterPort::owner`]) and if so hands the request over
-//! ([`ClusterPort::forward`]); it sends each engine reply with a nonzero
-//! relay index back through [`ClusterPort::relay`]; it takes what arrives
-//! on the cluster socket from [`ClusterPort::next`] (forwarded requests for
-//! its engine, replies for its clients); and it runs
-//! [`ClusterPort::timers`] every turn (heartbeats, liveness, DNS answers).
+//! [`Cluster`] state machine and, with `--cluster-dns`, the resolver
+//! thread. The worker that owns it takes what arrives on the cluster socket
+//! from [`ClusterPort::next`] (forwarded requests for an engine, replies
+//! for clients) and runs [`ClusterPort::timers`] every turn (heartbeats,
+//! liveness, DNS answers). Each worker asks its [`ClusterLane`], per client
+//! request, whether another member owns the pair ([`ClusterLane::owner`])
+//! and if so hands the request over ([`ClusterLane::forward`]); it sends
+//! each engine reply with a nonzero relay index back through
+//! [`ClusterLane::relay`].
 //!
-//! Datagrams to other members go out at once with `send_to`: the socket's
-//! send buffer is the queue, and a datagram it cannot take is dropped and
-//! counted (the client retransmits). Nothing here allocates per datagram;
+//! Every worker (the port's included) sends with a lane of its own
+//! ([`ClusterPort::lane`]): its own sealer and sequence numbers, a duplicate
+//! of the cluster socket, and the owner choice from [`SharedRoutes`], a
+//! snapshot that changes only with membership (one atomic load per batch to
+//! notice). With several workers, the port's worker hands each forwarded
+//! request to the worker that owns its pair (the steering program's twin).
+//!
+//! Datagrams to other members are queued and sent with `sendmmsg` when the
+//! loop flushes ([`ClusterPort::flush`], after each batch), or at once with
+//! `send_to` when longer than a queue slot (a forward of a v2 request); one
+//! the socket cannot take is dropped and counted (the client retransmits).
+//! Nothing here allocates per datagram;
 //! logging is per event (a member's liveness, a DNS answer), never per
 //! datagram above `debug`.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
@@ -29,9 +39,9 @@ use mio::{Interest, Registry, Token, Waker};
 use super::dns::Resolver;
 use super::{
     pair_key, Cluster, ClusterConfig, ClusterCounters, MemberSource, MemberStatus, Now, Owner,
-    Received, Sealer,
+    Received, Routes, Sealer,
 };
-use crate::sys::{self, RecvBatch};
+use crate::sys::{self, RecvBatch, SendQueue, SEND_SLOT_LEN};
 use crate::wire::cluster::{MAX_LEN, MAX_PAYLOAD};
 
 /// What the server needs to run as a member: the cluster's settings and
@@ -49,6 +59,9 @@ pub struct ClusterSettings {
 /// Datagrams read from the cluster socket per call of [`ClusterPort::next`]
 /// before the loop gets its turn back (the loop's own budget is per wake-up).
 const RECV_BUDGET: usize = 4096;
+/// Cluster send-queue capacity in batches: forwards and replies of a few
+/// client batches wait here for one `sendmmsg`.
+const QUEUE_BATCHES: usize = 8;
 /// How long to wait at start for the first DNS answer before serving alone.
 const FIRST_DNS_WAIT: Duration = Duration::from_secs(5);
 
@@ -75,15 +88,6 @@ pub enum Incoming {
     },
 }
 
-/// Counters of the port's socket, beside the cluster's own.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortCounters {
-    /// Datagrams to members the socket could not take (full, or an error).
-    pub send_failed: u64,
-    /// Receive calls that failed unexpectedly.
-    pub recv_errors: u64,
-}
-
 /// A snapshot for `/metrics` and the stats line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClusterStatus {
@@ -95,12 +99,6 @@ pub struct ClusterStatus {
     pub members: Vec<MemberStatus>,
     /// The cluster's counters (rejections by reason).
     pub counters: ClusterCounters,
-    /// The sealers' forwards and replies made.
-    pub forwarded_out: u64,
-    /// Replies sent back to forwarders.
-    pub replies_out: u64,
-    /// The port's socket counters.
-    pub port: PortCounters,
 }
 
 /// The cluster socket and its state machine, driven by a server loop.
@@ -111,12 +109,14 @@ pub struct ClusterPort {
     at: (usize, usize),
     readable: bool,
     cluster: Cluster,
-    sealer: Sealer,
+    /// The routes as the other workers see them.
+    shared: Arc<SharedRoutes>,
     resolver: Option<Resolver>,
     /// The last DNS error logged, so a lasting outage logs once.
     dns_error: Option<String>,
     drain: Duration,
-    counters: PortCounters,
+    /// Receive calls that failed unexpectedly.
+    recv_errors: u64,
     /// Liveness as last logged, by relay index.
     logged_live: Vec<bool>,
 }
@@ -191,7 +191,7 @@ impl ClusterPort {
                 resolver = Some(r);
             }
         }
-        let sealer = cluster.sealer(1);
+        let shared = Arc::new(SharedRoutes::new(cluster.routes()));
         Ok(ClusterPort {
             socket,
             recv: RecvBatch::new(batch),
@@ -199,11 +199,11 @@ impl ClusterPort {
             // Data may have arrived between bind and register.
             readable: true,
             cluster,
-            sealer,
+            shared,
             resolver,
             dns_error: None,
             drain: settings.drain,
-            counters: PortCounters::default(),
+            recv_errors: 0,
             logged_live: vec![false; super::MAX_PEERS + 1],
         })
     }
@@ -211,6 +211,21 @@ impl ClusterPort {
     /// The cluster socket's address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// What a worker of this process needs to forward and relay: sending
+    /// thread `lane` (1 and up, one per worker; 0 is the port's
+    /// heartbeats), a duplicate of the cluster socket, and the shared
+    /// routes. `batch` sizes its send queue.
+    pub fn lane(&self, lane: u8, batch: usize) -> io::Result<ClusterLane> {
+        let dup = mio::net::UdpSocket::from_std(std_socket(&self.socket)?);
+        Ok(ClusterLane {
+            socket: dup,
+            queue: SendQueue::new(batch * QUEUE_BATCHES, batch),
+            sealer: self.cluster.sealer(lane),
+            routes: Arc::new(self.cluster.routes().clone()),
+            shared: self.shared.clone(),
+        })
     }
 
     /// The loop saw the socket readable.
@@ -221,55 +236,6 @@ impl ClusterPort {
     /// True while datagrams may be waiting on the socket.
     pub fn readable(&self) -> bool {
         self.readable || self.at.0 < self.at.1
-    }
-
-    /// The relay index of the member that owns the pair of this client
-    /// datagram, when that is another member; `None` when this member owns
-    /// it or it is not a request (the loop handles it as a single server
-    /// would).
-    #[inline]
-    pub fn owner(&self, datagram: &[u8]) -> Option<u8> {
-        match self.cluster.routes().owner(pair_key(datagram)?) {
-            Owner::Me => None,
-            Owner::Member(via) => Some(via),
-        }
-    }
-
-    /// Forwards a client's request to member `via`. False when it could not
-    /// go (the socket's buffer is full: counted; the client retransmits).
-    pub fn forward(&mut self, via: u8, client: SocketAddr, request: &[u8], unix_ms: u64) -> bool {
-        let Some(to) = self.cluster.routes().member(via) else {
-            return false;
-        };
-        let mut buf = [0u8; MAX_LEN];
-        let Some(n) = self.sealer.forward(client, request, unix_ms, &mut buf) else {
-            return false;
-        };
-        self.send(to, &buf[..n])
-    }
-
-    /// Sends a reply for `client` back through member `via`, which relays
-    /// it. False when it could not go.
-    pub fn relay(&mut self, via: u8, client: SocketAddr, reply: &[u8], unix_ms: u64) -> bool {
-        let Some(to) = self.cluster.routes().member(via) else {
-            return false;
-        };
-        let mut buf = [0u8; MAX_LEN];
-        let Some(n) = self.sealer.reply(client, reply, unix_ms, &mut buf) else {
-            return false;
-        };
-        self.send(to, &buf[..n])
-    }
-
-    fn send(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
-        match self.socket.send_to(datagram, to) {
-            Ok(_) => true,
-            Err(e) => {
-                self.counters.send_failed += 1;
-                debug!("cluster: send to {to} failed: {e}");
-                false
-            }
-        }
     }
 
     /// The next forwarded request or relayed reply from the cluster socket,
@@ -283,7 +249,7 @@ impl ClusterPort {
                 let k = self.at.0;
                 self.at.0 += 1;
                 let Some(d) = self.recv.get(k) else {
-                    self.counters.recv_errors += 1;
+                    self.recv_errors += 1;
                     continue;
                 };
                 // A datagram longer than the buffer was cut short: not whole,
@@ -332,7 +298,7 @@ impl ClusterPort {
                     return None;
                 }
                 Err(e) => {
-                    self.counters.recv_errors += 1;
+                    self.recv_errors += 1;
                     debug!("cluster: receive failed: {e}");
                     self.readable = false;
                     return None;
@@ -374,10 +340,18 @@ impl ClusterPort {
         if self.cluster.tick(now) {
             self.log_liveness(now);
         }
+        // A heartbeat or a DNS answer may have changed the routes too.
         let mut buf = [0u8; MAX_LEN];
         while let Some((to, n)) = self.cluster.poll_transmit(now, &mut buf) {
             // Heartbeats share the socket; one that cannot go is counted.
-            let _ = self.send(to, &buf[..n]);
+            // A heartbeat the socket cannot take now is simply one fewer:
+            // the next goes out a quarter timeout later.
+            if let Err(e) = self.socket.send_to(&buf[..n], to) {
+                debug!("cluster: heartbeat to {to} failed: {e}");
+            }
+        }
+        if self.shared.generation() != self.cluster.routes().generation() {
+            self.shared.publish(self.cluster.routes());
         }
         self.cluster.poll_timeout(now)
     }
@@ -414,10 +388,16 @@ impl ClusterPort {
     }
 
     /// The counters that belong in the server's counters: (forwarded in,
-    /// refused). The loop counts what it forwards out itself.
-    pub fn totals(&self) -> (u64, u64) {
+    /// refused, failed receive calls). The loops count what they forward
+    /// out themselves.
+    pub fn totals(&self) -> (u64, u64, u64) {
         let c = self.cluster.counters();
-        (c.forwarded_in, c.rejected())
+        (c.forwarded_in, c.rejected(), self.recv_errors)
+    }
+
+    /// `--cluster-drain`.
+    pub fn drain(&self) -> Duration {
+        self.drain
     }
 
     /// What `/metrics` and the stats line show.
@@ -427,9 +407,184 @@ impl ClusterPort {
             live: self.cluster.routes().live_len(),
             members: self.cluster.members(now),
             counters: self.cluster.counters(),
-            forwarded_out: self.sealer.forwarded,
-            replies_out: self.sealer.replies,
-            port: self.counters,
         }
+    }
+}
+
+/// The routes a process's workers share: the worker that owns the
+/// [`ClusterPort`] publishes a new snapshot when membership changes; the
+/// others notice with one atomic load per batch and take it under a lock
+/// held for an `Arc` clone, only then.
+#[derive(Debug)]
+pub struct SharedRoutes {
+    generation: AtomicU64,
+    routes: Mutex<Arc<Routes>>,
+}
+
+impl SharedRoutes {
+    fn new(routes: &Routes) -> SharedRoutes {
+        SharedRoutes {
+            generation: AtomicU64::new(routes.generation()),
+            routes: Mutex::new(Arc::new(routes.clone())),
+        }
+    }
+
+    /// The generation published last.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, routes: &Routes) {
+        let fresh = Arc::new(routes.clone());
+        if let Ok(mut r) = self.routes.lock() {
+            *r = fresh;
+        }
+        self.generation
+            .store(routes.generation(), Ordering::Release);
+    }
+
+    /// The routes, if their generation is not `seen`.
+    pub fn latest(&self, seen: u64) -> Option<Arc<Routes>> {
+        if self.generation() == seen {
+            return None;
+        }
+        self.routes.lock().ok().map(|r| r.clone())
+    }
+}
+
+/// What a worker needs to send to other members: the owner choice, its own
+/// sealer (lane), a send queue, and the cluster socket (a duplicate of it
+/// for workers that do not own the [`ClusterPort`]).
+pub struct ClusterLane {
+    socket: mio::net::UdpSocket,
+    queue: SendQueue,
+    sealer: Sealer,
+    routes: Arc<Routes>,
+    shared: Arc<SharedRoutes>,
+}
+
+impl ClusterLane {
+    /// Takes the newest routes if membership changed (one atomic load when
+    /// it did not). Call between batches.
+    #[inline]
+    pub fn refresh(&mut self) {
+        if let Some(r) = self.shared.latest(self.routes.generation()) {
+            self.routes = r;
+        }
+    }
+
+    /// Forwards made, and replies relayed.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.sealer.forwarded, self.sealer.replies)
+    }
+
+    /// The relay index of the member that owns the pair of this client
+    /// datagram, when that is another member; `None` when this member owns
+    /// it or it is not a request (the loop handles it as a single server
+    /// would).
+    #[inline]
+    pub fn owner(&self, datagram: &[u8]) -> Option<u8> {
+        match self.routes.owner(pair_key(datagram)?) {
+            Owner::Me => None,
+            Owner::Member(via) => Some(via),
+        }
+    }
+
+    /// Forwards a client's request to member `via`. False when it could not
+    /// go (the socket's buffer is full: counted; the client retransmits).
+    pub fn forward(&mut self, via: u8, client: SocketAddr, request: &[u8], unix_ms: u64) -> bool {
+        let Some(to) = self.routes.member(via) else {
+            return false;
+        };
+        let mut buf = [0u8; MAX_LEN];
+        let Some(n) = self.sealer.forward(client, request, unix_ms, &mut buf) else {
+            return false;
+        };
+        self.send(to, &buf[..n])
+    }
+
+    /// Sends a reply for `client` back through member `via`, which relays
+    /// it. False when it could not go.
+    pub fn relay(&mut self, via: u8, client: SocketAddr, reply: &[u8], unix_ms: u64) -> bool {
+        let Some(to) = self.routes.member(via) else {
+            return false;
+        };
+        let mut buf = [0u8; MAX_LEN];
+        let Some(n) = self.sealer.reply(client, reply, unix_ms, &mut buf) else {
+            return false;
+        };
+        self.send(to, &buf[..n])
+    }
+
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
+        if datagram.len() <= SEND_SLOT_LEN {
+            if self.queue.push(to, datagram) {
+                return true;
+            }
+            // Full: make room, then try once more.
+            self.flush();
+            return self.queue.push(to, datagram);
+        }
+        match self.socket.send_to(datagram, to) {
+            Ok(_) => true,
+            Err(e) => {
+                debug!("cluster: send to {to} failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Sends what is queued for other members (one `sendmmsg` per batch).
+    /// What the socket does not take now stays queued for the next flush;
+    /// returns how many it refused with an error (and dropped).
+    pub fn flush(&mut self) -> u64 {
+        if self.queue.is_empty() {
+            return 0;
+        }
+        self.queue.flush(&self.socket).errors
+    }
+}
+
+/// A `std` duplicate of a mio UDP socket (the same file description, so
+/// nonblocking like it): `dup(2)`.
+fn std_socket(socket: &mio::net::UdpSocket) -> io::Result<std::net::UdpSocket> {
+    use std::os::fd::{AsFd, OwnedFd};
+    let fd: OwnedFd = socket.as_fd().try_clone_to_owned()?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{ClusterKey, MemberSource};
+    use std::time::Duration;
+
+    #[test]
+    fn workers_see_a_new_membership_once() {
+        let cfg = ClusterConfig {
+            bind: "10.0.0.2:1025".parse().unwrap(),
+            members: MemberSource::Static(Vec::new()),
+            timeout: Duration::from_secs(2),
+            key: ClusterKey::new(&[&[1u8; 16]]).unwrap(),
+        };
+        let now = Now {
+            mono_ms: 0,
+            unix_ms: 1_700_000_000_000,
+        };
+        let mut cluster = Cluster::new(&cfg, now);
+        let shared = SharedRoutes::new(cluster.routes());
+        let g = shared.generation();
+        assert!(shared.latest(g).is_none(), "nothing new");
+        cluster.set_members(
+            &[
+                "10.0.0.2:1025".parse().unwrap(),
+                "10.0.0.3:1025".parse().unwrap(),
+            ],
+            now,
+        );
+        shared.publish(cluster.routes());
+        let r = shared.latest(g).expect("a new snapshot");
+        assert_eq!(r.live_len(), 2);
+        assert!(shared.latest(r.generation()).is_none());
     }
 }

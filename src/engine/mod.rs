@@ -520,6 +520,32 @@ impl Engine {
         Some(ps[..n].iter().map(|p| (p.level, s.held(*p))).collect())
     }
 
+    /// Registrations `prefix` holds pending here: an estimate never below
+    /// the truth (see [`source`]); 0 when per-source limits are off.
+    pub fn source_held(&self, prefix: source::Prefix) -> u32 {
+        self.books.sources.as_ref().map_or(0, |s| s.held(prefix))
+    }
+
+    /// The most registrations `prefix` may hold pending here: its own limit
+    /// if [`Engine::set_source_limit`] gave it one, else its level's from
+    /// [`EngineConfig::limits`]; `None` when there is no limit.
+    pub fn source_limit(&self, prefix: source::Prefix) -> Option<u32> {
+        self.books.sources.as_ref().and_then(|s| s.limit(prefix))
+    }
+
+    /// Gives one source prefix a pending limit of its own on this engine
+    /// (`Some(0)`: no new registration), or back its level's (`None`). A
+    /// server with several workers uses it to share a source's limit among
+    /// their engines. Registrations already held are never dropped for it.
+    /// False, and nothing changed, when per-source limits are off or
+    /// [`source::MAX_OVERRIDES`] prefixes already have their own.
+    pub fn set_source_limit(&mut self, prefix: source::Prefix, limit: Option<u32>) -> bool {
+        match self.books.sources.as_mut() {
+            Some(s) => s.set_limit(prefix, limit),
+            None => false,
+        }
+    }
+
     /// Bytes of the IPv6 match store written so far (its high-water mark).
     pub fn ipv6_store_touched(&self) -> usize {
         self.books.v6.touched_bytes()
@@ -665,23 +691,6 @@ impl Engine {
         }
     }
 
-    /// Pass 2 of a batch: for each classified request of `scratch[..m]` whose
-    /// slot holds a waiting partner, fetches that partner's source counts.
-    fn prefetch_partners(&self, m: usize) {
-        if let Some(s) = self.books.sources.as_ref() {
-            for (key, _) in self.scratch[..m].iter().flatten() {
-                let Ok(key) = key else { continue };
-                let h = self.pairs.hash(key.hash_input());
-                if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
-                    let e = self.pairs.get(i);
-                    if let Some(addr) = e.waiter_other_than(key.side) {
-                        s.prefetch(addr.ip());
-                    }
-                }
-            }
-        }
-    }
-
     /// The pair key of an admitted v2 request from `src`, or why it is dropped.
     #[inline]
     fn classify_v2(&self, req: &v2::Request, src: SocketAddr) -> Result<PairKey, DropReason> {
@@ -772,25 +781,30 @@ impl Engine {
         let mut base = 0;
         while base < n {
             let m = (n - base).min(SCRATCH);
-            for k in 0..m {
-                self.scratch[k] = get(base + k).map(|(req, src)| {
-                    let key = self.classify_v2(req, src);
-                    if let Ok(key) = &key {
-                        self.pairs.prefetch(self.pairs.hash(key.hash_input()));
-                        if let Some(s) = self.books.sources.as_ref() {
-                            s.prefetch(src.ip());
+            // The pipeline of [`Engine::handle_batch`]: classify and fetch
+            // request i, look at request i - (AHEAD - PEEK), handle i - AHEAD.
+            for i in 0..m + AHEAD {
+                if i < m {
+                    self.scratch[i] = get(base + i).map(|(req, src)| {
+                        let key = self.classify_v2(req, src);
+                        if let Ok(key) = &key {
+                            self.pairs.prefetch(self.pairs.hash(key.hash_input()));
+                            if let Some(s) = self.books.sources.as_ref() {
+                                s.prefetch(src.ip());
+                            }
                         }
+                        (key, src)
+                    });
+                }
+                if let Some(j) = (i + PEEK).checked_sub(AHEAD).filter(|&j| j < m) {
+                    self.prefetch_partner(j);
+                }
+                if let Some(j) = i.checked_sub(AHEAD).filter(|&j| j < m) {
+                    if let (Some((key, src)), Some((req, _))) = (self.scratch[j], get(base + j)) {
+                        let outcome = self.handle_classified_v2(key, req, src, 0, now);
+                        done(base + j, &outcome);
                     }
-                    (key, src)
-                });
-            }
-            self.prefetch_partners(m);
-            for k in 0..m {
-                let (Some((key, src)), Some((req, _))) = (self.scratch[k], get(base + k)) else {
-                    continue;
-                };
-                let outcome = self.handle_classified_v2(key, req, src, 0, now);
-                done(base + k, &outcome);
+                }
             }
             base += m;
         }

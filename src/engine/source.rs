@@ -170,6 +170,77 @@ impl Default for SourceLimits {
     }
 }
 
+/// Most prefixes that may have a limit of their own at once (see
+/// [`Overrides`]): the server's workers share a source's limits among
+/// themselves and give a prefix its own limit only while its share is in
+/// question, so a few hundred suffice; beyond this, prefixes keep the
+/// default.
+pub const MAX_OVERRIDES: usize = 1024;
+
+/// Values set for single prefixes, overriding a default: a small exact
+/// table, sorted by prefix and searched by bisection, allocated once
+/// (`capacity` entries). Looked up only while it holds anything, so it
+/// costs nothing when empty. No clock, no I/O.
+#[derive(Clone, Debug)]
+pub struct Overrides<V: Copy> {
+    entries: Vec<((u8, u64), V)>,
+    capacity: usize,
+}
+
+impl<V: Copy> Overrides<V> {
+    /// An empty table with room for `capacity` prefixes.
+    pub fn new(capacity: usize) -> Overrides<V> {
+        Overrides {
+            entries: Vec::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    fn key(p: Prefix) -> (u8, u64) {
+        (p.level as u8, p.bits)
+    }
+
+    /// True when no prefix has a value of its own.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Prefixes with a value of their own.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The value set for `p`, if any.
+    #[inline]
+    pub fn get(&self, p: Prefix) -> Option<V> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let key = Self::key(p);
+        self.entries
+            .binary_search_by(|(k, _)| k.cmp(&key))
+            .ok()
+            .map(|i| self.entries[i].1)
+    }
+
+    /// Sets `p`'s value (`None` removes it). False, and nothing changed,
+    /// when the table is full and `p` has no value yet.
+    pub fn set(&mut self, p: Prefix, value: Option<V>) -> bool {
+        let key = Self::key(p);
+        match (self.entries.binary_search_by(|(k, _)| k.cmp(&key)), value) {
+            (Ok(i), Some(v)) => self.entries[i].1 = v,
+            (Ok(i), None) => {
+                self.entries.remove(i);
+            }
+            (Err(_), None) => {}
+            (Err(_), Some(_)) if self.entries.len() >= self.capacity => return false,
+            (Err(i), Some(v)) => self.entries.insert(i, (key, v)),
+        }
+        true
+    }
+}
+
 /// Counters in one block: one 64-byte cache line of `u32`s.
 const BLOCK: usize = 16;
 /// Counters per unit of capacity in each of the two sketches (addresses,
@@ -310,6 +381,8 @@ pub struct SourceCounts {
     hosts: Sketch,
     nets: Sketch,
     limits: SourceLimits,
+    /// Prefixes whose limit here is not `limits`' (see [`SourceCounts::set_limit`]).
+    overrides: Overrides<u32>,
 }
 
 impl SourceCounts {
@@ -330,6 +403,7 @@ impl SourceCounts {
             hosts: Sketch::try_new(capacity, seed)?,
             nets: Sketch::try_new(capacity, [seed[1], seed[0]])?,
             limits,
+            overrides: Overrides::new(MAX_OVERRIDES),
         })
     }
 
@@ -374,12 +448,31 @@ impl SourceCounts {
     pub fn check(&self, ip: IpAddr) -> Result<(), Level> {
         let (ps, n) = prefixes(ip);
         for p in &ps[..n] {
-            let limit = self.limits.at(p.level);
-            if limit > 0 && self.held(*p) >= limit {
-                return Err(p.level);
+            if let Some(limit) = self.limit(*p) {
+                if self.held(*p) >= limit {
+                    return Err(p.level);
+                }
             }
         }
         Ok(())
+    }
+
+    /// The most registrations `p` may hold here: its own limit if one was
+    /// set, else its level's; `None` when its level has no limit.
+    #[inline]
+    pub fn limit(&self, p: Prefix) -> Option<u32> {
+        if let Some(own) = self.overrides.get(p) {
+            return Some(own);
+        }
+        let limit = self.limits.at(p.level);
+        (limit > 0).then_some(limit)
+    }
+
+    /// Gives `p` a limit of its own (`Some(0)`: nothing more), or back its
+    /// level's (`None`). False when [`MAX_OVERRIDES`] prefixes already have
+    /// one and `p` does not.
+    pub fn set_limit(&mut self, p: Prefix, limit: Option<u32>) -> bool {
+        self.overrides.set(p, limit)
     }
 
     /// Counts a registration from `ip`.
@@ -583,5 +676,62 @@ mod tests {
         for good in ["127.0.0.1:1", "192.0.2.1:1", "[::1]:1", "[2001:db8::1]:1"] {
             assert!(!is_bogus(good.parse().unwrap()), "{good}");
         }
+    }
+
+    #[test]
+    fn a_prefix_may_have_a_limit_of_its_own() {
+        let mut c = counts(SourceLimits {
+            per_ip: 2,
+            v4_24: 100,
+            ..SourceLimits::OFF
+        });
+        let a = ip("192.0.2.1");
+        let host = prefixes(a).0[0];
+        c.add(a);
+        c.add(a);
+        assert_eq!(c.check(a), Err(Level::V4Host));
+        // Raised for this address only.
+        assert!(c.set_limit(host, Some(3)));
+        assert_eq!(c.limit(host), Some(3));
+        assert_eq!(c.check(a), Ok(()));
+        assert_eq!(c.check(ip("192.0.2.2")), Ok(()));
+        c.add(a);
+        assert_eq!(c.check(a), Err(Level::V4Host));
+        // Lowered to nothing, even at a level that has no limit.
+        let v6 = prefixes(ip("2001:db8::1")).0[2];
+        assert_eq!(c.limit(v6), None);
+        assert!(c.set_limit(v6, Some(0)));
+        assert_eq!(c.check(ip("2001:db8::1")), Err(Level::V6Net48));
+        // Back to the level's limit.
+        assert!(c.set_limit(host, None));
+        assert_eq!(c.limit(host), Some(2));
+        assert_eq!(c.check(a), Err(Level::V4Host));
+    }
+
+    #[test]
+    fn overrides_are_bounded_and_exact() {
+        let mut o = Overrides::new(3);
+        let p = |bits| Prefix {
+            bits,
+            level: Level::V4Host,
+        };
+        assert!(o.is_empty());
+        assert!(o.set(p(5), Some(1)) && o.set(p(1), Some(2)) && o.set(p(9), Some(3)));
+        assert!(!o.set(p(7), Some(4)), "full");
+        assert!(o.set(p(5), Some(10)), "an update needs no room");
+        assert_eq!(
+            (o.get(p(1)), o.get(p(5)), o.get(p(9)), o.get(p(7))),
+            (Some(2), Some(10), Some(3), None)
+        );
+        // The same bits at another level are another prefix.
+        assert_eq!(
+            o.get(Prefix {
+                bits: 5,
+                level: Level::V4Net24
+            }),
+            None
+        );
+        assert!(o.set(p(1), None) && o.set(p(7), Some(4)));
+        assert_eq!(o.len(), 3);
     }
 }

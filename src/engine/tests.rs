@@ -372,3 +372,40 @@ fn memory_is_checked_before_allocation() {
     let per_unit = c.memory().unwrap() as f64 / c.capacity as f64;
     assert!(per_unit < 64.0, "{per_unit} bytes per unit of capacity");
 }
+
+#[test]
+fn a_source_prefix_can_be_given_its_own_limit() {
+    let mut c = cfg(64);
+    c.limits = SourceLimits {
+        per_ip: 2,
+        ..SourceLimits::OFF
+    };
+    let mut e = Engine::new(&c).unwrap();
+    let host = source::prefixes(addr(A).ip()).0[0];
+    assert_eq!(e.source_limit(host), Some(2));
+    assert_eq!(e.handle(&req(1, 2), addr(A), 0), NEW);
+    assert_eq!(e.handle(&req(3, 4), addr(A), 0), NEW);
+    assert_eq!(e.source_held(host), 2);
+    let refused = Outcome::Dropped(DropReason::SourceLimit(Level::V4Host));
+    assert_eq!(e.handle(&req(5, 6), addr(A), 0), refused);
+    // Raised here: one more fits, then the new limit holds.
+    assert!(e.set_source_limit(host, Some(3)));
+    assert_eq!(e.source_limit(host), Some(3));
+    assert_eq!(e.handle(&req(5, 6), addr(A), 0), NEW);
+    assert_eq!(e.handle(&req(7, 8), addr(A), 0), refused);
+    // Lowered below what it holds: nothing new, nothing dropped; a refresh
+    // and a match still work.
+    assert!(e.set_source_limit(host, Some(0)));
+    assert_eq!(e.handle(&req(9, 10), addr(A), 0), refused);
+    assert_eq!(e.handle(&req(1, 2), addr(A), 1), Outcome::Refreshed);
+    assert!(e.handle(&req(2, 1), addr(B), 2).is_match());
+    assert_eq!(e.source_held(host), 2);
+    // Back to the configured limit.
+    assert!(e.set_source_limit(host, None));
+    assert_eq!(e.source_limit(host), Some(2));
+    assert_eq!(e.handle(&req(9, 10), addr(A), 3), refused);
+    // Without per-source counting there is nothing to set.
+    let mut off = engine(16);
+    assert!(!off.set_source_limit(host, Some(1)));
+    assert_eq!((off.source_held(host), off.source_limit(host)), (0, None));
+}

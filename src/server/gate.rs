@@ -2,10 +2,13 @@
 //! per-source rate limiter and before the engine.
 //!
 //! [`Gate::admit`] takes one datagram, its source, the rate limiter's verdict
-//! and the time, and says what to do with it ([`Verdict`]); it owns no
-//! socket and reads no clock, so it is unit-tested without a network, and
-//! each worker's loop calls it with a few lines. What it does, in order
-//! (PROTOCOL.md, "The cookie exchange", is the contract):
+//! and the time, and says what to do with it ([`Verdict`]); the v2 requests
+//! it lets on are collected, and [`Gate::check_tokens`] then checks their
+//! tokens for the whole batch at once (their MACs overlap: about half the
+//! cost of checking them one by one) and keeps those the engine may have.
+//! The gate owns no socket and reads no clock, so it is unit-tested without
+//! a network, and each worker's loop calls it with a few lines. What it
+//! does, in order (PROTOCOL.md, "The cookie exchange", is the contract):
 //!
 //! 1. A datagram that is not [`v2::REQUEST_LEN`] bytes long goes to the
 //!    engine as before protocol v2 (seed requests, and anything the engine
@@ -28,7 +31,8 @@
 //!    cookie from a source under pressure is answered with a 40-byte cookie
 //!    reply (`cookie_sent`), at most one per [`COOKIE_REPLY_SPACING_MS`] per
 //!    address and port, and otherwise dropped (`rate_limited`).
-//! 4. **Tokens.** [`KeySet::verify`] at Unix time `now`: an unknown key, an
+//! 4. **Tokens** ([`Gate::check_tokens`], [`KeySet::verify_batch`]) at Unix
+//!    time `now`: an unknown key, an
 //!    expired token and a bad MAC (forged, another pair, the other
 //!    direction) are dropped without a reply and counted apart
 //!    (`auth_failed_unknown_key`, `auth_failed_expired`,
@@ -124,6 +128,21 @@ pub fn load_key_file(path: &Path) -> Result<KeySet, String> {
     KeySet::parse(&text).map_err(|e| format!("key file {shown}: {e}"))
 }
 
+/// Reads the key file again for a reload: the keys, and a line saying what
+/// they are (for the log), or why the file cannot be used.
+pub fn reload_key_file(path: &Path) -> Result<(Arc<KeySet>, String), String> {
+    let keys = load_key_file(path)?;
+    let ids: Vec<String> = keys.ids().map(|id| id.to_string()).collect();
+    let what = format!(
+        "{} auth key(s) from {} (IDs {}; tokens are issued with {})",
+        keys.len(),
+        path.display(),
+        ids.join(", "),
+        keys.last().id()
+    );
+    Ok((Arc::new(keys), what))
+}
+
 /// The time as the gate needs it, read by the loop once per batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Clock {
@@ -151,8 +170,9 @@ pub enum Verdict {
     /// Hand it to the engine's seed-format path (which also drops and counts
     /// what is no request at all).
     Engine,
-    /// An admitted v2 request: hand it to [`crate::Engine::handle_v2`].
-    V2(v2::Request),
+    /// A well-formed v2 request past the cookie check whose token is still to
+    /// be checked: collect it with its source for [`Gate::check_tokens`].
+    CheckToken(v2::Request),
     /// Send this cookie reply to the datagram's source.
     Cookie(v2::CookieReply),
     /// Dropped without a reply; counted.
@@ -205,6 +225,9 @@ pub struct Gate {
     /// with a valid cookie from a source over its unvalidated budget.
     validated: Option<RateLimiter>,
     cookie_replies: CookieSpacing,
+    /// [`Gate::check_tokens`]'s verdicts for the batch in hand (capacity
+    /// reserved for the largest batch, so it never allocates).
+    passed: Vec<bool>,
 }
 
 impl Gate {
@@ -230,6 +253,7 @@ impl Gate {
             cookies,
             validated: RateLimiter::new(rate, [seed[1], seed[0] ^ 0x7661_6c69_6461_7465]),
             cookie_replies: CookieSpacing::new([seed[0] ^ 0x636f_6f6b_6965, seed[1]]),
+            passed: Vec::with_capacity(super::MAX_BATCH),
         })
     }
 
@@ -249,18 +273,18 @@ impl Gate {
     /// not be used, and the old keys stay.
     pub fn reload(&mut self) -> Option<Result<String, String>> {
         let path = self.key_file.clone()?;
-        Some(load_key_file(&path).map(|keys| {
-            let ids: Vec<String> = keys.ids().map(|id| id.to_string()).collect();
-            let what = format!(
-                "{} auth key(s) from {} (IDs {}; tokens are issued with {})",
-                keys.len(),
-                path.display(),
-                ids.join(", "),
-                keys.last().id()
-            );
-            self.set_keys(Arc::new(keys));
+        Some(reload_key_file(&path).map(|(keys, what)| {
+            self.set_keys(keys);
             what
         }))
+    }
+
+    /// Makes this gate one of `workers` (`--workers`): its validated budget
+    /// allows each source its share, as the loop's limiter does.
+    pub fn shared_by(&mut self, workers: u32) {
+        if let Some(l) = self.validated.as_mut() {
+            l.shared_by(workers);
+        }
     }
 
     /// Decides what becomes of `datagram` from `from`: see the module docs.
@@ -317,24 +341,45 @@ impl Gate {
             }
             io.cookie_validated += 1;
         }
-        let checked = match self.keys.as_deref() {
-            Some(keys) => keys.verify(&req.token, now.unix_secs),
-            None => Err(TokenError::UnknownKey),
+        Verdict::CheckToken(req)
+    }
+
+    /// Checks the tokens of the requests [`Gate::admit`] let on (`batch`,
+    /// with their sources) at Unix time `unix_secs`, and keeps in `batch`,
+    /// in order, only those with a valid token (`v2_admitted`): what the
+    /// engine may have. The others are counted by reason. Allocates nothing
+    /// for batches up to [`super::MAX_BATCH`].
+    pub fn check_tokens(
+        &mut self,
+        batch: &mut Vec<(v2::Request, SocketAddr)>,
+        unix_secs: u64,
+        io: &mut IoCounters,
+    ) {
+        let Gate { keys, passed, .. } = self;
+        passed.clear();
+        let mut count = |r: Result<u32, TokenError>| {
+            match r {
+                Ok(_) => io.v2_admitted += 1,
+                Err(TokenError::UnknownKey) => io.auth_failed_unknown_key += 1,
+                Err(TokenError::Expired) => io.auth_failed_expired += 1,
+                Err(TokenError::BadMac) => io.auth_failed_bad_mac += 1,
+            }
+            passed.push(r.is_ok());
         };
-        match checked {
-            Ok(_) => {
-                io.v2_admitted += 1;
-                Verdict::V2(req)
+        match keys.as_deref() {
+            Some(keys) => {
+                let b = &*batch;
+                keys.verify_batch(b.len(), |k| &b[k].0.token, unix_secs, |_, r| count(r));
             }
-            Err(e) => {
-                match e {
-                    TokenError::UnknownKey => io.auth_failed_unknown_key += 1,
-                    TokenError::Expired => io.auth_failed_expired += 1,
-                    TokenError::BadMac => io.auth_failed_bad_mac += 1,
-                }
-                Verdict::Drop
-            }
+            None => batch
+                .iter()
+                .for_each(|_| count(Err(TokenError::UnknownKey))),
         }
+        let mut k = 0;
+        batch.retain(|_| {
+            k += 1;
+            passed[k - 1]
+        });
     }
 }
 
@@ -377,6 +422,27 @@ mod tests {
         .to_bytes()
     }
 
+    /// `admit`, then `check_tokens` on what it let on: the whole gate for
+    /// one datagram, with the engine's input as `Ok`.
+    #[allow(clippy::result_large_err)]
+    fn pass(
+        g: &mut Gate,
+        d: &[u8],
+        from: SocketAddr,
+        within_rate: bool,
+        now: Clock,
+        io: &mut IoCounters,
+    ) -> Result<v2::Request, Verdict> {
+        match g.admit(d, from, within_rate, now, io) {
+            Verdict::CheckToken(req) => {
+                let mut batch = vec![(req, from)];
+                g.check_tokens(&mut batch, now.unix_secs, io);
+                batch.pop().map(|(r, _)| r).ok_or(Verdict::Drop)
+            }
+            other => Err(other),
+        }
+    }
+
     fn clock(ms: u32) -> Clock {
         Clock {
             unix_secs: NOW,
@@ -400,27 +466,27 @@ mod tests {
         let mut io = IoCounters::default();
         let mut g = gate(false, RATE);
         assert_eq!(
-            g.admit(&seed, addr(A), true, clock(0), &mut io),
-            Verdict::Engine
+            pass(&mut g, &seed, addr(A), true, clock(0), &mut io),
+            Err(Verdict::Engine)
         );
         // Garbage of other sizes goes to the engine, which counts bad_size.
         assert_eq!(
-            g.admit(&[0; 9], addr(A), true, clock(0), &mut io),
-            Verdict::Engine
+            pass(&mut g, &[0; 9], addr(A), true, clock(0), &mut io),
+            Err(Verdict::Engine)
         );
         assert_eq!(
-            g.admit(&seed, addr(A), false, clock(0), &mut io),
-            Verdict::Drop
+            pass(&mut g, &seed, addr(A), false, clock(0), &mut io),
+            Err(Verdict::Drop)
         );
         assert_eq!(io.rate_limited, 1);
         let mut g = gate(true, RATE);
         assert_eq!(
-            g.admit(&seed, addr(A), true, clock(0), &mut io),
-            Verdict::Drop
+            pass(&mut g, &seed, addr(A), true, clock(0), &mut io),
+            Err(Verdict::Drop)
         );
         assert_eq!(
-            g.admit(&[0; 9], addr(A), true, clock(0), &mut io),
-            Verdict::Engine
+            pass(&mut g, &[0; 9], addr(A), true, clock(0), &mut io),
+            Err(Verdict::Engine)
         );
         assert_eq!(io.seed_refused, 1);
     }
@@ -431,31 +497,33 @@ mod tests {
         let mut g = gate(false, RATE);
         let pair = Pair::new(7, 9);
         let good = request(2, NOW + 60, pair, None);
-        let Verdict::V2(req) = g.admit(&good, addr(A), true, clock(0), &mut io) else {
+        let Ok(req) = pass(&mut g, &good, addr(A), true, clock(0), &mut io) else {
             panic!("a good token was refused")
         };
         assert_eq!(req.pair(), pair);
         // Unknown key, expired (past the 30 s of skew), bad MAC: another
         // pair's MAC, the other direction's, and a flipped bit.
         assert_eq!(
-            g.admit(
+            pass(
+                &mut g,
                 &request(3, NOW + 60, pair, None),
                 addr(A),
                 true,
                 clock(0),
                 &mut io
             ),
-            Verdict::Drop
+            Err(Verdict::Drop)
         );
         assert_eq!(
-            g.admit(
+            pass(
+                &mut g,
                 &request(1, NOW - 31, pair, None),
                 addr(A),
                 true,
                 clock(0),
                 &mut io
             ),
-            Verdict::Drop
+            Err(Verdict::Drop)
         );
         let mut other = good;
         other[v2::field::TOKEN][..16]
@@ -464,8 +532,8 @@ mod tests {
         flipped[v2::field::MAC.start] ^= 1;
         for bad in [other, flipped] {
             assert_eq!(
-                g.admit(&bad, addr(A), true, clock(0), &mut io),
-                Verdict::Drop
+                pass(&mut g, &bad, addr(A), true, clock(0), &mut io),
+                Err(Verdict::Drop)
             );
         }
         assert_eq!(
@@ -479,15 +547,12 @@ mod tests {
         );
         // Within the skew allowance it still passes.
         let late = request(1, NOW - 30, pair, None);
-        assert!(matches!(
-            g.admit(&late, addr(A), true, clock(0), &mut io),
-            Verdict::V2(_)
-        ));
+        assert!(pass(&mut g, &late, addr(A), true, clock(0), &mut io).is_ok());
         // Without keys every v2 request is an unknown key.
         let mut g = Gate::new(&AuthConfig::default(), RATE, [0, 0], &[1; 32]).unwrap();
         assert_eq!(
-            g.admit(&good, addr(A), true, clock(0), &mut io),
-            Verdict::Drop
+            pass(&mut g, &good, addr(A), true, clock(0), &mut io),
+            Err(Verdict::Drop)
         );
         assert_eq!(io.auth_failed_unknown_key, 2);
     }
@@ -504,15 +569,15 @@ mod tests {
             "[ff02::1]:9",
         ] {
             assert_eq!(
-                g.admit(&good, addr(bad), true, clock(0), &mut io),
-                Verdict::Drop
+                pass(&mut g, &good, addr(bad), true, clock(0), &mut io),
+                Err(Verdict::Drop)
             );
         }
         let mut malformed = good;
         malformed[4] = 3; // version 3
         assert_eq!(
-            g.admit(&malformed, addr(A), true, clock(0), &mut io),
-            Verdict::Drop
+            pass(&mut g, &malformed, addr(A), true, clock(0), &mut io),
+            Err(Verdict::Drop)
         );
         assert_eq!((io.v2_bad_source, io.v2_malformed), (4, 1));
         assert_eq!(io.auth_failed_bad_mac + io.v2_admitted, 0);
@@ -525,39 +590,31 @@ mod tests {
         let pair = Pair::new(1, 2);
         let bare = request(1, NOW + 60, pair, None);
         // Within the rate: no cookie needed, none looked at.
-        assert!(matches!(
-            g.admit(&bare, addr(A), true, clock(0), &mut io),
-            Verdict::V2(_)
-        ));
+        assert!(pass(&mut g, &bare, addr(A), true, clock(0), &mut io).is_ok());
         // Over it: a cookie reply, never longer than the request.
-        let Verdict::Cookie(reply) = g.admit(&bare, addr(A), false, clock(0), &mut io) else {
+        let Err(Verdict::Cookie(reply)) = pass(&mut g, &bare, addr(A), false, clock(0), &mut io)
+        else {
             panic!("no cookie reply")
         };
         assert_eq!(reply.pair, pair);
         assert!(reply.to_bytes().len() < bare.len());
         // The next cookie reply to the same address waits its spacing.
         assert_eq!(
-            g.admit(&bare, addr(A), false, clock(50), &mut io),
-            Verdict::Drop
+            pass(&mut g, &bare, addr(A), false, clock(50), &mut io),
+            Err(Verdict::Drop)
         );
         assert_eq!(io.rate_limited, 1);
         // With the cookie the request passes, charged to the validated budget
         // (burst 2, then 10/s).
         let with = request(1, NOW + 60, pair, Some(reply.cookie));
         for _ in 0..2 {
-            assert!(matches!(
-                g.admit(&with, addr(A), false, clock(60), &mut io),
-                Verdict::V2(_)
-            ));
+            assert!(pass(&mut g, &with, addr(A), false, clock(60), &mut io).is_ok());
         }
         assert_eq!(
-            g.admit(&with, addr(A), false, clock(60), &mut io),
-            Verdict::Drop
+            pass(&mut g, &with, addr(A), false, clock(60), &mut io),
+            Err(Verdict::Drop)
         );
-        assert!(matches!(
-            g.admit(&with, addr(A), false, clock(170), &mut io),
-            Verdict::V2(_)
-        ));
+        assert!(pass(&mut g, &with, addr(A), false, clock(170), &mut io).is_ok());
         assert_eq!(
             (io.cookie_sent, io.cookie_validated, io.rate_limited),
             (1, 3, 2)
@@ -566,8 +623,8 @@ mod tests {
         // port it is no cookie (and that port gets its own cookie reply).
         let elsewhere = addr("192.0.2.1:4001");
         assert!(matches!(
-            g.admit(&with, elsewhere, false, clock(200), &mut io),
-            Verdict::Cookie(_)
+            pass(&mut g, &with, elsewhere, false, clock(200), &mut io),
+            Err(Verdict::Cookie(_))
         ));
         // It lasts its epoch and the next, not longer.
         let later = Clock {
@@ -576,8 +633,8 @@ mod tests {
         };
         let with_late = request(1, NOW + 600, pair, Some(reply.cookie));
         assert!(matches!(
-            g.admit(&with_late, addr(A), false, later, &mut io),
-            Verdict::Cookie(_)
+            pass(&mut g, &with_late, addr(A), false, later, &mut io),
+            Err(Verdict::Cookie(_))
         ));
     }
 
@@ -590,7 +647,8 @@ mod tests {
         let mut g = gate(false, RATE);
         let pair = Pair::new(1, 2);
         let bare = request(1, NOW + 60, pair, None);
-        let Verdict::Cookie(reply) = g.admit(&bare, addr(A), false, clock(0), &mut io) else {
+        let Err(Verdict::Cookie(reply)) = pass(&mut g, &bare, addr(A), false, clock(0), &mut io)
+        else {
             panic!("no cookie reply")
         };
         let mine = request(1, NOW + 60, pair, Some(reply.cookie));
@@ -611,16 +669,14 @@ mod tests {
                         Some(g.cookies.issue(addr("192.0.2.1:9"), NOW)),
                     ),
                 };
-                let v = g.admit(&forged, addr(A), false, clock(ms), &mut io);
-                assert!(matches!(v, Verdict::Drop | Verdict::Cookie(_)), "{v:?}");
+                let v = pass(&mut g, &forged, addr(A), false, clock(ms), &mut io);
+                assert!(
+                    matches!(v, Err(Verdict::Drop | Verdict::Cookie(_))),
+                    "{v:?}"
+                );
             }
             // A retransmits every 250 ms.
-            if t % 250 == 0
-                && matches!(
-                    g.admit(&mine, addr(A), false, clock(ms), &mut io),
-                    Verdict::V2(_)
-                )
-            {
+            if t % 250 == 0 && pass(&mut g, &mine, addr(A), false, clock(ms), &mut io).is_ok() {
                 answered += 1;
             }
         }

@@ -15,11 +15,17 @@
 //! less active ones remain in its set. Keys are hashed with a secret seed so a
 //! sender cannot aim many sources at one set.
 //!
+//! With several workers (`--workers`), each worker has its own limiter and
+//! enforces a *share* of the limit ([`RateLimiter::shared_by`]); the server
+//! moves shares to where a source's traffic goes (`server/shares.rs`) with
+//! [`RateLimiter::set_share`], after asking each worker what the source
+//! asked of it lately ([`RateLimiter::measure`]).
+//!
 //! No clock, no I/O, no allocation after [`RateLimiter::new`].
 
 use std::net::IpAddr;
 
-use crate::engine::source::{prefixes, Prefix};
+use crate::engine::source::{prefixes, Overrides, Prefix, MAX_OVERRIDES};
 use crate::table::keyed_hash;
 
 /// Ways per set: a new source can evict only the least recently seen of these.
@@ -31,13 +37,44 @@ const SCALE: u64 = 1000;
 struct Bucket {
     /// The source's prefix bits (an IPv4 address or an IPv6 /64).
     bits: u64,
-    /// The prefix's level (`Level as u8`); 0 marks an unused way. With the
-    /// bits, a key that cannot collide with another source's.
-    level: u8,
     /// Thousandths of a token.
     tokens: u64,
     /// Last time this bucket was refilled, in ms.
     last: u32,
+    /// Datagrams seen (allowed or not) since `since`: what the source asks
+    /// of this limiter, for [`RateLimiter::measure`].
+    seen: u32,
+    /// When `seen` started counting, in ms.
+    since: u32,
+    /// The prefix's level (`Level as u8`); 0 marks an unused way. With the
+    /// bits, a key that cannot collide with another source's.
+    level: u8,
+}
+
+/// One set of ways: 128 bytes, aligned to two whole cache lines, both of
+/// which [`RateLimiter::prefetch`] fetches.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Set([Bucket; WAYS]);
+
+const _: () = assert!(std::mem::size_of::<Set>() == 128);
+
+/// A sustained rate and a burst: a whole limit or one worker's share of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Datagrams per second.
+    pub per_second: u32,
+    /// Datagrams at once after being idle.
+    pub burst: u32,
+}
+
+/// What one source asked of a limiter since the last [`RateLimiter::measure`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// Datagrams seen, allowed or not.
+    pub seen: u32,
+    /// Over how many milliseconds (0 when the limiter does not know the source).
+    pub over_ms: u32,
 }
 
 /// How the limiter is set up.
@@ -75,16 +112,19 @@ impl Default for RateLimit {
 }
 
 /// The source a datagram is rate limited as: its IPv4 address or IPv6 /64.
-fn source(ip: IpAddr) -> Prefix {
+pub fn source(ip: IpAddr) -> Prefix {
     prefixes(ip).0[0]
 }
 
 /// Token buckets for a fixed number of sources.
 pub struct RateLimiter {
-    sets: Box<[[Bucket; WAYS]]>,
-    /// Thousandths of a token earned per millisecond.
-    refill_per_ms: u64,
-    burst: u64,
+    sets: Box<[Set]>,
+    /// The limit as configured, for the whole server.
+    whole: Rate,
+    /// What this limiter allows a source without a share of its own.
+    share: Rate,
+    /// Sources with a share of their own.
+    overrides: Overrides<Rate>,
     seed: [u64; 2],
 }
 
@@ -95,13 +135,77 @@ impl RateLimiter {
             return None;
         }
         let sets = cfg.sources.div_ceil(WAYS).max(1);
+        let whole = Rate {
+            per_second: cfg.per_second,
+            burst: cfg.burst.max(1),
+        };
         Some(RateLimiter {
-            sets: vec![[Bucket::default(); WAYS]; sets].into_boxed_slice(),
-            // per_second tokens per 1000 ms, in thousandths: per_second per ms.
-            refill_per_ms: u64::from(cfg.per_second),
-            burst: u64::from(cfg.burst.max(1)) * SCALE,
+            sets: vec![Set::default(); sets].into_boxed_slice(),
+            whole,
+            share: whole,
+            overrides: Overrides::new(MAX_OVERRIDES),
             seed: [seed[0], seed[1] | 1],
         })
+    }
+
+    /// Makes this limiter one of `workers` that share every source's limit:
+    /// by default it allows each source `ceil(1/workers)` of the rate and of
+    /// the burst, so a source spread evenly over all of them gets the whole
+    /// limit (within `workers - 1` datagrams of rounding).
+    pub fn shared_by(&mut self, workers: u32) {
+        let w = workers.max(1);
+        self.share = Rate {
+            per_second: self.whole.per_second.div_ceil(w),
+            burst: self.whole.burst.div_ceil(w),
+        };
+    }
+
+    /// The limit for the whole server, as configured.
+    pub fn whole(&self) -> Rate {
+        self.whole
+    }
+
+    /// The share of `src` here: its own, or the default.
+    #[inline]
+    pub fn share_of(&self, src: Prefix) -> Rate {
+        self.overrides.get(src).unwrap_or(self.share)
+    }
+
+    /// True when `ip`'s share here is less than the whole limit, so that a
+    /// refusal here may not be the source's fault.
+    pub fn share_limited(&self, ip: IpAddr) -> bool {
+        let s = self.share_of(source(ip));
+        s.per_second < self.whole.per_second || s.burst < self.whole.burst
+    }
+
+    /// Gives `src` a share of its own here (`None`: back to the default).
+    /// False, and nothing changed, when [`MAX_OVERRIDES`] sources already
+    /// have one and `src` does not.
+    pub fn set_share(&mut self, src: Prefix, share: Option<Rate>) -> bool {
+        self.overrides.set(src, share)
+    }
+
+    /// What `src` asked of this limiter since the last call (or since this
+    /// limiter first saw it), and starts counting afresh at `now`.
+    pub fn measure(&mut self, src: Prefix, now: u32) -> Demand {
+        let i = self.set_of(src);
+        let level = src.level as u8;
+        match self.sets[i]
+            .0
+            .iter_mut()
+            .find(|b| b.level == level && b.bits == src.bits)
+        {
+            Some(b) => {
+                let d = Demand {
+                    seen: b.seen,
+                    over_ms: now.wrapping_sub(b.since).min(1 << 30),
+                };
+                b.seen = 0;
+                b.since = now;
+                d
+            }
+            None => Demand::default(),
+        }
     }
 
     /// Bytes allocated.
@@ -118,7 +222,9 @@ impl RateLimiter {
     /// Fetches into cache the set `ip`'s bucket lives in.
     #[inline]
     pub fn prefetch(&self, ip: IpAddr) {
-        crate::sys::prefetch((&self.sets[self.set_of(source(ip))] as *const [Bucket; WAYS]).cast());
+        let set: *const Set = &self.sets[self.set_of(source(ip))];
+        crate::sys::prefetch(set.cast());
+        crate::sys::prefetch(set.cast::<u8>().wrapping_add(64));
     }
 
     /// Takes one token for `ip` at `now` (ms); false when the source is over
@@ -127,8 +233,12 @@ impl RateLimiter {
     pub fn allow(&mut self, ip: IpAddr, now: u32) -> bool {
         let p = source(ip);
         let level = p.level as u8;
+        let share = self.share_of(p);
+        // per_second tokens per 1000 ms, in thousandths: per_second per ms.
+        let refill_per_ms = u64::from(share.per_second);
+        let burst = u64::from(share.burst) * SCALE;
         let i = self.set_of(p);
-        let set = &mut self.sets[i];
+        let set = &mut self.sets[i].0;
         let way = match set
             .iter()
             .position(|b| b.level == level && b.bits == p.bits)
@@ -149,15 +259,18 @@ impl RateLimiter {
                 set[w] = Bucket {
                     bits: p.bits,
                     level,
-                    tokens: self.burst,
+                    tokens: burst,
                     last: now,
+                    seen: 0,
+                    since: now,
                 };
                 w
             }
         };
         let b = &mut set[way];
+        b.seen = b.seen.saturating_add(1);
         let elapsed = u64::from(now.wrapping_sub(b.last).min(1 << 30));
-        b.tokens = (b.tokens + elapsed * self.refill_per_ms).min(self.burst);
+        b.tokens = (b.tokens + elapsed * refill_per_ms).min(burst);
         b.last = now;
         if b.tokens >= SCALE {
             b.tokens -= SCALE;
@@ -238,6 +351,52 @@ mod tests {
             assert!(!l.allow(a.parse().unwrap(), 0));
             assert!(l.allow(b.parse().unwrap(), 0), "{b} shares {a}'s bucket");
         }
+    }
+
+    #[test]
+    fn shares_split_the_limit_and_move_where_asked() {
+        let mut l = limiter(100, 40, 64);
+        l.shared_by(4);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let src = source(a);
+        assert_eq!(
+            l.share_of(src),
+            Rate {
+                per_second: 25,
+                burst: 10
+            }
+        );
+        assert!(l.share_limited(a));
+        assert_eq!((0..40).filter(|_| l.allow(a, 0)).count(), 10);
+        // 40 seen over the 200 ms since the source was first seen.
+        assert_eq!(
+            l.measure(src, 200),
+            Demand {
+                seen: 40,
+                over_ms: 200
+            }
+        );
+        assert_eq!(
+            l.measure(src, 300),
+            Demand {
+                seen: 0,
+                over_ms: 100
+            }
+        );
+        // Given the whole limit here: the burst refills to 40.
+        assert!(l.set_share(src, Some(l.whole())));
+        assert!(!l.share_limited(a));
+        assert_eq!((0..60).filter(|_| l.allow(a, 10_000)).count(), 40);
+        // Another source keeps the default; back to it, so does this one.
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!((0..40).filter(|_| l.allow(b, 10_000)).count(), 10);
+        assert!(l.set_share(src, None));
+        assert_eq!((0..40).filter(|_| l.allow(a, 20_000)).count(), 10);
+        // Unknown sources measure as nothing.
+        assert_eq!(
+            l.measure(source("198.51.100.1".parse().unwrap()), 5),
+            Demand::default()
+        );
     }
 
     #[test]

@@ -113,11 +113,26 @@ pub fn bind_udp(
     rcvbuf: usize,
     sndbuf: usize,
 ) -> io::Result<(std::net::UdpSocket, Buffers)> {
+    open_udp(addr, rcvbuf, sndbuf, false)
+}
+
+fn open_udp(
+    addr: SocketAddr,
+    rcvbuf: usize,
+    sndbuf: usize,
+    reuse_port: bool,
+) -> io::Result<(std::net::UdpSocket, Buffers)> {
     let domain = Domain::for_address(addr);
     let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
     socket.set_nonblocking(true)?;
     let mut buffers = Buffers {
         rcv_wanted: rcvbuf,
@@ -137,6 +152,91 @@ pub fn bind_udp(
     buffers.snd_got = socket.send_buffer_size()? / halve;
     socket.bind(&addr.into())?;
     Ok((socket.into(), buffers))
+}
+
+/// One classic BPF instruction, as `struct sock_filter` holds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BpfInsn {
+    /// Opcode.
+    pub code: u16,
+    /// Jump offset when the condition holds.
+    pub jt: u8,
+    /// Jump offset when it does not.
+    pub jf: u8,
+    /// The constant operand.
+    pub k: u32,
+}
+
+/// Opens `n` nonblocking UDP sockets bound together to `addr` (IPv6 ones
+/// v6-only) with the given buffer sizes: one `SO_REUSEPORT` group, in which
+/// socket `i` is the group's index `i`. With `n` = 1 the socket is bound
+/// without `SO_REUSEPORT`, as a lone server always was. With a fixed port,
+/// a socket already bound there (another server) makes this fail with
+/// `AddrInUse` before the group forms, even if that socket would let the
+/// group join it.
+#[cfg(unix)]
+pub fn bind_udp_group(
+    addr: SocketAddr,
+    n: usize,
+    rcvbuf: usize,
+    sndbuf: usize,
+) -> io::Result<Vec<(std::net::UdpSocket, Buffers)>> {
+    if n <= 1 {
+        return Ok(vec![bind_udp(addr, rcvbuf, sndbuf)?]);
+    }
+    if addr.port() != 0 {
+        // A plain bind fails where anyone holds the port; dropped at once.
+        bind_udp(addr, 0, 0)?;
+    }
+    let mut group: Vec<(std::net::UdpSocket, Buffers)> = Vec::with_capacity(n);
+    let mut at = addr;
+    for _ in 0..n {
+        let socket = open_udp(at, rcvbuf, sndbuf, true)?;
+        at = socket.0.local_addr()?;
+        group.push(socket);
+    }
+    Ok(group)
+}
+
+/// Attaches a classic BPF program to the `SO_REUSEPORT` group `socket`
+/// belongs to (`SO_ATTACH_REUSEPORT_CBPF`): the kernel runs it on every
+/// datagram for the group, with the UDP payload at offset 0, and delivers
+/// the datagram to the group's socket of the index it returns (an index
+/// beyond the group falls back to the kernel's hash).
+#[cfg(target_os = "linux")]
+pub fn attach_reuseport_cbpf(
+    socket: &impl std::os::fd::AsRawFd,
+    program: &[BpfInsn],
+) -> io::Result<()> {
+    let mut filter: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let prog = libc::sock_fprog {
+        len: u16::try_from(filter.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points at `filter`, `len` instructions that live until
+    // the call returns; the kernel copies the program and keeps no pointer.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Asks the CPU to bring the cache line at `p` into cache, for a read soon.

@@ -29,7 +29,11 @@ impl TestServer {
     /// Starts a server bound to each of `binds`.
     pub fn start_on(mut cfg: ServerConfig, binds: &[&str]) -> TestServer {
         cfg.bind = binds.iter().map(|b| b.parse().unwrap()).collect();
-        let mut server = Server::bind(&cfg).expect("server binds");
+        Self::from_server(Server::bind(&cfg).expect("server binds"))
+    }
+
+    /// Runs a server already bound (to look at it first).
+    pub fn from_server(mut server: Server) -> TestServer {
         let addrs = server.local_addrs();
         let metrics_addr = server.metrics_addr();
         let stun_addrs = server.stun_addrs();
