@@ -17,7 +17,9 @@ cleanup() {
 trap cleanup EXIT
 
 start_server() {
-    "$BIN/psync-server" -4 -p 0 --bind 127.0.0.1 "$@" 2>"$work/server.err" &
+    # SERVER_CPUS: run the server on these CPUs only (taskset -c syntax).
+    ${SERVER_CPUS:+taskset -c "$SERVER_CPUS"} "$BIN/psync-server" -4 -p 0 --bind 127.0.0.1 "$@" \
+        2>"$work/server.err" &
     srv=$!
     for _ in $(seq 100); do
         grep -q 'listening on udp' "$work/server.err" && break

@@ -230,6 +230,14 @@ impl<E: Entry> Table<E> {
         prefetch((&self.slots[i] as *const E).cast());
     }
 
+    /// Asks the CPU to fetch slot `i` and the control bytes from it on.
+    #[inline]
+    pub fn prefetch_slot(&self, i: usize) {
+        let i = i % self.slots.len();
+        prefetch(self.ctrl[i..].as_ptr());
+        prefetch((&self.slots[i] as *const E).cast());
+    }
+
     /// Finds the entry for which `eq` holds among those hashed from `hash`:
     /// `Ok(index)` where it is, or `Err(index)` of the empty slot that ends
     /// its probe sequence (where [`Table::insert_at`] puts a new one).
@@ -346,10 +354,12 @@ impl<E: Entry> Table<E> {
                 let mut full = self.group(ahead) & MSB;
                 while full != 0 {
                     let j = self.wrap(ahead + (full.trailing_zeros() / 8) as usize);
-                    // The line holding the middle of the entry: for the
-                    // engine's slots, where the expiry is.
+                    // Both lines an entry may straddle: the sweep reads its
+                    // expiry, and a removal reads the keys of the entries
+                    // after it to shift them back.
                     let e = (&self.slots[j] as *const E).cast::<u8>();
-                    prefetch(e.wrapping_add(size_of::<E>() / 2));
+                    prefetch(e);
+                    prefetch(e.wrapping_add(size_of::<E>() - 1));
                     full &= full - 1;
                 }
                 let mut occupied = self.group(cursor) & MSB;

@@ -15,7 +15,7 @@
 use std::io::{self, IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,67 @@ pub struct Config {
     pub stop: Arc<AtomicBool>,
     /// Seed-format requests, or v2 with tokens (`--auth-key-file`).
     pub format: Format,
+    /// This driver's place among `--threads`: which one, of how many, and
+    /// where each publishes its progress (completed, lost, wrong) for the
+    /// progress line, which thread 0 prints for all.
+    pub thread: Thread,
+}
+
+/// A driver's place among several (`--threads`).
+#[derive(Clone, Debug)]
+pub struct Thread {
+    /// Which one (0 prints the progress line).
+    pub index: usize,
+    /// How many.
+    pub of: usize,
+    /// Per thread: completed, lost and wrong pairs so far.
+    pub progress: Arc<[AtomicU64]>,
+}
+
+impl Thread {
+    /// The only thread.
+    pub fn alone() -> Thread {
+        Thread::new(0, 1)
+    }
+
+    /// Threads `0..of`, sharing one progress table: returns thread 0; clone
+    /// it and set `index` for the others.
+    pub fn new(index: usize, of: usize) -> Thread {
+        Thread {
+            index,
+            of,
+            progress: (0..3 * of.max(1)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The first ID of this thread's pairs and of its one-sided
+    /// registrations: the 32-bit ID space is split among the threads (so
+    /// that no two threads' pairs meet), and each part in two, pairs first.
+    fn id_bases(&self, random: u32) -> (u32, u32) {
+        let bits = usize::BITS - (self.of.max(1) - 1).leading_zeros();
+        let part = 1u64 << (32 - bits.min(31));
+        let start = (self.index as u64 * part) as u32;
+        let half = (part / 2) as u32;
+        let pairs = start.wrapping_add(random % half);
+        (pairs, pairs.wrapping_add(half) & !1)
+    }
+
+    fn publish(&self, completed: u64, lost: u64, wrong: u64) {
+        let k = 3 * self.index;
+        self.progress[k].store(completed, Ordering::Relaxed);
+        self.progress[k + 1].store(lost, Ordering::Relaxed);
+        self.progress[k + 2].store(wrong, Ordering::Relaxed);
+    }
+
+    /// Completed, lost and wrong over every thread.
+    fn totals(&self) -> (u64, u64, u64) {
+        let sum = |f: usize| {
+            (0..self.of.max(1))
+                .map(|t| self.progress[3 * t + f].load(Ordering::Relaxed))
+                .sum()
+        };
+        (sum(0), sum(1), sum(2))
+    }
 }
 
 /// Datagrams per `sendmmsg`/`recvmmsg` call.
@@ -139,7 +200,8 @@ pub struct Results {
     pub stray: u64,
     /// Datagrams the kernel refused, or that found the outbox full.
     pub send_failed: u64,
-    /// Our CPU time during the measured window.
+    /// CPU time of the load threads during the measured window (each
+    /// thread's own, summed).
     pub cpu: Duration,
     /// Our CPU time over the whole run (setup, preload and warmup included).
     pub cpu_total: Duration,
@@ -412,6 +474,87 @@ impl Progress {
     }
 }
 
+/// Runs the load on `cfg.thread.of` threads (each with its own sockets and
+/// pairs, `cfg` being thread 0's) and merges what they measured.
+pub fn run_threads(cfgs: Vec<Config>) -> Result<Results, SetupError> {
+    let handles: Vec<_> = cfgs
+        .into_iter()
+        .map(|cfg| {
+            std::thread::Builder::new()
+                .name(format!("loadgen-{}", cfg.thread.index))
+                .spawn(move || run(&cfg))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut merged: Option<Results> = None;
+    let mut failure = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(r)) => match merged.as_mut() {
+                Some(m) => m.merge(r),
+                None => merged = Some(r),
+            },
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(_) => {
+                failure = failure.or(Some(SetupError::Poll(io::Error::other(
+                    "a load thread panicked",
+                ))))
+            }
+        }
+    }
+    match (failure, merged) {
+        (Some(e), _) => Err(e),
+        (None, Some(mut m)) => {
+            m.cpu_total = sys::cpu_time();
+            Ok(m)
+        }
+        (None, None) => Err(SetupError::Poll(io::Error::other("no load thread ran"))),
+    }
+}
+
+impl Results {
+    /// Adds another thread's results to these (histograms merged, counts
+    /// summed, the longer window kept).
+    pub fn merge(&mut self, o: Results) {
+        fn add(a: &mut Tally, b: &Tally) {
+            a.issued += b.issued;
+            a.completed += b.completed;
+            a.lost += b.lost;
+            a.late += b.late;
+            a.replayed += b.replayed;
+            a.replay_missing += b.replay_missing;
+            a.wrong_pairs += b.wrong_pairs;
+        }
+        self.load = match (self.load, o.load) {
+            (Load::Rate(a), Load::Rate(b)) => Load::Rate(a + b),
+            (Load::Window(a), Load::Window(b)) => Load::Window(a + b),
+            (l, _) => l,
+        };
+        self.window = self.window.max(o.window);
+        self.scheduled = match (self.scheduled, o.scheduled) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        add(&mut self.measured, &o.measured);
+        add(&mut self.all, &o.all);
+        self.window_completed += o.window_completed;
+        for (a, b) in self.wrong.0.iter_mut().zip(o.wrong.0.iter()) {
+            *a += b;
+        }
+        let _ = self.histogram.add(&o.histogram);
+        self.unsent += o.unsent;
+        self.warmup_skipped += o.warmup_skipped;
+        self.slot_waits += o.slot_waits;
+        self.bad_sent += o.bad_sent;
+        self.pending_sent += o.pending_sent;
+        self.stray += o.stray;
+        self.send_failed += o.send_failed;
+        self.cpu += o.cpu;
+        self.cpu_total = self.cpu_total.max(o.cpu_total);
+        self.first_wrong = self.first_wrong.or(o.first_wrong);
+        self.sockets += o.sockets;
+    }
+}
+
 /// Runs the load and returns what it measured.
 pub fn run(cfg: &Config) -> Result<Results, SetupError> {
     let mut poll = Poll::new()?;
@@ -423,7 +566,7 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
     let mut events = Events::with_capacity(cfg.sockets + 1);
     let mut dice = Dice::seeded();
     let timeout = cfg.timeout.as_nanos() as Nanos;
-    let id_base = dice.next() as u32;
+    let (id_base, pending_base) = cfg.thread.id_bases(dice.next() as u32);
     let mut pairs = Pairs::new(PairsConfig {
         sockets: cfg.sockets,
         timeout,
@@ -431,9 +574,9 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
         port_range: cfg.port_range,
         id_base,
     });
-    // Disjoint from the pairs' IDs, and never each other's counterpart:
-    // every one-sided registration has an even self_id.
-    let pending_base = (id_base ^ 0x8000_0000) & !1;
+    // `pending_base` is disjoint from the pairs' IDs, and one-sided
+    // registrations are never each other's counterpart: every one has an
+    // even self_id.
     let mut hist_all = Histogram::<u64>::new_with_bounds(1, HIST_MAX, 3).expect("valid bounds");
     let mut hist = hist_all.clone();
     let server_port = cfg.server.port();
@@ -441,7 +584,7 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
     let clock = || start.elapsed().as_nanos() as Nanos;
 
     let mut progress = Progress {
-        enabled: cfg.progress,
+        enabled: cfg.progress && cfg.thread.index == 0,
         tty: io::stderr().is_terminal(),
         next: PROGRESS_EVERY,
         last_at: 0,
@@ -514,13 +657,13 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                 sched.stop_at(*end);
             }
             if cpu_start.is_none() && now >= *warm_end {
-                cpu_start = Some(sys::cpu_time());
+                cpu_start = Some(sys::thread_cpu_time());
                 // Warmup pairs still unsent are dropped (they are not
                 // measured): the window starts on its own schedule.
                 warmup_skipped = sched.skip_to(*warm_end);
             }
             if cpu_end.is_none() && now >= *end {
-                cpu_end = Some(sys::cpu_time());
+                cpu_end = Some(sys::thread_cpu_time());
             }
             while let Some(at) = sched.due(now, pairs.outstanding()) {
                 let measured = at >= *warm_end;
@@ -557,14 +700,19 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
             }
         }
 
+        cfg.thread
+            .publish(pairs.all.completed, pairs.all.lost, pairs.wrong.total());
         if now >= progress.next && !progress.enabled {
             progress.next = now + PROGRESS_EVERY;
         }
         if now >= progress.next {
+            // Thread 0 speaks for all (the others' counts are as of their
+            // last turn).
+            let (completed, lost, wrong) = cfg.thread.totals();
             let dt = (now - progress.last_at) as f64 / 1e9;
-            let rate = (pairs.all.completed - progress.last_completed) as f64 / dt.max(1e-9);
+            let rate = completed.saturating_sub(progress.last_completed) as f64 / dt.max(1e-9);
             progress.last_at = now;
-            progress.last_completed = pairs.all.completed;
+            progress.last_completed = completed;
             progress.next = now + PROGRESS_EVERY;
             match schedule {
                 None => progress.line(format_args!(
@@ -577,10 +725,8 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
                     let phase = if now < warm_end { " (warmup)" } else { "" };
                     let since = now.saturating_sub(sched.start()) as f64 / 1e9;
                     progress.line(format_args!(
-                        "{since:6.1}s  {rate:9.0} pairs/s  p99 {:9.1} us  lost {}  wrong {}{phase}",
+                        "{since:6.1}s  {rate:9.0} pairs/s  p99 {:9.1} us  lost {lost}  wrong {wrong}{phase}",
                         h.value_at_quantile(0.99) as f64 / 1e3,
-                        pairs.all.lost,
-                        pairs.wrong.total(),
                     ))
                 }
             }
@@ -719,7 +865,7 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
 
     let cpu = match (cpu_start, cpu_end) {
         (Some(a), Some(b)) => b.saturating_sub(a),
-        (Some(a), None) => sys::cpu_time().saturating_sub(a),
+        (Some(a), None) => sys::thread_cpu_time().saturating_sub(a),
         _ => Duration::ZERO,
     };
     let (window, scheduled, unsent, warmup_skipped) = match &schedule {
@@ -754,4 +900,40 @@ pub fn run(cfg: &Config) -> Result<Results, SetupError> {
         first_wrong,
         sockets: cfg.sockets,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_split_the_id_space() {
+        // Each thread's pairs and preload start in its own part of the
+        // 32-bit space, pairs in the lower half, preload in the upper.
+        for of in [1usize, 2, 3, 4, 64] {
+            let bits = usize::BITS - (of - 1).leading_zeros();
+            let part = 1u64 << (32 - bits.min(31));
+            for index in 0..of {
+                let t = Thread {
+                    index,
+                    of,
+                    ..Thread::new(0, of)
+                };
+                for random in [0u32, 1, 0x7fff_ffff, u32::MAX] {
+                    let (pairs, pending) = t.id_bases(random);
+                    let start = index as u64 * part;
+                    assert!(
+                        (start..start + part / 2).contains(&u64::from(pairs)),
+                        "{of} {index}"
+                    );
+                    let p = u64::from(pending);
+                    assert!(
+                        (start + part / 2 - 1..start + part).contains(&p),
+                        "{of} {index}"
+                    );
+                    assert_eq!(pending % 2, 0);
+                }
+            }
+        }
+    }
 }

@@ -43,6 +43,9 @@ const PROGRAM: Program = Program {
     version: env!("CARGO_PKG_VERSION"),
 };
 
+/// Most threads (`--threads`): more than any load generator machine's cores
+/// needs.
+const MAX_THREADS: usize = 64;
 /// Most sockets: the pair table holds n(n-1)/2 socket pairs (half a million at 1024).
 const MAX_SOCKETS: usize = 1024;
 
@@ -80,7 +83,13 @@ struct Args {
           value_parser = cli::duration(Bare::Seconds, Duration::ZERO, Duration::from_secs(86_400), false))]
     warmup: Duration,
 
-    /// UDP sockets playing the peers; each pair uses two of them [2 to 1024].
+    /// Sender/receiver threads, each with its own --sockets sockets and its
+    /// share of --rate, --window and --pending; one merged report [1 to 64].
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS as i64))]
+    threads: u16,
+
+    /// UDP sockets playing the peers, per thread; each pair uses two of them [2 to 1024].
     #[arg(long, default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u16).range(2..=MAX_SOCKETS as i64))]
     sockets: u16,
@@ -174,6 +183,40 @@ fn resolve(server: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("--server {server}: the name has no address"))
 }
 
+/// `total` split over `n` parts, the first `total % n` one larger.
+fn part(total: u64, n: usize, k: usize) -> u64 {
+    total / n as u64 + u64::from((k as u64) < total % n as u64)
+}
+
+/// One configuration per thread: the rate, window and preload divided,
+/// each thread with its own sockets and part of the ID space.
+fn thread_configs(args: &Args, cfg: driver::Config) -> Result<Vec<driver::Config>, String> {
+    let n = usize::from(args.threads);
+    if let Load::Window(w) = cfg.load {
+        if w < n {
+            return Err(format!(
+                "--window {w} is below --threads {n}: every thread needs a pair in flight"
+            ));
+        }
+    }
+    let first = driver::Thread::new(0, n);
+    Ok((0..n)
+        .map(|k| {
+            let mut c = cfg.clone();
+            c.thread = driver::Thread {
+                index: k,
+                ..first.clone()
+            };
+            c.load = match cfg.load {
+                Load::Rate(r) => Load::Rate(r / n as f64),
+                Load::Window(w) => Load::Window(part(w as u64, n, k) as usize),
+            };
+            c.pending = part(cfg.pending, n, k);
+            c
+        })
+        .collect())
+}
+
 fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> {
     let servers: Vec<SocketAddr> = args
         .server
@@ -192,11 +235,13 @@ fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> 
         }
         (Rate::Pairs(r), None) => Load::Rate(r),
         (Rate::Max, w) => {
-            let w = w.unwrap_or(256.min(slots));
+            let threads = usize::from(args.threads);
+            let slots = slots * threads;
+            let w = w.unwrap_or(256.min(slots).max(threads));
             if w == 0 || w > slots {
                 return Err(format!(
-                    "--window {w} needs 1 to {slots} pairs in flight with {} sockets \
-                     (n sockets make n(n-1)/2 socket pairs): raise --sockets",
+                    "--window {w} needs 1 to {slots} pairs in flight with {} sockets on each of \
+                     {threads} threads (n sockets make n(n-1)/2 socket pairs): raise --sockets",
                     args.sockets
                 ));
             }
@@ -245,6 +290,7 @@ fn config(args: &Args, stop: Arc<AtomicBool>) -> Result<driver::Config, String> 
         port_range: args.port_range,
         progress: !args.quiet,
         stop,
+        thread: driver::Thread::alone(),
     })
 }
 
@@ -270,7 +316,14 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_USAGE);
         }
     };
-    let results = match driver::run(&cfg) {
+    let cfgs = match thread_configs(&args, cfg.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            cli::error(PROGRAM.name, &e);
+            return ExitCode::from(cli::EXIT_USAGE);
+        }
+    };
+    let results = match driver::run_threads(cfgs) {
         Ok(r) => r,
         Err(e) => {
             cli::error(PROGRAM.name, &e.to_string());

@@ -25,7 +25,15 @@ struct TestServer {
 
 impl TestServer {
     fn start(port_range: Option<(u16, u16)>) -> TestServer {
-        let mut cfg = ServerConfig::default();
+        Self::start_with(port_range, 1)
+    }
+
+    /// With `workers` worker loops (`--workers`).
+    fn start_with(port_range: Option<(u16, u16)>, workers: usize) -> TestServer {
+        let mut cfg = ServerConfig {
+            workers,
+            ..ServerConfig::default()
+        };
         cfg.engine.capacity = 1 << 14;
         cfg.engine.limits = psync::engine::SourceLimits::OFF;
         if let Some((lo, hi)) = port_range {
@@ -183,6 +191,50 @@ fn closed_loop_at_max_rate_gets_no_wrong_reply() {
     assert!(counters.engine.matched as f64 >= field(&json, "completed"));
 }
 
+/// Two load threads against two server workers: one merged report, every
+/// pair of both threads' schedules completed and checked.
+#[test]
+fn threads_send_their_own_pairs_and_merge_one_report() {
+    let server = TestServer::start_with(None, 2);
+    let out = loadgen(
+        server.addr,
+        &[
+            "--threads",
+            "2",
+            "--rate",
+            "2000",
+            "--duration",
+            "1.5",
+            "--warmup",
+            "0.3",
+            "--sockets",
+            "8",
+            "--retransmit",
+            "0.1",
+            "--pending",
+            "100",
+            "--timeout",
+            "5000",
+        ],
+    );
+    let counters = server.stop();
+    assert_eq!(out.status.code(), Some(0));
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(field(&json, "wrong"), 0.0);
+    assert_eq!(field(&json, "lost"), 0.0);
+    // The two threads' schedules add up to the rate asked for.
+    assert_eq!(field(&json, "rate"), 2000.0);
+    assert_eq!(field(&json, "sockets"), 16.0);
+    let issued = field(&json, "issued");
+    assert_eq!(issued + field(&json, "unsent"), 3000.0);
+    assert_eq!(field(&json, "completed"), issued);
+    assert_eq!(field(&json, "pending_sent"), 100.0);
+    assert!(field(&json, "p50") > 0.0 && field(&json, "p50") <= field(&json, "max"));
+    // Warmup and measured pairs, each matched once.
+    assert!(counters.engine.matched as f64 >= issued, "{counters:?}");
+    assert_eq!(counters.engine.pending, 100);
+}
+
 #[test]
 fn retransmits_malformed_datagrams_and_preload_are_not_wrong() {
     let server = TestServer::start(Some((20000, 20099)));
@@ -328,6 +380,9 @@ fn bad_arguments_are_refused_with_a_message() {
         &["--sockets", "1"],
         &["--retransmit", "1.5"],
         &["--port-range", "5-5"],
+        &["--threads", "0"],
+        &["--threads", "65"],
+        &["--threads", "4", "--rate", "max", "--window", "3"],
     ] {
         let out = loadgen(addr, args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -312,7 +312,7 @@ struct Pace {
 /// Most slots one [`Engine::expire`] call examines, so one loop turn stays short.
 pub const MAX_SWEEP_PER_CALL: usize = 2048;
 /// Slots a full table sweeps for expired entries before it takes a live one.
-const FULL_SWEEP: usize = 64;
+const FULL_SWEEP: usize = 32;
 /// Slots sampled to choose whose slot a new registration takes when the
 /// table is full. More samples find the heaviest source and the oldest
 /// remembered match more surely and cost more: at 16, a source holding a
@@ -874,15 +874,16 @@ impl Engine {
     ) -> Outcome {
         let me = Addr::from_socket(src);
         let h = self.pairs.hash(key.hash_input());
-        let mut empty = None;
+        let at;
         match self.pairs.find(h, |e| e.is_key(key)) {
-            Err(slot) => empty = Some(slot),
+            Err(slot) => at = At::Empty(slot),
             Ok(i) => {
                 let e = *self.pairs.get(i);
                 if is_expired(e.expires(), now) {
-                    // Dead: reclaim the slot and register afresh below.
-                    self.pairs.remove_at(i);
+                    // Dead: forget it, and register afresh in its very slot
+                    // (same key, same probe path: no entry moves).
                     self.books.forget(&e, Leave::Expired);
+                    at = At::Dead(i);
                 } else {
                     match e.state(&self.books.v6) {
                         State::Pending {
@@ -947,7 +948,7 @@ impl Engine {
                 }
             }
         }
-        self.register(key, me, via, info, now, (h, empty))
+        self.register(key, me, via, info, now, (h, at))
     }
 
     fn refuse(&mut self, level: Level) -> Outcome {
@@ -1068,8 +1069,8 @@ impl Engine {
 
     /// A new registration: within the source's limits, and with room made
     /// if the table is full.
-    /// `at` is the key's hash and, if the table has not changed since the
-    /// key was looked up, the empty slot that lookup ended on.
+    /// `at` is the key's hash and where the lookup that found no live entry
+    /// ended, if the table has not changed since.
     fn register(
         &mut self,
         key: &PairKey,
@@ -1077,33 +1078,42 @@ impl Engine {
         via: u8,
         info: u8,
         now: Millis,
-        at: (u64, Option<usize>),
+        at: (u64, At),
     ) -> Outcome {
+        let (h, at) = at;
         if let Err(level) = self.source_check(me.ip()) {
+            if let At::Dead(i) = at {
+                // Already forgotten: it must not stay for the sweep to
+                // forget again.
+                self.pairs.remove_at(i);
+            }
             return self.refuse(level);
         }
-        let (h, mut slot) = at;
-        let mut evicted = None;
-        if self.pairs.len() >= self.capacity {
-            match self.make_room(me.ip(), now) {
-                Ok(e) => evicted = e,
-                Err(()) => {
-                    self.books.counters.table_full += 1;
-                    return Outcome::Dropped(DropReason::TableFull);
-                }
-            }
-            slot = None;
-        }
-        let slot = match slot {
-            Some(slot) => slot,
-            None => match self.pairs.find(h, |e| e.is_key(key)) {
-                Err(slot) => slot,
-                Ok(_) => unreachable!("a registered key was absent a moment ago"),
-            },
-        };
         let expires = now.wrapping_add(self.ttl);
-        self.pairs
-            .insert_at(slot, h, PairEntry::pending(key, me, via, info, expires));
+        let entry = PairEntry::pending(key, me, via, info, expires);
+        let mut evicted = None;
+        match at {
+            At::Dead(i) => *self.pairs.get_mut(i) = entry,
+            At::Empty(slot) if self.pairs.len() < self.capacity => {
+                self.pairs.insert_at(slot, h, entry)
+            }
+            At::Empty(_) => {
+                if self.pairs.len() >= self.capacity {
+                    match self.make_room(me.ip(), now) {
+                        Ok(e) => evicted = e,
+                        Err(()) => {
+                            self.books.counters.table_full += 1;
+                            return Outcome::Dropped(DropReason::TableFull);
+                        }
+                    }
+                }
+                let slot = match self.pairs.find(h, |e| e.is_key(key)) {
+                    Err(slot) => slot,
+                    Ok(_) => unreachable!("a registered key was absent a moment ago"),
+                };
+                self.pairs.insert_at(slot, h, entry);
+            }
+        }
         if let Some(s) = self.books.sources.as_mut() {
             s.add(me.ip());
         }
@@ -1130,12 +1140,17 @@ impl Engine {
             return Ok(None);
         }
         // Sample slots; keep the oldest remembered match and the heaviest
-        // (then oldest) waiting registration among them.
+        // (then oldest) waiting registration among them. Fetch them all
+        // first, so that their cache misses overlap.
         let mut oldest_match: Option<(usize, Millis)> = None;
         let mut heaviest: Option<(usize, Weight, Millis)> = None;
         let slots = self.pairs.slots() as u64;
-        for _ in 0..EVICTION_SAMPLES {
-            let start = ((u64::from(self.rng.next_u32()) * slots) >> 32) as usize;
+        let mut samples = [0usize; EVICTION_SAMPLES];
+        for s in samples.iter_mut() {
+            *s = ((u64::from(self.rng.next_u32()) * slots) >> 32) as usize;
+            self.pairs.prefetch_slot(*s);
+        }
+        for start in samples {
             let Some(i) = self.pairs.next_full(start) else {
                 break;
             };
@@ -1172,12 +1187,7 @@ impl Engine {
             }
         }
         if let Some((i, _)) = oldest_match {
-            let e = self.pairs.remove_at(i);
-            self.books.forget(&e, Leave::Evicted);
-            return Ok(Some(Evicted::Replay {
-                request: seed_request(&e, Side::Lo),
-                ipv6: e.is_v6(),
-            }));
+            return Ok(Some(self.evict_match(i)));
         }
         let (i, w, _) = heaviest.ok_or(())?;
         let newcomer = self.books.sources.as_ref().ok_or(())?.weight(ip);
@@ -1193,6 +1203,16 @@ impl Engine {
             from: addr.to_socket(),
             request: seed_request(&e, waiter),
         }))
+    }
+
+    /// Takes the slot of the remembered match at `i`: its replay ends now.
+    fn evict_match(&mut self, i: usize) -> Evicted {
+        let e = self.pairs.remove_at(i);
+        self.books.forget(&e, Leave::Evicted);
+        Evicted::Replay {
+            request: seed_request(&e, Side::Lo),
+            ipv6: e.is_v6(),
+        }
     }
 
     fn pick_ports(&mut self) -> (u16, u16) {
@@ -1290,6 +1310,16 @@ fn v2_transmit(
 #[inline]
 fn is_expired(expires: Millis, now: Millis) -> bool {
     (now.wrapping_sub(expires) as i32) >= 0
+}
+
+/// Where a lookup for a key that has no live entry ended.
+#[derive(Clone, Copy)]
+enum At {
+    /// On this empty slot, where the key goes if there is room.
+    Empty(usize),
+    /// On this slot, holding the key's expired (and forgotten) entry, which
+    /// a new registration replaces in place.
+    Dead(usize),
 }
 
 /// True when `a` is earlier than `b` on the wrapping clock.

@@ -567,7 +567,7 @@ impl Server {
                 polls[k].registry().register(
                     &mut socket,
                     Token(endpoints[k].len()),
-                    Interest::READABLE | Interest::WRITABLE,
+                    Interest::READABLE,
                 )?;
                 endpoints[k].push(Endpoint {
                     socket,
@@ -576,6 +576,7 @@ impl Server {
                     queue: SendQueue::new(cfg.batch * 2 * QUEUE_BATCHES, cfg.batch),
                     // Data may have arrived between bind and register.
                     readable: true,
+                    watch_writable: false,
                     kind,
                 });
             }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, trace};
-use mio::{Events, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::gate::{Clock, Gate, Verdict};
 use super::ratelimit::{self, RateLimiter};
@@ -116,6 +116,10 @@ pub(super) struct Endpoint {
     pub(super) queue: SendQueue,
     /// Data may be waiting: mio is edge-triggered, so read until `WouldBlock`.
     pub(super) readable: bool,
+    /// Registered for writability too: only while replies wait for room in
+    /// the kernel's send buffer. (On loopback every reply the receiver
+    /// consumes would otherwise report room, and wake the loop for nothing.)
+    pub(super) watch_writable: bool,
     pub(super) kind: Kind,
 }
 
@@ -213,6 +217,26 @@ impl Worker {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         *slot = state;
+    }
+
+    /// Asks for writable events on exactly the sockets whose replies wait
+    /// for room.
+    fn watch_writable(&mut self) -> io::Result<()> {
+        for (i, ep) in self.endpoints.iter_mut().enumerate() {
+            let waiting = !ep.queue.is_empty();
+            if waiting != ep.watch_writable {
+                let interest = if waiting {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                self.poll
+                    .registry()
+                    .reregister(&mut ep.socket, Token(i), interest)?;
+                ep.watch_writable = waiting;
+            }
+        }
+        Ok(())
     }
 
     /// Acts on the control thread's messages; called between batches.
@@ -368,6 +392,7 @@ impl Worker {
             for i in 0..self.endpoints.len() {
                 dirty |= self.service(i, now_ms);
             }
+            self.watch_writable()?;
             if self.cluster.is_some() {
                 self.service_cluster();
                 let now = self.cluster_now();
@@ -466,6 +491,13 @@ impl Worker {
             };
             handled = true;
             budget = budget.saturating_sub(n.max(1));
+            // A short batch found the queue empty (recvmmsg, like the
+            // fallback, stops only there): the next datagram raises a new
+            // edge, so the socket need not be read again until then. This
+            // saves a receive call that would only say `WouldBlock`.
+            if n < batch {
+                ep.readable = false;
+            }
             let Endpoint {
                 recv,
                 queue,
