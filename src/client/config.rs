@@ -89,11 +89,21 @@ pub enum Strategy {
     /// When one NAT changes ports per destination: the hard side opens many
     /// sockets toward the easy side, which probes random ports until one meets.
     Birthday,
+    /// Peers behind one public address (the same NAT, which rarely
+    /// hairpins): the registration socket sends to the partner's local
+    /// addresses, which protocol v2 relays, and answers the partner's
+    /// probes from any local address.
+    Local,
 }
 
 impl Strategy {
     /// Every strategy, in the order they are reported.
-    pub const ALL: [Strategy; 3] = [Strategy::Seed, Strategy::Observed, Strategy::Birthday];
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Seed,
+        Strategy::Observed,
+        Strategy::Birthday,
+        Strategy::Local,
+    ];
 
     /// The name used on the command line and in output.
     pub fn name(self) -> &'static str {
@@ -101,6 +111,7 @@ impl Strategy {
             Strategy::Seed => "seed",
             Strategy::Observed => "observed",
             Strategy::Birthday => "birthday",
+            Strategy::Local => "local",
         }
     }
 }

@@ -474,13 +474,17 @@ impl Connector {
         let reply = answer.reply;
         let mut partner_nat = self.cfg.partner_nat;
         let mut partner_candidates = Vec::new();
+        let mut partner_local = Vec::new();
+        let mut all_candidates = Vec::new();
         if let Some(r) = answer.v2 {
-            partner_candidates = r
-                .peer_candidates
-                .as_slice()
-                .iter()
-                .map(|c| c.addr)
-                .collect();
+            for c in r.peer_candidates.as_slice() {
+                all_candidates.push(c.addr);
+                if c.kind == v2::CandidateKind::HOST {
+                    partner_local.push(c.addr);
+                } else {
+                    partner_candidates.push(c.addr);
+                }
+            }
             let told = match (r.peer_info.mapping(), r.peer_info.port_mapped()) {
                 (v2::Mapping::EndpointIndependent, _) => Some(NatType::Easy),
                 (v2::Mapping::EndpointDependent, true) => Some(NatType::HardMapped),
@@ -492,12 +496,12 @@ impl Connector {
                 "v2: our public address {}, partner's NAT {}, {} partner candidate(s)",
                 r.your_addr,
                 told.map_or("unknown", NatType::name),
-                partner_candidates.len()
+                all_candidates.len()
             );
             self.report.v2 = Some(V2Report {
                 your_addr: r.your_addr,
                 partner_nat: told,
-                partner_candidates: partner_candidates.clone(),
+                partner_candidates: all_candidates,
             });
         }
         self.made = self.attempt;
@@ -518,8 +522,26 @@ impl Connector {
         };
         self.reply = Some(reply);
         let nat = self.nat.unwrap_or(NatType::Unknown);
+        // Our public IP, as the server saw it (v2 says so in every reply; else
+        // the classification's STUN answer from the same socket).
+        let ours = answer
+            .v2
+            .map(|r| r.your_addr.ip())
+            .or(self.report.classification.public.map(|a| a.ip()));
+        let same_nat = ours == Some(reply.peer.ip()) && !reply.peer.ip().is_loopback();
+        if same_nat {
+            log::info!(
+                "attempt {}: the peer is behind our own public address {}: {} local address(es) of it known",
+                self.attempt,
+                reply.peer.ip(),
+                partner_local.len()
+            );
+        }
         let mut roles = nat::roles(nat, partner_nat, self.cfg.birthday.delay);
-        if reply.peer.ip().is_loopback() {
+        if reply.peer.ip().is_loopback() || same_nat {
+            // Behind one NAT, guessing ports of our own public address
+            // cannot help (it does not hairpin, or the observed path works),
+            // and both hard is no verdict: the local path needs no port.
             // No NAT on loopback: nothing to guess, and random probes of
             // 127.0.0.1 would hit unrelated local services.
             roles = nat::Roles {
@@ -543,8 +565,10 @@ impl Connector {
             roles,
             birthday: self.cfg.birthday,
             seed: self.rng.next_u64(),
-            // With v2, the waiter gets the completer's candidates.
             partner_candidates,
+            partner_local,
+            same_nat,
+            v2: self.cfg.token.is_some(),
         };
         self.actions.push_back(Action::IcmpErrors(false));
         let mut punch = Punch::new(params, now);
@@ -790,7 +814,8 @@ mod tests {
             pair,
             src_port: 2000,
             dst_port: 3000,
-            peer: "198.51.100.7:4949".parse().unwrap(),
+            // Behind our own public address: its local address is probed.
+            peer: "203.0.113.5:4950".parse().unwrap(),
             your_addr: easy,
             peer_info: v2::ClientInfo::new(v2::Mapping::EndpointDependent, true),
             peer_candidates: v2::Candidates::from_slice(&[v2::Candidate {
