@@ -296,10 +296,7 @@ fn registration_survives_dropped_replies() {
     // The clients get their replies at their own retransmit times, which a
     // loaded machine can spread by seconds: a long punch window keeps that
     // skew from costing a second attempt.
-    let (a, b) = connect_pair(
-        relay.addr,
-        &["--strategy", "seed", "--punch-window", "8"],
-    );
+    let (a, b) = connect_pair(relay.addr, &["--strategy", "seed", "--punch-window", "8"]);
     assert_eq!(field(&a, "attempts"), "1");
     assert_eq!(field(&b, "attempts"), "1");
     assert_eq!(relay.dropped.load(Ordering::Relaxed), 4);

@@ -19,6 +19,10 @@
 //! | `birthday_with_loss` | 3 with 10% loss: >= 19 of 20 |
 //! | `port_mapping_with_loss` | 7 with 10% loss: >= 19 of 20 |
 //! | `random_nats_with_loss_fail_cleanly` | 2 with 10% loss: exit 4 in time, every client |
+//! | `random_nats_with_v2_fail_at_once` | 2 with v2: each knows the partner is hard, exit 4 at once |
+//! | `same_nat_connects_with_v2` | 8: two peers behind NAT A (no hairpin), v2: >= 19 of 20 on local addresses |
+//! | `same_nat_with_loss` | 8 with 10% loss: >= 19 of 20 |
+//! | `same_nat_without_v2_says_why` | 8 with the seed format: exit 4 saying why, every client |
 //!
 //! The server answers STUN on `--stun-port` and every client passes it, so
 //! clients classify their NATs. Each success case prints its connect time
@@ -291,7 +295,8 @@ fn lab_behaves_like_home_routers() {
     );
     nc_send(&lab, Node::ClientA, 40009, CLIENT_A2_IP, 40007, None);
     assert!(
-        lab.wait_seen(Node::ClientA2, ARRIVAL, |&s| s == (CLIENT_A_IP, 40009, 40007)),
+        lab.wait_seen(Node::ClientA2, ARRIVAL, |&s| s
+            == (CLIENT_A_IP, 40009, 40007)),
         "ca cannot reach ca2 on the LAN; ca2 saw {:?}",
         lab.seen(Node::ClientA2)
     );
@@ -385,7 +390,13 @@ fn client_with(lab: &Lab, node: Node, ids: &[String], timeout_secs: u64) -> Proc
     let server = format!("{SERVER_IP}:{SERVER_PORT}");
     let (timeout, stun) = (timeout_secs.to_string(), STUN_PORT.to_string());
     let args = [
-        "--server", &server, "--stun-port", &stun, "--timeout", &timeout, "--json",
+        "--server",
+        &server,
+        "--stun-port",
+        &stun,
+        "--timeout",
+        &timeout,
+        "--json",
     ];
     let extra = std::env::var("PSYNC_NAT_LAB_CLIENT_ARGS").unwrap_or_default();
     let args: Vec<&str> = args
@@ -970,7 +981,14 @@ fn same_nat_without_v2_says_why() {
     let lab = Lab::build("sameseed", LabConfig::default());
     let _server = start_server(&lab);
     let case = "case 8 with the seed format";
-    let pairs = run_pairs_batched(&lab, SAME_NAT, FAIL_PAIRS, FAIL_PAIRS, 3000, FAIL_TIMEOUT_SECS);
+    let pairs = run_pairs_batched(
+        &lab,
+        SAME_NAT,
+        FAIL_PAIRS,
+        FAIL_PAIRS,
+        3000,
+        FAIL_TIMEOUT_SECS,
+    );
     let mut elapsed = Vec::new();
     for (a, b) in &pairs {
         record(case, "A", a);
@@ -1017,7 +1035,14 @@ fn random_nats_with_v2_fail_at_once() {
     let _server = start_v2_server(&mut lab);
     let case = "case 2 with protocol v2";
     let pairing = Pairing { v2: true, ..ACROSS };
-    let pairs = run_pairs_batched(&lab, pairing, FAIL_PAIRS, FAIL_PAIRS, 4000, FAIL_TIMEOUT_SECS);
+    let pairs = run_pairs_batched(
+        &lab,
+        pairing,
+        FAIL_PAIRS,
+        FAIL_PAIRS,
+        4000,
+        FAIL_TIMEOUT_SECS,
+    );
     let (mut elapsed, mut sent) = (Vec::new(), Vec::new());
     for (a, b) in &pairs {
         record(case, "A", a);

@@ -524,10 +524,11 @@ impl Connector {
         let nat = self.nat.unwrap_or(NatType::Unknown);
         // Our public IP, as the server saw it (v2 says so in every reply; else
         // the classification's STUN answer from the same socket).
-        let ours = answer
-            .v2
-            .map(|r| r.your_addr.ip())
-            .or(self.report.classification.public.map(|a| a.ip()));
+        let ours = answer.v2.map(|r| r.your_addr.ip()).or(self
+            .report
+            .classification
+            .public
+            .map(|a| a.ip()));
         let same_nat = ours == Some(reply.peer.ip()) && !reply.peer.ip().is_loopback();
         if same_nat {
             log::info!(

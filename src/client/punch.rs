@@ -823,7 +823,11 @@ impl Punch {
         }
         // The partner on its LAN, from an address we were not told of.
         let public = from.ip() == self.p.reply.peer.ip()
-            || self.p.partner_candidates.iter().any(|c| c.ip() == from.ip());
+            || self
+                .p
+                .partner_candidates
+                .iter()
+                .any(|c| c.ip() == from.ip());
         if !public && self.reflexive(socket) {
             return Some(self.add_path(Strategy::Local, socket, from, now));
         }

@@ -94,7 +94,7 @@ fn params(
         nonce: seed | 1,
         epoch: t0,
         reply,
-        strategies: vec![Strategy::Seed, Strategy::Observed, Strategy::Birthday],
+        strategies: Strategy::ALL.to_vec(),
         opener_ttl: 2,
         window: Duration::from_secs(3),
         hold_limit: HOLD_LIMIT,
@@ -454,7 +454,10 @@ fn same_nat_probes_local_addresses_first() {
     p.v2 = true;
     let mut punch = Punch::new(p, t0);
     let first = punch.poll_transmit().expect("a datagram at once");
-    assert_eq!((first.to, first.socket, first.ttl), (lan, SocketId::Main, None));
+    assert_eq!(
+        (first.to, first.socket, first.ttl),
+        (lan, SocketId::Main, None)
+    );
     assert_eq!(punch.paths()[0].strategy, Strategy::Local);
     assert!(!punch.paths()[0].held);
     while punch.poll_transmit().is_some() {}
@@ -539,7 +542,9 @@ fn same_nat_without_v2_fails_saying_so() {
         assert_eq!(r.final_verdict, !v2);
         assert!(want.explain().contains("same public address"));
     }
-    assert!(Likely::SameNatSeed.explain().contains("protocol v2 (--token)"));
+    assert!(Likely::SameNatSeed
+        .explain()
+        .contains("protocol v2 (--token)"));
 }
 
 /// Two peers behind one NAT that does not hairpin connect on their local
@@ -550,7 +555,10 @@ fn same_nat_peers_connect_when_only_one_knows_the_other() {
     for knows in [0usize, 1] {
         let t0 = Instant::now();
         let public: IpAddr = "203.0.113.1".parse().unwrap();
-        let lan: [SocketAddr; 2] = ["10.1.0.2:40000".parse().unwrap(), "10.1.0.3:40001".parse().unwrap()];
+        let lan: [SocketAddr; 2] = [
+            "10.1.0.2:40000".parse().unwrap(),
+            "10.1.0.3:40001".parse().unwrap(),
+        ];
         let mut punches: Vec<Punch> = (0..2)
             .map(|i| {
                 let reply = Reply {
@@ -558,7 +566,14 @@ fn same_nat_peers_connect_when_only_one_knows_the_other() {
                     dst_port: 3000,
                     peer: SocketAddr::new(public, 40001 - i as u16),
                 };
-                let mut p = params(1 + i as u32, 2 - i as u32, reply, t0, NatType::Easy, 9 + i as u64);
+                let mut p = params(
+                    1 + i as u32,
+                    2 - i as u32,
+                    reply,
+                    t0,
+                    NatType::Easy,
+                    9 + i as u64,
+                );
                 p.same_nat = true;
                 p.v2 = true;
                 p.roles = Roles {
