@@ -23,7 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::birthday::PortSequence;
-use super::config::{Birthday, Strategy, OPENER_LEAD, PROBE_INTERVAL};
+use super::config::{Birthday, Strategy, OPENER_LEAD, PROBE_INTERVAL, SAME_NAT_WAIT};
 use super::nat::{NatType, Roles};
 use crate::wire::peer::{Header, Kind, HEADER_LEN};
 use crate::wire::{PeerId, Reply};
@@ -341,6 +341,9 @@ impl Punch {
                 // type (protocol v2) it cannot tell "late" from "hard too".
                 window = window.max(p.deadline.saturating_duration_since(now));
             }
+        }
+        if p.same_nat && p.v2 && p.partner_local.is_empty() && enabled(Strategy::Local) {
+            window = window.min(SAME_NAT_WAIT);
         }
         let window_end = (now + window).min(p.deadline);
         let mut punch = Punch {
