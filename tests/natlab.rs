@@ -556,15 +556,20 @@ fn connected(exit: &lab::Exit, other_nat: Ipv4Addr) -> Result<Connected, String>
 }
 
 /// With `PSYNC_NAT_LAB_RECORD=FILE`, appends one line per client to FILE:
-/// `case<TAB>side<TAB>exit<TAB>elapsed_ms<TAB>datagrams_sent`, for the
-/// tables in docs/nat-traversal.md.
+/// `case<TAB>side<TAB>exit<TAB>elapsed_ms<TAB>datagrams_sent<TAB>strategy`
+/// (`-` when it did not connect), for the table in docs/nat-traversal.md
+/// (`tests/natlab/table.py` makes it).
 fn record(case: &str, side: &str, exit: &lab::Exit) {
     let Ok(path) = std::env::var("PSYNC_NAT_LAB_RECORD") else {
         return;
     };
     let json = exit.stdout_text();
+    let strategy = match exit.code() {
+        Some(0) => json_field(&json, "strategy").unwrap_or("-"),
+        _ => "-",
+    };
     let line = format!(
-        "{case}\t{side}\t{}\t{}\t{}\n",
+        "{case}\t{side}\t{}\t{}\t{}\t{strategy}\n",
         exit.code().map_or(-1, |c| c),
         json_field(&json, "elapsed_ms")
             .map_or_else(|| exit.elapsed.as_millis().to_string(), str::to_string),

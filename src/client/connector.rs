@@ -837,4 +837,67 @@ mod tests {
         }
         assert!(to.contains(&cand), "the candidate is probed: {to:?}");
     }
+
+    /// Two hard NATs are hopeless (exit 4 at once, from the partner's type
+    /// in the reply), unless they are one NAT: then the local path needs
+    /// no port, and the partner's local address is probed instead.
+    #[test]
+    fn v2_both_hard_is_hopeless_except_behind_one_nat() {
+        let key = crate::auth::Key::new(1, &[3; 32]).unwrap();
+        let pair = v2::Pair::new(0x51f0_c2a9_e4d3_b817, 0x0bd1_e5a2_c4f6_a390);
+        for same_nat in [false, true] {
+            let mut cfg = ClientConfig::with_token(
+                "198.18.0.2:4949".parse().unwrap(),
+                key.issue(pair, u64::MAX),
+            );
+            cfg.stun_port = Some(3478);
+            cfg.port_mapping.natpmp = false;
+            cfg.port_mapping.pcp = false;
+            cfg.port_mapping.upnp = false;
+            let t0 = Instant::now();
+            let mut c = Connector::new(cfg.clone(), t0, 1);
+            c.poll_action();
+            c.host_ip(Some("10.0.0.5".parse().unwrap()));
+            c.main_socket_opened(t0, Ok("0.0.0.0:40001".parse().unwrap()));
+            let ours: SocketAddr = "203.0.113.5:51000".parse().unwrap();
+            answer_stun(&mut c, t0, [ours, "203.0.113.5:52000".parse().unwrap()]);
+            assert_eq!(c.report().nat, Some(NatType::Hard));
+            assert!(c.poll_transmit(t0).is_some(), "registration");
+            let cand: SocketAddr = "10.0.0.6:40002".parse().unwrap();
+            let peer: SocketAddr = if same_nat {
+                "203.0.113.5:53000".parse().unwrap()
+            } else {
+                "198.51.100.7:53000".parse().unwrap()
+            };
+            let reply = v2::Reply {
+                pair,
+                src_port: 2000,
+                dst_port: 3000,
+                peer,
+                your_addr: ours,
+                peer_info: v2::ClientInfo::new(v2::Mapping::EndpointDependent, false),
+                peer_candidates: v2::Candidates::from_slice(&[v2::Candidate {
+                    kind: v2::CandidateKind::HOST,
+                    addr: cand,
+                }])
+                .unwrap(),
+            };
+            c.handle(t0, SocketId::Main, cfg.server, &reply.to_bytes());
+            match c.result() {
+                Some(Err(e)) => {
+                    assert!(!same_nat, "{e}");
+                    assert_eq!(e.exit_code(), 4);
+                    assert!(e.to_string().contains("both NATs change ports"), "{e}");
+                }
+                None => {
+                    assert!(same_nat);
+                    let to: Vec<SocketAddr> = std::iter::from_fn(|| c.poll_transmit(t0))
+                        .map(|t| t.to)
+                        .collect();
+                    assert_eq!(to.first(), Some(&cand), "probed first: {to:?}");
+                }
+                Some(Ok(_)) => panic!("connected to nobody"),
+            }
+        }
+    }
 }
