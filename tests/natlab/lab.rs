@@ -490,6 +490,7 @@ impl Lab {
                 )?;
             }
         }
+        self.wait_switch_forwarding()?;
         if cfg.upnp_a {
             self.nft(Node::NatA, &upnp_nat_rules(cfg.nat_a))?;
         } else {
@@ -510,6 +511,34 @@ impl Lab {
             self.nft(node, WATCH_RULES)?;
         }
         Ok(())
+    }
+
+    /// Waits until every port of NAT A's switch forwards. The kernel enables a
+    /// bridge port from its link-watch work, which runs up to a second after
+    /// the carrier comes up; a frame before that is dropped, and the first
+    /// ARP request of a client lost that way costs it a second (the ARP
+    /// retransmit), which is all of a NAT classification's wait.
+    fn wait_switch_forwarding(&self) -> Result<(), String> {
+        let ports = LINKS
+            .iter()
+            .filter(|l| l.3 == Node::SwitchA && l.5.is_empty())
+            .count();
+        let ns = self.ns(Node::SwitchA);
+        let end = Instant::now() + SETUP_TIMEOUT;
+        loop {
+            let out = run("bridge", &["-n", &ns, "link", "show"]);
+            let forwarding = out.stdout.matches("state forwarding").count();
+            if forwarding == ports {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(format!(
+                    "the switch's ports never all forwarded: {}{}",
+                    out.stdout, out.stderr
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Loads an nft script into `node`.
