@@ -343,7 +343,8 @@ impl Connector {
             Some(token) => Registration::new_v2(self.cfg.server, self.v2_request(token), now),
             None => Registration::new(self.cfg.server, self.cfg.self_id, self.cfg.peer_id, now),
         }
-        .with_fallbacks(&self.cfg.fallbacks);
+        .with_fallbacks(&self.cfg.fallbacks)
+        .with_deadline(self.cfg.timeout, self.deadline);
         self.phase = Phase::Register(Box::new(r));
     }
 
@@ -763,8 +764,11 @@ mod tests {
             now = c.poll_timeout().unwrap();
             c.handle_timeout(now);
         }
-        assert_eq!(sent, 3, "requests at 0, 250 and 750 ms");
-        assert_eq!(c.report().datagrams_sent, 3);
+        assert_eq!(
+            sent, 4,
+            "requests at 0, 250, 500 and 750 ms (a 1 s timeout stops the backoff at 250 ms)"
+        );
+        assert_eq!(c.report().datagrams_sent, 4);
     }
 
     #[test]
