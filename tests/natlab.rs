@@ -19,6 +19,10 @@
 //! | `birthday_with_loss` | 3 with 10% loss: >= 19 of 20 |
 //! | `port_mapping_with_loss` | 7 with 10% loss: >= 19 of 20 |
 //! | `random_nats_with_loss_fail_cleanly` | 2 with 10% loss: exit 4 in time, every client |
+//! | `random_nats_with_v2_fail_at_once` | 2 with v2: each knows the partner is hard, exit 4 at once |
+//! | `same_nat_connects_with_v2` | 8: two peers behind NAT A (no hairpin), v2: >= 19 of 20 on local addresses |
+//! | `same_nat_with_loss` | 8 with 10% loss: >= 19 of 20 |
+//! | `same_nat_without_v2_says_why` | 8 with the seed format: exit 4 saying why, every client |
 //!
 //! The server answers STUN on `--stun-port` and every client passes it, so
 //! clients classify their NATs. Each success case prints its connect time
@@ -40,9 +44,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use lab::{
-    public, skip_reason, Lab, LabConfig, Nat, Node, Proc, CLIENT_A_IP, NAT_A_PUBLIC, NAT_B_PUBLIC,
-    SERVER_IP,
+    public, skip_reason, Lab, LabConfig, Nat, Node, Proc, CLIENT_A2_IP, CLIENT_A_IP, NAT_A_PUBLIC,
+    NAT_B_PUBLIC, SERVER_IP,
 };
+use psync::auth::{encode_token, issue_token, Key};
+use psync::wire::v2::Pair;
 use psync::{PeerId, Reply, Request};
 
 const SERVER_BIN: &str = env!("CARGO_BIN_EXE_psync-server");
@@ -89,14 +95,35 @@ const DOWNTIME: Duration = Duration::from_secs(1);
 /// How long to wait for a datagram that must arrive in the sanity checks.
 const ARRIVAL: Duration = Duration::from_secs(5);
 
+/// The key the protocol v2 cases' server holds and their tokens are issued
+/// with (its ID; the secret is [`lab_key`]'s).
+const KEY_ID: u32 = 1;
+
+fn lab_key() -> Key {
+    Key::new(KEY_ID, &[0x5c; 32]).expect("a 32-byte key")
+}
+
 /// Starts `psync-server -4 -p SERVER_PORT --stun-port STUN_PORT` in the server namespace and waits
 /// until it listens. Small tables: the lab registers a few dozen pairs. No
 /// per-source limits: every peer behind one NAT shares its public address,
 /// and the lab runs many pairs through each NAT at once.
 fn start_server(lab: &Lab) -> Proc {
+    start_server_with(lab, &[])
+}
+
+/// [`start_server`] that also serves protocol v2 with [`lab_key`] from a key
+/// file (mode 600, as the server demands), written as docs/auth.md says.
+fn start_v2_server(lab: &mut Lab) -> Proc {
+    let secret: String = [0x5cu8; 32].iter().map(|b| format!("{b:02x}")).collect();
+    let path = lab.private_file("auth.keys", &format!("{KEY_ID} {secret}\n"));
+    let path = path.display().to_string();
+    start_server_with(lab, &["--auth-key-file", &path])
+}
+
+fn start_server_with(lab: &Lab, extra: &[&str]) -> Proc {
     let port = SERVER_PORT.to_string();
     let stun = STUN_PORT.to_string();
-    let args = [
+    let mut args = vec![
         "-4",
         "-p",
         &port,
@@ -113,6 +140,7 @@ fn start_server(lab: &Lab) -> Proc {
         "--max-pending-per-ip",
         "0",
     ];
+    args.extend_from_slice(extra);
     let mut server = lab.spawn(Node::Server, SERVER_BIN, &args, None, SERVER_LIFETIME);
     assert!(
         server.wait_stderr("psync-server: listening on udp", SERVER_START),
@@ -251,6 +279,31 @@ fn lab_behaves_like_home_routers() {
     // 64 thousand.
     assert_ne!(b1, b2, "NAT B kept one public port for two destinations");
     eprintln!("natlab: sanity: NAT B mapped cb port 40001 to {b1} and {b2}");
+
+    // NAT A does not hairpin: ca2's mapping 11.0.10.2:40007 (made by sending
+    // to the server) is not reachable from ca behind the same NAT; the
+    // datagram reaches NAT A and stops there. ca2 is reachable on the LAN.
+    nc_send(&lab, Node::ClientA2, 40007, SERVER_IP, 5003, None);
+    assert!(
+        lab.wait_seen(Node::Server, ARRIVAL, |&s| s == (NAT_A_PUBLIC, 40007, 5003)),
+        "the server never saw ca2's datagram"
+    );
+    nc_send(&lab, Node::ClientA, 40008, NAT_A_PUBLIC, 40007, None);
+    assert!(
+        lab.wait_seen(Node::NatA, ARRIVAL, |&s| s == (CLIENT_A_IP, 40008, 40007)),
+        "ca's datagram to its own NAT's public address never reached NAT A"
+    );
+    nc_send(&lab, Node::ClientA, 40009, CLIENT_A2_IP, 40007, None);
+    assert!(
+        lab.wait_seen(Node::ClientA2, ARRIVAL, |&s| s
+            == (CLIENT_A_IP, 40009, 40007)),
+        "ca cannot reach ca2 on the LAN; ca2 saw {:?}",
+        lab.seen(Node::ClientA2)
+    );
+    assert!(
+        !lab.seen(Node::ClientA2).iter().any(|s| s.1 == 40008),
+        "NAT A hairpinned a datagram to its public address: the same-NAT cases prove nothing"
+    );
 }
 
 /// Case 5: the original README's flow, the raw 8 bytes sent with netcat from
@@ -307,31 +360,88 @@ fn netcat_flow_across_nats() {
 /// `--opener-ttl 0 --attempts 1` case 1 shows the conntrack race the opener
 /// defeats).
 fn client(lab: &Lab, node: Node, self_id: u32, peer_id: u32, timeout_secs: u64) -> Proc {
-    let server = format!("{SERVER_IP}:{SERVER_PORT}");
-    let (self_id, peer_id, timeout, stun) = (
+    let ids = [
+        "--self".to_string(),
         self_id.to_string(),
+        "--peer".to_string(),
         peer_id.to_string(),
-        timeout_secs.to_string(),
-        STUN_PORT.to_string(),
-    );
+    ];
+    client_with(lab, node, &ids, timeout_secs)
+}
+
+/// [`client`] that speaks protocol v2, with a token for `self_id -> peer_id`
+/// issued by [`lab_key`] (the client takes its IDs from the token).
+fn v2_client(lab: &Lab, node: Node, self_id: u64, peer_id: u64, timeout_secs: u64) -> Proc {
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+        + 600;
+    let token = encode_token(&issue_token(
+        &lab_key(),
+        Pair::new(self_id, peer_id),
+        expiry,
+    ));
+    client_with(lab, node, &["--token".to_string(), token], timeout_secs)
+}
+
+/// A client with these identity arguments (`--self`/`--peer` or `--token`).
+fn client_with(lab: &Lab, node: Node, ids: &[String], timeout_secs: u64) -> Proc {
+    let server = format!("{SERVER_IP}:{SERVER_PORT}");
+    let (timeout, stun) = (timeout_secs.to_string(), STUN_PORT.to_string());
     let args = [
         "--server",
         &server,
         "--stun-port",
         &stun,
-        "--self",
-        &self_id,
-        "--peer",
-        &peer_id,
         "--timeout",
         &timeout,
         "--json",
     ];
     let extra = std::env::var("PSYNC_NAT_LAB_CLIENT_ARGS").unwrap_or_default();
-    let args: Vec<&str> = args.into_iter().chain(extra.split_whitespace()).collect();
+    let args: Vec<&str> = args
+        .into_iter()
+        .chain(ids.iter().map(String::as_str))
+        .chain(extra.split_whitespace())
+        .collect();
     let deadline = Duration::from_secs(timeout_secs) + HANG_GRACE;
     lab.spawn(node, CLIENT_BIN, &args, None, deadline)
 }
+
+/// Where the two clients of each pair run, what each must end up connected
+/// to, and which protocol they speak.
+#[derive(Clone, Copy, Debug)]
+struct Pairing {
+    /// Side A's namespace.
+    a: Node,
+    /// Side B's namespace.
+    b: Node,
+    /// The IP side A must connect to (B's public or local address).
+    a_reaches: Ipv4Addr,
+    /// The IP side B must connect to.
+    b_reaches: Ipv4Addr,
+    /// Protocol v2 with tokens (else the seed format with `--self/--peer`).
+    v2: bool,
+}
+
+/// One client behind each NAT, the seed format.
+const ACROSS: Pairing = Pairing {
+    a: Node::ClientA,
+    b: Node::ClientB,
+    a_reaches: NAT_B_PUBLIC,
+    b_reaches: NAT_A_PUBLIC,
+    v2: false,
+};
+
+/// Both clients behind NAT A (which does not hairpin): they can meet only
+/// on the LAN, at each other's local address.
+const SAME_NAT: Pairing = Pairing {
+    a: Node::ClientA,
+    b: Node::ClientA2,
+    a_reaches: CLIENT_A2_IP,
+    b_reaches: CLIENT_A_IP,
+    v2: false,
+};
 
 /// Runs `n` pairs at once, pair `i` with IDs `base + 2i` (behind NAT A) and
 /// `base + 2i + 1` (behind NAT B), and returns each pair's exits.
@@ -339,13 +449,16 @@ fn client(lab: &Lab, node: Node, self_id: u32, peer_id: u32, timeout_secs: u64) 
 /// Pairs run concurrently because each pair is independent: its own IDs,
 /// its own sockets, and so its own conntrack entries in each NAT.
 fn run_pairs(lab: &Lab, n: usize, base: u32, timeout_secs: u64) -> Vec<(lab::Exit, lab::Exit)> {
-    run_pairs_batched(lab, n, n, base, timeout_secs)
+    run_pairs_batched(lab, ACROSS, n, n, base, timeout_secs)
 }
 
 /// [`run_pairs`], at most `batch` pairs at a time (a home router's
-/// port-mapping daemon is not built for 20 clients mapping at once).
+/// port-mapping daemon is not built for 20 clients mapping at once), on
+/// `pairing`'s nodes. With v2, pair `i`'s IDs are 64-bit: `base + 2i` and
+/// `base + 2i + 1` in the low half, a fixed pattern in the high half.
 fn run_pairs_batched(
     lab: &Lab,
+    pairing: Pairing,
     n: usize,
     batch: usize,
     base: u32,
@@ -358,10 +471,18 @@ fn run_pairs_batched(
             .iter()
             .map(|&i| {
                 let (a, b) = (base + 2 * i, base + 2 * i + 1);
-                (
-                    client(lab, Node::ClientA, a, b, timeout_secs),
-                    client(lab, Node::ClientB, b, a, timeout_secs),
-                )
+                if pairing.v2 {
+                    let wide = |id: u32| 0x5a17_c0de_0000_0000 | u64::from(id);
+                    (
+                        v2_client(lab, pairing.a, wide(a), wide(b), timeout_secs),
+                        v2_client(lab, pairing.b, wide(b), wide(a), timeout_secs),
+                    )
+                } else {
+                    (
+                        client(lab, pairing.a, a, b, timeout_secs),
+                        client(lab, pairing.b, b, a, timeout_secs),
+                    )
+                }
             })
             .collect();
         out.extend(
@@ -390,8 +511,9 @@ struct Connected {
     datagrams_sent: u64,
 }
 
-/// Checks that a client exited 0 and proved a path to the other NAT's
-/// public address; the error says what happened instead.
+/// Checks that a client exited 0 and proved a path to `other_nat` (the
+/// other NAT's public address, or the partner's local address behind the
+/// same NAT); the error says what happened instead.
 fn connected(exit: &lab::Exit, other_nat: Ipv4Addr) -> Result<Connected, String> {
     let why = || {
         format!(
@@ -434,15 +556,20 @@ fn connected(exit: &lab::Exit, other_nat: Ipv4Addr) -> Result<Connected, String>
 }
 
 /// With `PSYNC_NAT_LAB_RECORD=FILE`, appends one line per client to FILE:
-/// `case<TAB>side<TAB>exit<TAB>elapsed_ms<TAB>datagrams_sent`, for the
-/// tables in docs/nat-traversal.md.
+/// `case<TAB>side<TAB>exit<TAB>elapsed_ms<TAB>datagrams_sent<TAB>strategy`
+/// (`-` when it did not connect), for the table in docs/nat-traversal.md
+/// (`tests/natlab/table.py` makes it).
 fn record(case: &str, side: &str, exit: &lab::Exit) {
     let Ok(path) = std::env::var("PSYNC_NAT_LAB_RECORD") else {
         return;
     };
     let json = exit.stdout_text();
+    let strategy = match exit.code() {
+        Some(0) => json_field(&json, "strategy").unwrap_or("-"),
+        _ => "-",
+    };
     let line = format!(
-        "{case}\t{side}\t{}\t{}\t{}\n",
+        "{case}\t{side}\t{}\t{}\t{}\t{strategy}\n",
         exit.code().map_or(-1, |c| c),
         json_field(&json, "elapsed_ms")
             .map_or_else(|| exit.elapsed.as_millis().to_string(), str::to_string),
@@ -474,13 +601,13 @@ struct Rate {
 /// the clients that connected, the datagrams each side sent and how the
 /// successes connected; returns the pairs where both sides connected.
 fn success_rate(lab: &Lab, case: &str) -> Rate {
-    success_rate_batched(lab, case, TRIALS)
+    success_rate_batched(lab, ACROSS, case, TRIALS)
 }
 
-/// [`success_rate`] with at most `batch` pairs at a time.
-fn success_rate_batched(lab: &Lab, case: &str, batch: usize) -> Rate {
+/// [`success_rate`] on `pairing`'s nodes, at most `batch` pairs at a time.
+fn success_rate_batched(lab: &Lab, pairing: Pairing, case: &str, batch: usize) -> Rate {
     let started = Instant::now();
-    let pairs = run_pairs_batched(lab, TRIALS, batch, 1000, CONNECT_TIMEOUT_SECS);
+    let pairs = run_pairs_batched(lab, pairing, TRIALS, batch, 1000, CONNECT_TIMEOUT_SECS);
     let mut ok = 0;
     let mut strategies = std::collections::BTreeMap::new();
     let mut retried = 0;
@@ -489,7 +616,10 @@ fn success_rate_batched(lab: &Lab, case: &str, batch: usize) -> Rate {
     for (a, b) in &pairs {
         record(case, "A", a);
         record(case, "B", b);
-        match (connected(a, NAT_B_PUBLIC), connected(b, NAT_A_PUBLIC)) {
+        match (
+            connected(a, pairing.a_reaches),
+            connected(b, pairing.b_reaches),
+        ) {
             (Ok(ca), Ok(cb)) => {
                 ok += 1;
                 sent_a.push(ca.datagrams_sent);
@@ -752,7 +882,7 @@ fn port_mapping_case(name: &str, case: &str, loss: u8) {
     );
     let daemon = lab.start_miniupnpd(SERVER_START);
     let _server = start_server(&lab);
-    let r = success_rate_batched(&lab, case, MAPPING_BATCH);
+    let r = success_rate_batched(&lab, ACROSS, case, MAPPING_BATCH);
     if std::env::var("PSYNC_NAT_LAB_DEBUG").is_ok() {
         std::fs::write(format!("/tmp/miniupnpd-{name}.log"), daemon.stderr_so_far()).unwrap();
     }
@@ -792,6 +922,168 @@ fn port_mapping_with_loss() {
         return;
     }
     port_mapping_case("upnploss", "case 7 with 10% loss", 10);
+}
+
+/// The same-NAT case: both clients behind NAT A (port-preserving; it does
+/// not hairpin, see the sanity test), speaking protocol v2, whose replies
+/// carry local addresses. They must connect on the LAN, at each other's
+/// local address (`local`).
+fn same_nat_case(name: &str, case: &str, loss: u8) {
+    let mut lab = Lab::build(
+        name,
+        LabConfig {
+            core_loss_percent: loss,
+            ..LabConfig::default()
+        },
+    );
+    let _server = start_v2_server(&mut lab);
+    let pairing = Pairing {
+        v2: true,
+        ..SAME_NAT
+    };
+    let r = success_rate_batched(&lab, pairing, case, TRIALS);
+    if loss > 0 {
+        assert_loss_applied(&lab, case);
+    }
+    assert!(
+        r.ok >= REQUIRED,
+        "only {} of {TRIALS} pairs connected",
+        r.ok
+    );
+    assert!(
+        r.strategies.get("local").copied().unwrap_or(0) >= 2 * REQUIRED,
+        "not connected on the local addresses: {:?}",
+        r.strategies
+    );
+}
+
+/// Case 8: two peers behind one NAT, protocol v2.
+#[test]
+fn same_nat_connects_with_v2() {
+    if skip_reason("same_nat_connects_with_v2", &[]).is_some() {
+        return;
+    }
+    same_nat_case("same", "case 8, same NAT, protocol v2", 0);
+}
+
+/// Case 8 with 10% loss (on the way to the server: the LAN is clean).
+#[test]
+fn same_nat_with_loss() {
+    if skip_reason("same_nat_with_loss", &[]).is_some() {
+        return;
+    }
+    same_nat_case("sameloss", "case 8 with 10% loss", 10);
+}
+
+/// Case 8 with the seed format, which carries no local address: nothing
+/// can connect two peers behind a NAT that does not hairpin, and every
+/// client says so in its exit-4 message.
+#[test]
+fn same_nat_without_v2_says_why() {
+    if skip_reason("same_nat_without_v2_says_why", &[]).is_some() {
+        return;
+    }
+    let lab = Lab::build("sameseed", LabConfig::default());
+    let _server = start_server(&lab);
+    let case = "case 8 with the seed format";
+    let pairs = run_pairs_batched(
+        &lab,
+        SAME_NAT,
+        FAIL_PAIRS,
+        FAIL_PAIRS,
+        3000,
+        FAIL_TIMEOUT_SECS,
+    );
+    let mut elapsed = Vec::new();
+    for (a, b) in &pairs {
+        record(case, "A", a);
+        record(case, "B", b);
+        for e in [a, b] {
+            let err = e.stderr_text();
+            assert!(!e.timed_out, "{} hung: {err}", e.name);
+            assert_eq!(e.code(), Some(4), "{}: {err}", e.name);
+            assert!(
+                err.contains("both peers are behind the same public address")
+                    && err.contains("protocol v2 (--token)"),
+                "{}: exit 4 without the likely cause: {err:?}",
+                e.name
+            );
+            elapsed.push(e.elapsed.as_millis() as u64);
+        }
+    }
+    elapsed.sort_unstable();
+    eprintln!(
+        "natlab: {case}: {} clients exit 4 after p50 {} ms, max {} ms (--timeout {FAIL_TIMEOUT_SECS}): {}",
+        pairs.len() * 2,
+        percentile(&elapsed, 50),
+        elapsed.last().copied().unwrap_or(0),
+        summary(&pairs[0].0.stderr_text())
+    );
+}
+
+/// Case 2 with protocol v2: each reply tells the peer its partner's NAT
+/// type, so both sides know at once that no path can exist and exit 4
+/// without punching, naming the cause.
+#[test]
+fn random_nats_with_v2_fail_at_once() {
+    if skip_reason("random_nats_with_v2_fail_at_once", &[]).is_some() {
+        return;
+    }
+    let mut lab = Lab::build(
+        "randv2",
+        LabConfig {
+            nat_a: Nat::Random,
+            nat_b: Nat::Random,
+            ..LabConfig::default()
+        },
+    );
+    let _server = start_v2_server(&mut lab);
+    let case = "case 2 with protocol v2";
+    let pairing = Pairing { v2: true, ..ACROSS };
+    let pairs = run_pairs_batched(
+        &lab,
+        pairing,
+        FAIL_PAIRS,
+        FAIL_PAIRS,
+        4000,
+        FAIL_TIMEOUT_SECS,
+    );
+    let (mut elapsed, mut sent) = (Vec::new(), Vec::new());
+    for (a, b) in &pairs {
+        record(case, "A", a);
+        record(case, "B", b);
+        for e in [a, b] {
+            let err = e.stderr_text();
+            assert!(!e.timed_out, "{} hung: {err}", e.name);
+            assert_eq!(e.code(), Some(4), "{}: {err}", e.name);
+            assert!(
+                err.contains("our NAT: hard")
+                    && err.contains("likely cause: both NATs change ports per destination"),
+                "{}: exit 4 without the likely cause: {err:?}",
+                e.name
+            );
+            let json = e.stdout_text();
+            assert!(json.contains("\"partner_nat\":\"hard\""), "{json}");
+            elapsed.push(e.elapsed.as_millis() as u64);
+            sent.push(
+                json_field(&json, "datagrams_sent")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0),
+            );
+        }
+    }
+    elapsed.sort_unstable();
+    sent.sort_unstable();
+    eprintln!(
+        "natlab: {case}: {} clients exit 4 after p50 {} ms, max {} ms (--timeout {FAIL_TIMEOUT_SECS}); \
+         datagrams sent per client p50 {} max {}: {}",
+        pairs.len() * 2,
+        percentile(&elapsed, 50),
+        elapsed.last().copied().unwrap_or(0),
+        percentile(&sent, 50),
+        sent.last().copied().unwrap_or(0),
+        summary(&pairs[0].0.stderr_text())
+    );
 }
 
 /// Case 6: the server is stopped (SIGTERM) while the peers behind NAT A wait

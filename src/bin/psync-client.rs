@@ -73,6 +73,10 @@ struct Args {
     #[arg(long)]
     no_birthday: bool,
 
+    /// Do not try the peer's local addresses (peers behind one NAT; protocol v2).
+    #[arg(long)]
+    no_local: bool,
+
     /// The server's STUN port (psync-server --stun-port): asking it and the
     /// server's port tells whether our NAT changes ports per destination [1 to 65535].
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
@@ -173,6 +177,8 @@ enum StrategyArg {
     Observed,
     /// Many sockets on the hard side, random probes from the easy side.
     Birthday,
+    /// The peer's local addresses, for peers behind one NAT (protocol v2).
+    Local,
 }
 
 fn parse_token(s: &str) -> Result<psync::wire::v2::Token, String> {
@@ -302,11 +308,13 @@ fn main() -> ExitCode {
         StrategyArg::Seed => Strategy::Seed,
         StrategyArg::Observed => Strategy::Observed,
         StrategyArg::Birthday => Strategy::Birthday,
+        StrategyArg::Local => Strategy::Local,
     });
     for (off, s) in [
         (args.no_seed, Strategy::Seed),
         (args.no_observed, Strategy::Observed),
         (args.no_birthday, Strategy::Birthday),
+        (args.no_local, Strategy::Local),
     ] {
         if off {
             cfg.disabled.push(s);

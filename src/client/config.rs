@@ -30,6 +30,16 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// between the moments the two peers get their replies (the server sends both
 /// at once; only the two one-way delays differ).
 pub const OPENER_LEAD: Duration = Duration::from_millis(100);
+/// How long an attempt waits for the partner's first datagram when both
+/// peers are behind one public address and the server's reply named none of
+/// the partner's local addresses (protocol v2 gives them only to the peer
+/// that waited, and a lost reply's replay carries none). The partner that
+/// has ours probes them as soon as it has its reply, which the server sent
+/// with ours: on a LAN that arrives within milliseconds, or after a lost
+/// reply, never. Then registering again from a fresh socket is a new match
+/// that hands one of the two the other's addresses, sooner than the whole
+/// punch window would.
+pub const SAME_NAT_WAIT: Duration = Duration::from_secs(1);
 /// Longest time a side holds a path (sends only openers on it) while it has
 /// heard nothing from the partner; see the module docs of [`super`]. 2 s is
 /// the longest registration backoff, so it covers a partner whose server
@@ -89,11 +99,21 @@ pub enum Strategy {
     /// When one NAT changes ports per destination: the hard side opens many
     /// sockets toward the easy side, which probes random ports until one meets.
     Birthday,
+    /// Peers behind one public address (the same NAT, which rarely
+    /// hairpins): the registration socket sends to the partner's local
+    /// addresses, which protocol v2 relays, and answers the partner's
+    /// probes from any local address.
+    Local,
 }
 
 impl Strategy {
     /// Every strategy, in the order they are reported.
-    pub const ALL: [Strategy; 3] = [Strategy::Seed, Strategy::Observed, Strategy::Birthday];
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Seed,
+        Strategy::Observed,
+        Strategy::Birthday,
+        Strategy::Local,
+    ];
 
     /// The name used on the command line and in output.
     pub fn name(self) -> &'static str {
@@ -101,6 +121,7 @@ impl Strategy {
             Strategy::Seed => "seed",
             Strategy::Observed => "observed",
             Strategy::Birthday => "birthday",
+            Strategy::Local => "local",
         }
     }
 }

@@ -343,7 +343,8 @@ impl Connector {
             Some(token) => Registration::new_v2(self.cfg.server, self.v2_request(token), now),
             None => Registration::new(self.cfg.server, self.cfg.self_id, self.cfg.peer_id, now),
         }
-        .with_fallbacks(&self.cfg.fallbacks);
+        .with_fallbacks(&self.cfg.fallbacks)
+        .with_deadline(self.cfg.timeout, self.deadline);
         self.phase = Phase::Register(Box::new(r));
     }
 
@@ -474,13 +475,17 @@ impl Connector {
         let reply = answer.reply;
         let mut partner_nat = self.cfg.partner_nat;
         let mut partner_candidates = Vec::new();
+        let mut partner_local = Vec::new();
+        let mut all_candidates = Vec::new();
         if let Some(r) = answer.v2 {
-            partner_candidates = r
-                .peer_candidates
-                .as_slice()
-                .iter()
-                .map(|c| c.addr)
-                .collect();
+            for c in r.peer_candidates.as_slice() {
+                all_candidates.push(c.addr);
+                if c.kind == v2::CandidateKind::HOST {
+                    partner_local.push(c.addr);
+                } else {
+                    partner_candidates.push(c.addr);
+                }
+            }
             let told = match (r.peer_info.mapping(), r.peer_info.port_mapped()) {
                 (v2::Mapping::EndpointIndependent, _) => Some(NatType::Easy),
                 (v2::Mapping::EndpointDependent, true) => Some(NatType::HardMapped),
@@ -492,12 +497,12 @@ impl Connector {
                 "v2: our public address {}, partner's NAT {}, {} partner candidate(s)",
                 r.your_addr,
                 told.map_or("unknown", NatType::name),
-                partner_candidates.len()
+                all_candidates.len()
             );
             self.report.v2 = Some(V2Report {
                 your_addr: r.your_addr,
                 partner_nat: told,
-                partner_candidates: partner_candidates.clone(),
+                partner_candidates: all_candidates,
             });
         }
         self.made = self.attempt;
@@ -518,8 +523,27 @@ impl Connector {
         };
         self.reply = Some(reply);
         let nat = self.nat.unwrap_or(NatType::Unknown);
+        // Our public IP, as the server saw it (v2 says so in every reply; else
+        // the classification's STUN answer from the same socket).
+        let ours = answer.v2.map(|r| r.your_addr.ip()).or(self
+            .report
+            .classification
+            .public
+            .map(|a| a.ip()));
+        let same_nat = ours == Some(reply.peer.ip()) && !reply.peer.ip().is_loopback();
+        if same_nat {
+            log::info!(
+                "attempt {}: the peer is behind our own public address {}: {} local address(es) of it known",
+                self.attempt,
+                reply.peer.ip(),
+                partner_local.len()
+            );
+        }
         let mut roles = nat::roles(nat, partner_nat, self.cfg.birthday.delay);
-        if reply.peer.ip().is_loopback() {
+        if reply.peer.ip().is_loopback() || same_nat {
+            // Behind one NAT, guessing ports of our own public address
+            // cannot help (it does not hairpin, or the observed path works),
+            // and both hard is no verdict: the local path needs no port.
             // No NAT on loopback: nothing to guess, and random probes of
             // 127.0.0.1 would hit unrelated local services.
             roles = nat::Roles {
@@ -543,8 +567,10 @@ impl Connector {
             roles,
             birthday: self.cfg.birthday,
             seed: self.rng.next_u64(),
-            // With v2, the waiter gets the completer's candidates.
             partner_candidates,
+            partner_local,
+            same_nat,
+            v2: self.cfg.token.is_some(),
         };
         self.actions.push_back(Action::IcmpErrors(false));
         let mut punch = Punch::new(params, now);
@@ -738,8 +764,11 @@ mod tests {
             now = c.poll_timeout().unwrap();
             c.handle_timeout(now);
         }
-        assert_eq!(sent, 3, "requests at 0, 250 and 750 ms");
-        assert_eq!(c.report().datagrams_sent, 3);
+        assert_eq!(
+            sent, 4,
+            "requests at 0, 250, 500 and 750 ms (a 1 s timeout stops the backoff at 250 ms)"
+        );
+        assert_eq!(c.report().datagrams_sent, 4);
     }
 
     #[test]
@@ -790,7 +819,8 @@ mod tests {
             pair,
             src_port: 2000,
             dst_port: 3000,
-            peer: "198.51.100.7:4949".parse().unwrap(),
+            // Behind our own public address: its local address is probed.
+            peer: "203.0.113.5:4950".parse().unwrap(),
             your_addr: easy,
             peer_info: v2::ClientInfo::new(v2::Mapping::EndpointDependent, true),
             peer_candidates: v2::Candidates::from_slice(&[v2::Candidate {
@@ -810,5 +840,68 @@ mod tests {
             to.push(t.to);
         }
         assert!(to.contains(&cand), "the candidate is probed: {to:?}");
+    }
+
+    /// Two hard NATs are hopeless (exit 4 at once, from the partner's type
+    /// in the reply), unless they are one NAT: then the local path needs
+    /// no port, and the partner's local address is probed instead.
+    #[test]
+    fn v2_both_hard_is_hopeless_except_behind_one_nat() {
+        let key = crate::auth::Key::new(1, &[3; 32]).unwrap();
+        let pair = v2::Pair::new(0x51f0_c2a9_e4d3_b817, 0x0bd1_e5a2_c4f6_a390);
+        for same_nat in [false, true] {
+            let mut cfg = ClientConfig::with_token(
+                "198.18.0.2:4949".parse().unwrap(),
+                key.issue(pair, u64::MAX),
+            );
+            cfg.stun_port = Some(3478);
+            cfg.port_mapping.natpmp = false;
+            cfg.port_mapping.pcp = false;
+            cfg.port_mapping.upnp = false;
+            let t0 = Instant::now();
+            let mut c = Connector::new(cfg.clone(), t0, 1);
+            c.poll_action();
+            c.host_ip(Some("10.0.0.5".parse().unwrap()));
+            c.main_socket_opened(t0, Ok("0.0.0.0:40001".parse().unwrap()));
+            let ours: SocketAddr = "203.0.113.5:51000".parse().unwrap();
+            answer_stun(&mut c, t0, [ours, "203.0.113.5:52000".parse().unwrap()]);
+            assert_eq!(c.report().nat, Some(NatType::Hard));
+            assert!(c.poll_transmit(t0).is_some(), "registration");
+            let cand: SocketAddr = "10.0.0.6:40002".parse().unwrap();
+            let peer: SocketAddr = if same_nat {
+                "203.0.113.5:53000".parse().unwrap()
+            } else {
+                "198.51.100.7:53000".parse().unwrap()
+            };
+            let reply = v2::Reply {
+                pair,
+                src_port: 2000,
+                dst_port: 3000,
+                peer,
+                your_addr: ours,
+                peer_info: v2::ClientInfo::new(v2::Mapping::EndpointDependent, false),
+                peer_candidates: v2::Candidates::from_slice(&[v2::Candidate {
+                    kind: v2::CandidateKind::HOST,
+                    addr: cand,
+                }])
+                .unwrap(),
+            };
+            c.handle(t0, SocketId::Main, cfg.server, &reply.to_bytes());
+            match c.result() {
+                Some(Err(e)) => {
+                    assert!(!same_nat, "{e}");
+                    assert_eq!(e.exit_code(), 4);
+                    assert!(e.to_string().contains("both NATs change ports"), "{e}");
+                }
+                None => {
+                    assert!(same_nat);
+                    let to: Vec<SocketAddr> = std::iter::from_fn(|| c.poll_transmit(t0))
+                        .map(|t| t.to)
+                        .collect();
+                    assert_eq!(to.first(), Some(&cand), "probed first: {to:?}");
+                }
+                Some(Ok(_)) => panic!("connected to nobody"),
+            }
+        }
     }
 }

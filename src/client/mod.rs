@@ -37,6 +37,14 @@
 //!      Each side picks its role from its own classification
 //!      ([`nat::roles`]); the arithmetic is in [`birthday`] and
 //!      `docs/nat-traversal.md`.
+//!    - `local`, when the server saw both peers at one public IP (one NAT,
+//!      which rarely hairpins) and protocol v2 relayed local addresses:
+//!      the registration socket probes the partner's local addresses at
+//!      once, and a valid datagram there from any address is the partner on
+//!      its LAN (it becomes a path: the peer whose reply named none of the
+//!      partner's addresses learns one this way). Without any, the attempt
+//!      ends after [`config::SAME_NAT_WAIT`] and registers again. Birthday
+//!      probing and the both-hard verdict do not apply behind one NAT.
 //!
 //!    On the seed and observed paths one side *leads*: it probes from
 //!    [`OPENER_LEAD`] on. The other side *holds*: it sends only openers until

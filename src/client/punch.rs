@@ -12,15 +12,18 @@
 //! A *path* is a local socket and a partner address; paths are made from the
 //! reply (seed, observed), by birthday probing, and from where the partner's
 //! valid datagrams actually come from (the partner's NAT may have changed
-//! the port). Later, protocol v2's local candidates become paths of their
-//! own (same NAT). The rules, step by step, are in [`super`]'s module docs.
+//! the port). When both peers are behind one public address (one NAT, which
+//! rarely hairpins), the partner's local addresses that protocol v2 relays
+//! are probed first, and a valid datagram from any local address of the
+//! partner opens a path of its own (`local`). The rules, step by step, are
+//! in [`super`]'s module docs.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::birthday::PortSequence;
-use super::config::{Birthday, Strategy, OPENER_LEAD, PROBE_INTERVAL};
+use super::config::{Birthday, Strategy, OPENER_LEAD, PROBE_INTERVAL, SAME_NAT_WAIT};
 use super::nat::{NatType, Roles};
 use crate::wire::peer::{Header, Kind, HEADER_LEN};
 use crate::wire::{PeerId, Reply};
@@ -121,11 +124,22 @@ pub struct PunchParams {
     pub birthday: Birthday,
     /// Seed of the easy side's random port sequence.
     pub seed: u64,
-    /// More addresses of the partner to probe from the main socket, and to
-    /// accept its datagrams from: protocol v2 will carry its local addresses
-    /// (peers behind the same NAT, which rarely hairpins) and its router
-    /// mapping here. Empty with the seed protocol.
+    /// More public addresses of the partner to probe from the main socket,
+    /// and to accept its datagrams from: its router mapping, which protocol
+    /// v2 carries. Empty with the seed protocol.
     pub partner_candidates: Vec<SocketAddr>,
+    /// The partner's local (host) addresses, which protocol v2 carries:
+    /// probed first from the main socket when `same_nat`, never otherwise.
+    pub partner_local: Vec<SocketAddr>,
+    /// Our public IP is the partner's: both peers are behind one NAT. Then
+    /// the `local` strategy probes `partner_local` at once, and a valid
+    /// datagram from any address on the main socket is the partner speaking
+    /// from its LAN (the peer-reflexive candidate of ICE, RFC 8445 7.3.1.3):
+    /// the partner that got our addresses reaches us even when we did not
+    /// get its own.
+    pub same_nat: bool,
+    /// Protocol v2 is in use (for the failure's likely cause only).
+    pub v2: bool,
 }
 
 /// One path being punched.
@@ -191,6 +205,12 @@ pub enum Likely {
     PeerMoved,
     /// Both directions worked but nobody confirmed.
     Unconfirmed,
+    /// Both peers are behind one public address, and the seed protocol
+    /// carries no local address.
+    SameNatSeed,
+    /// Both peers are behind one public address, and no local address of
+    /// the partner answered.
+    SameNatSilent,
     /// Both NATs are hard and unmapped (known in advance).
     Hopeless,
 }
@@ -220,6 +240,8 @@ impl Likely {
             Likely::OneWay => "the peer's packets arrived but ours never reached it: likely our NAT changes ports per destination, or a firewall drops our outbound UDP",
             Likely::PeerMoved => "the peer's packets came from another port than the server saw: its NAT changes ports per destination (symmetric)",
             Likely::Unconfirmed => "both directions worked but the deciding peer never confirmed a path: heavy loss, or it gave up",
+            Likely::SameNatSeed => "both peers are behind the same public address, and its NAT does not send traffic for its own public address back inside (no hairpinning); protocol v2 (--token) carries local addresses that connect peers behind one NAT",
+            Likely::SameNatSilent => "both peers are behind the same public address, which does not hairpin, and no local address of the peer answered: the peers are on different local networks behind that NAT, a local firewall drops UDP, or neither got the other's local addresses (a lost server reply)",
             Likely::Hopeless => "both NATs change ports per destination and neither has a port mapping: no direct path can exist",
         }
     }
@@ -320,6 +342,9 @@ impl Punch {
                 window = window.max(p.deadline.saturating_duration_since(now));
             }
         }
+        if p.same_nat && p.v2 && p.partner_local.is_empty() && enabled(Strategy::Local) {
+            window = window.min(SAME_NAT_WAIT);
+        }
         let window_end = (now + window).min(p.deadline);
         let mut punch = Punch {
             decider,
@@ -349,11 +374,20 @@ impl Punch {
             }));
             return punch;
         }
+        if punch.p.same_nat && enabled(Strategy::Local) {
+            // First, and at once: no NAT lies between the two, so there is no
+            // race for an opener to prevent.
+            let probe = punch.header(Kind::Probe, 0, 0, now);
+            for c in punch.p.partner_local.clone() {
+                let i = punch.add_path(Strategy::Local, SocketId::Main, c, now);
+                punch.paths[i].sent += 1;
+                punch.push(SocketId::Main, c, None, probe);
+            }
+        }
         if enabled(Strategy::Observed) {
             let peer = punch.p.reply.peer;
             punch.add_path(Strategy::Observed, SocketId::Main, peer, now);
-            // Candidates are probed like the observed address (v2 will name
-            // them as a strategy of their own in reports).
+            // A router mapping is probed like the observed address.
             for c in punch.p.partner_candidates.clone() {
                 if c != peer {
                     punch.add_path(Strategy::Observed, SocketId::Main, c, now);
@@ -421,6 +455,7 @@ impl Punch {
         // Holding needs openers: without them the partner's probes could
         // never get in, and the hold would only cost time.
         let held = !birthday_hard
+            && strategy != Strategy::Local
             && self.p.opener_ttl > 0
             && !matches!(self.p.our_nat, NatType::Hard | NatType::HardMapped)
             && !Self::leads(strategy, self.both, self.decider)
@@ -666,7 +701,15 @@ impl Punch {
     }
 
     fn is_partner(&self, ip: IpAddr) -> bool {
-        ip == self.p.reply.peer.ip() || self.p.partner_candidates.iter().any(|c| c.ip() == ip)
+        ip == self.p.reply.peer.ip()
+            || self.p.partner_candidates.iter().any(|c| c.ip() == ip)
+            || self.p.partner_local.iter().any(|c| c.ip() == ip)
+    }
+
+    /// Whether a valid datagram on `socket` from an address we were not told
+    /// of may be the partner on its LAN (see [`PunchParams::same_nat`]).
+    fn reflexive(&self, socket: SocketId) -> bool {
+        socket == SocketId::Main && self.p.same_nat && self.p.strategies.contains(&Strategy::Local)
     }
 
     /// A datagram that arrived on `socket` from `from` at `now`.
@@ -677,7 +720,10 @@ impl Punch {
         let Ok((h, _)) = Header::parse(datagram) else {
             return;
         };
-        if h.from != self.p.peer_id || h.to != self.p.self_id || !self.is_partner(from.ip()) {
+        if h.from != self.p.peer_id
+            || h.to != self.p.self_id
+            || !(self.is_partner(from.ip()) || self.reflexive(socket))
+        {
             return;
         }
         let Some(i) = self.path_for(socket, from, now) else {
@@ -778,9 +824,22 @@ impl Punch {
                 }
             }
         }
+        // The partner on its LAN, from an address we were not told of.
+        let public = from.ip() == self.p.reply.peer.ip()
+            || self
+                .p
+                .partner_candidates
+                .iter()
+                .any(|c| c.ip() == from.ip());
+        if !public && self.reflexive(socket) {
+            return Some(self.add_path(Strategy::Local, socket, from, now));
+        }
         // The partner speaks from another port than expected (its NAT
         // changed it, or a router mapping let it in): follow it.
-        let i = self.paths.iter().position(|p| p.socket == socket)?;
+        let i = self
+            .paths
+            .iter()
+            .position(|p| p.socket == socket && p.strategy != Strategy::Local)?;
         self.paths[i].target = from;
         Some(i)
     }
@@ -823,6 +882,26 @@ impl Punch {
                 report.likely = report.likely.max(Some(Likely::BothHard));
                 report.final_verdict = true;
             }
+        }
+        if self.p.same_nat {
+            // The most telling fact: nothing else could have worked without
+            // a NAT that hairpins.
+            if self.p.partner_local.is_empty() && self.p.strategies.contains(&Strategy::Local) {
+                report.notes.push(if self.p.v2 {
+                    "local: the server's reply carried no local address of the peer, and none of its probes reached us".into()
+                } else {
+                    "local: the seed protocol carries no local addresses".into()
+                });
+            }
+            report.likely = report.likely.max(Some(if self.p.v2 {
+                Likely::SameNatSilent
+            } else {
+                Likely::SameNatSeed
+            }));
+            // The seed protocol will never carry a local address: registering
+            // again cannot help. With v2 it can (a lost reply's replay
+            // carries none).
+            report.final_verdict |= !self.p.v2;
         }
         if let Some(e) = &self.easy {
             report.notes.push(format!(

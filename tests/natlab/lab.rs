@@ -4,10 +4,18 @@
 //! them with a deadline.
 //!
 //! ```text
-//!  ca 10.1.0.2 ── na [nat] 11.0.10.2 ─── ia ──┐
-//!                                              core ── srv 198.18.0.2
-//!  cb 10.2.0.2 ── nb [nat] 198.18.21.2 ── ib ──┘
+//!  ca  10.1.0.2 ──┐
+//!                 swa ── na [nat] 11.0.10.2 ─── ia ──┐
+//!  ca2 10.1.0.3 ──┘                                   core ── srv 198.18.0.2
+//!  cb  10.2.0.2 ───────── nb [nat] 198.18.21.2 ── ib ──┘
 //! ```
+//!
+//! `swa` is NAT A's LAN switch (a Linux bridge in a namespace of its own,
+//! with no nftables: `br_netfilter` would otherwise pass bridged frames
+//! through the NAT's forward filter). `ca` and `ca2` share NAT A's public
+//! address, for the same-NAT cases; they reach each other over the switch
+//! only, since NAT A does not hairpin (a datagram to its own public address
+//! from inside is delivered to NAT A itself, where no socket takes it).
 //!
 //! Between the two NATs lie three routers (`ia`, `core`, `ib`), as on the
 //! real internet: a datagram from `ca` with TTL 2, 3 or 4 passes its own NAT
@@ -47,6 +55,8 @@ pub const NAT_B_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 21, 2);
 pub const CLIENT_A_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 /// The client behind NAT B.
 pub const CLIENT_B_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 2);
+/// The second client behind NAT A (same LAN as [`CLIENT_A_IP`]).
+pub const CLIENT_A2_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
 
 /// How long an `ip`/`nft` configuration command may take before the lab
 /// gives up on it; they normally take milliseconds.
@@ -57,6 +67,10 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 pub enum Node {
     /// The client behind NAT A.
     ClientA,
+    /// A second client behind NAT A, on the same LAN.
+    ClientA2,
+    /// NAT A's LAN switch (a bridge).
+    SwitchA,
     /// Home router A: masquerade and a stateful forward filter.
     NatA,
     /// A's upstream router.
@@ -74,8 +88,10 @@ pub enum Node {
 }
 
 impl Node {
-    const ALL: [Node; 8] = [
+    const ALL: [Node; 10] = [
         Node::ClientA,
+        Node::ClientA2,
+        Node::SwitchA,
         Node::NatA,
         Node::IspA,
         Node::Core,
@@ -88,6 +104,8 @@ impl Node {
     fn short(self) -> &'static str {
         match self {
             Node::ClientA => "ca",
+            Node::ClientA2 => "ca2",
+            Node::SwitchA => "swa",
             Node::NatA => "na",
             Node::IspA => "ia",
             Node::Core => "core",
@@ -106,8 +124,9 @@ impl Node {
     }
 }
 
-/// One veth pair: (node, interface, address/prefix) at each end. Interface
-/// names avoid words `ip` parses as keywords (`up`, `a` for `address`).
+/// One veth pair: (node, interface, address/prefix) at each end (no address:
+/// a port of the switch's bridge). Interface names avoid words `ip` parses
+/// as keywords (`up`, `a` for `address`).
 type Link = (
     Node,
     &'static str,
@@ -118,8 +137,10 @@ type Link = (
 );
 
 #[rustfmt::skip]
-const LINKS: [Link; 7] = [
-    (Node::ClientA, "lan",    "10.1.0.2/24",    Node::NatA, "lan",      "10.1.0.1/24"),
+const LINKS: [Link; 9] = [
+    (Node::ClientA,  "lan",   "10.1.0.2/24",    Node::SwitchA, "p-ca",  ""),
+    (Node::ClientA2, "lan",   "10.1.0.3/24",    Node::SwitchA, "p-ca2", ""),
+    (Node::NatA,    "lan",    "10.1.0.1/24",    Node::SwitchA, "p-na",  ""),
     (Node::NatA,    "wan",    "11.0.10.2/24",   Node::IspA, "downlink", "11.0.10.1/24"),
     (Node::IspA,    "uplink", "198.18.10.2/24", Node::Core, "to-ia",    "198.18.10.1/24"),
     (Node::ClientB, "lan",    "10.2.0.2/24",    Node::NatB, "lan",      "10.2.0.1/24"),
@@ -129,8 +150,9 @@ const LINKS: [Link; 7] = [
 ];
 
 /// Routes as `ip route add` arguments, per node.
-const ROUTES: [(Node, &str); 9] = [
+const ROUTES: [(Node, &str); 10] = [
     (Node::ClientA, "default via 10.1.0.1"),
+    (Node::ClientA2, "default via 10.1.0.1"),
     (Node::NatA, "default via 11.0.10.1"),
     (Node::IspA, "default via 198.18.10.1"),
     (Node::Core, "11.0.10.0/24 via 198.18.10.2"),
@@ -435,10 +457,17 @@ impl Lab {
         for node in Node::ALL {
             // One `ip -batch` per namespace: addresses, links up, routes.
             let mut batch = String::from("link set dev lo up\n");
+            if node == Node::SwitchA {
+                batch.push_str("link add name sw type bridge\nlink set dev sw up\n");
+            }
             for (a, a_if, a_addr, b, b_if, b_addr) in LINKS {
                 for (n, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
                     if n == node {
-                        let _ = writeln!(batch, "addr add {addr} dev {ifname}");
+                        if addr.is_empty() {
+                            let _ = writeln!(batch, "link set dev {ifname} master sw");
+                        } else {
+                            let _ = writeln!(batch, "addr add {addr} dev {ifname}");
+                        }
                         let _ = writeln!(batch, "link set dev {ifname} up");
                     }
                 }
@@ -461,6 +490,7 @@ impl Lab {
                 )?;
             }
         }
+        self.wait_switch_forwarding()?;
         if cfg.upnp_a {
             self.nft(Node::NatA, &upnp_nat_rules(cfg.nat_a))?;
         } else {
@@ -472,6 +502,7 @@ impl Lab {
         }
         for node in [
             Node::ClientA,
+            Node::ClientA2,
             Node::NatA,
             Node::NatB,
             Node::ClientB,
@@ -480,6 +511,34 @@ impl Lab {
             self.nft(node, WATCH_RULES)?;
         }
         Ok(())
+    }
+
+    /// Waits until every port of NAT A's switch forwards. The kernel enables a
+    /// bridge port from its link-watch work, which runs up to a second after
+    /// the carrier comes up; a frame before that is dropped, and the first
+    /// ARP request of a client lost that way costs it a second (the ARP
+    /// retransmit), which is all of a NAT classification's wait.
+    fn wait_switch_forwarding(&self) -> Result<(), String> {
+        let ports = LINKS
+            .iter()
+            .filter(|l| l.3 == Node::SwitchA && l.5.is_empty())
+            .count();
+        let ns = self.ns(Node::SwitchA);
+        let end = Instant::now() + SETUP_TIMEOUT;
+        loop {
+            let out = run("bridge", &["-n", &ns, "link", "show"]);
+            let forwarding = out.stdout.matches("state forwarding").count();
+            if forwarding == ports {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(format!(
+                    "the switch's ports never all forwarded: {}{}",
+                    out.stdout, out.stderr
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Loads an nft script into `node`.
@@ -587,6 +646,18 @@ impl Lab {
             );
         }
         daemon
+    }
+
+    /// Writes `text` to a file of the lab's own (mode 600, removed with the
+    /// lab), for a daemon's configuration or a key file.
+    pub fn private_file(&mut self, name: &str, text: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("{}-{name}", self.prefix));
+        std::fs::write(&path, text).expect("write a lab file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod a lab file");
+        self.files.push(path.clone());
+        path
     }
 
     /// Packets the core router's loss rule has dropped.

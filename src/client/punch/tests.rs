@@ -94,7 +94,7 @@ fn params(
         nonce: seed | 1,
         epoch: t0,
         reply,
-        strategies: vec![Strategy::Seed, Strategy::Observed, Strategy::Birthday],
+        strategies: Strategy::ALL.to_vec(),
         opener_ttl: 2,
         window: Duration::from_secs(3),
         hold_limit: HOLD_LIMIT,
@@ -104,6 +104,9 @@ fn params(
         birthday: Birthday::DEFAULT,
         seed,
         partner_candidates: Vec::new(),
+        partner_local: Vec::new(),
+        same_nat: false,
+        v2: false,
     }
 }
 
@@ -418,6 +421,204 @@ fn partner_candidates_are_probed_and_accepted() {
     let answered = std::iter::from_fn(|| punch.poll_transmit())
         .any(|t| t.to == lan && Header::parse(t.data()).is_ok_and(|(h, _)| h.kind == Kind::Reply));
     assert!(answered, "the candidate's probe was not answered");
+}
+
+fn probe_from(from: u32, to: u32, nonce: u64) -> [u8; HEADER_LEN] {
+    Header {
+        kind: Kind::Probe,
+        from: PeerId::from_u32(from),
+        to: PeerId::from_u32(to),
+        nonce,
+        echo: 0,
+        stamp: 0,
+        echo_stamp: 0,
+    }
+    .to_bytes()
+}
+
+/// Two peers behind one NAT (the server saw the same public IP for both):
+/// the partner's local address is probed at once, before any opener lead,
+/// from the main socket, and its answer makes a `local` path.
+#[test]
+fn same_nat_probes_local_addresses_first() {
+    let t0 = Instant::now();
+    let reply = Reply {
+        src_port: 2000,
+        dst_port: 3000,
+        peer: "203.0.113.1:40002".parse().unwrap(),
+    };
+    let lan: SocketAddr = "10.1.0.3:40002".parse().unwrap();
+    let mut p = params(1, 2, reply, t0, NatType::Easy, 1);
+    p.partner_local = vec![lan];
+    p.same_nat = true;
+    p.v2 = true;
+    let mut punch = Punch::new(p, t0);
+    let first = punch.poll_transmit().expect("a datagram at once");
+    assert_eq!(
+        (first.to, first.socket, first.ttl),
+        (lan, SocketId::Main, None)
+    );
+    assert_eq!(punch.paths()[0].strategy, Strategy::Local);
+    assert!(!punch.paths()[0].held);
+    while punch.poll_transmit().is_some() {}
+    punch.handle(t0, SocketId::Main, lan, &probe_from(2, 1, 7));
+    let t = punch.poll_transmit().expect("answered");
+    assert_eq!(t.to, lan);
+    assert_eq!(Header::parse(t.data()).unwrap().0.kind, Kind::Reply);
+}
+
+/// The partner that did not get our local addresses (its server reply
+/// carried none) still finds us: our probes reach it from our LAN address,
+/// which it has never heard of; behind one NAT it answers them there. The
+/// same datagram is ignored when the public addresses differ.
+#[test]
+fn same_nat_answers_the_partner_from_an_unknown_local_address() {
+    let t0 = Instant::now();
+    let reply = Reply {
+        src_port: 2000,
+        dst_port: 3000,
+        peer: "203.0.113.1:40002".parse().unwrap(),
+    };
+    let lan: SocketAddr = "10.1.0.3:40002".parse().unwrap();
+    for same_nat in [false, true] {
+        let mut p = params(1, 2, reply, t0, NatType::Easy, 1);
+        p.same_nat = same_nat;
+        p.v2 = true;
+        let mut punch = Punch::new(p, t0);
+        while punch.poll_transmit().is_some() {}
+        // Wrong IDs are ignored either way.
+        punch.handle(t0, SocketId::Main, lan, &probe_from(3, 1, 7));
+        assert!(punch.poll_transmit().is_none());
+        punch.handle(t0, SocketId::Main, lan, &probe_from(2, 1, 7));
+        let answered = std::iter::from_fn(|| punch.poll_transmit()).any(|t| t.to == lan);
+        assert_eq!(answered, same_nat);
+        let local = punch
+            .paths()
+            .iter()
+            .any(|p| p.strategy == Strategy::Local && p.target == lan);
+        assert_eq!(local, same_nat);
+        // The observed path still points at the public address.
+        assert!(punch
+            .paths()
+            .iter()
+            .any(|p| p.strategy == Strategy::Observed && p.target == reply.peer));
+    }
+}
+
+/// Behind one NAT with the seed protocol, the failure says why, and it is
+/// final: registering again cannot bring local addresses.
+#[test]
+fn same_nat_without_v2_fails_saying_so() {
+    let t0 = Instant::now();
+    let reply = Reply {
+        src_port: 2000,
+        dst_port: 3000,
+        peer: "203.0.113.1:40002".parse().unwrap(),
+    };
+    for v2 in [false, true] {
+        let mut p = params(1, 2, reply, t0, NatType::Easy, 1);
+        p.same_nat = true;
+        p.v2 = v2;
+        p.roles = Roles {
+            hard: false,
+            easy: None,
+            hopeless: false,
+        };
+        let mut punch = Punch::new(p, t0);
+        while punch.outcome().is_none() {
+            while punch.poll_transmit().is_some() {}
+            let now = punch.poll_timeout().unwrap();
+            punch.handle_timeout(now);
+        }
+        let Some(Outcome::Failed(r)) = punch.outcome() else {
+            panic!("connected to nobody?")
+        };
+        let want = if v2 {
+            Likely::SameNatSilent
+        } else {
+            Likely::SameNatSeed
+        };
+        assert_eq!(r.likely, Some(want));
+        assert_eq!(r.final_verdict, !v2);
+        assert!(want.explain().contains("same public address"));
+    }
+    assert!(Likely::SameNatSeed
+        .explain()
+        .contains("protocol v2 (--token)"));
+}
+
+/// Two peers behind one NAT that does not hairpin connect on their local
+/// addresses through the simulated LAN, whichever of them got the other's
+/// addresses (the server relays the completer's to the waiter only).
+#[test]
+fn same_nat_peers_connect_when_only_one_knows_the_other() {
+    for knows in [0usize, 1] {
+        let t0 = Instant::now();
+        let public: IpAddr = "203.0.113.1".parse().unwrap();
+        let lan: [SocketAddr; 2] = [
+            "10.1.0.2:40000".parse().unwrap(),
+            "10.1.0.3:40001".parse().unwrap(),
+        ];
+        let mut punches: Vec<Punch> = (0..2)
+            .map(|i| {
+                let reply = Reply {
+                    src_port: 2000,
+                    dst_port: 3000,
+                    peer: SocketAddr::new(public, 40001 - i as u16),
+                };
+                let mut p = params(
+                    1 + i as u32,
+                    2 - i as u32,
+                    reply,
+                    t0,
+                    NatType::Easy,
+                    9 + i as u64,
+                );
+                p.same_nat = true;
+                p.v2 = true;
+                p.roles = Roles {
+                    hard: false,
+                    easy: None,
+                    hopeless: false,
+                };
+                if i == knows {
+                    p.partner_local = vec![lan[1 - i]];
+                }
+                Punch::new(p, t0)
+            })
+            .collect();
+        let mut now = t0;
+        for _ in 0..200 {
+            // Deliver what each sends on the LAN at once; the public
+            // address does not hairpin (dropped). Other sockets: dropped.
+            for i in 0..2 {
+                while let Some(t) = punches[i].poll_transmit() {
+                    if t.socket == SocketId::Main && t.to == lan[1 - i] {
+                        punches[1 - i].handle(now, SocketId::Main, lan[i], t.data());
+                    }
+                }
+            }
+            if punches.iter().all(|p| p.outcome().is_some()) {
+                break;
+            }
+            now = punches
+                .iter()
+                .filter_map(|p| p.poll_timeout())
+                .min()
+                .unwrap_or(now);
+            for p in &mut punches {
+                p.handle_timeout(now);
+            }
+        }
+        for (i, p) in punches.iter().enumerate() {
+            match p.outcome() {
+                Some(Outcome::Connected(c)) => {
+                    assert_eq!((c.strategy, c.target), (Strategy::Local, lan[1 - i]))
+                }
+                other => panic!("side {i} (knows {knows}): {other:?}"),
+            }
+        }
+    }
 }
 
 #[test]
