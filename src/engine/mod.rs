@@ -288,17 +288,27 @@ impl EngineConfig {
 }
 
 /// How expiry keeps pace: the whole table is walked once per sweep period,
-/// a quarter of the longer lifetime, or of the shorter one while the table
-/// is more than three quarters full.
+/// a quarter of the longer lifetime, or of the shorter one once remembered
+/// matches fill an eighth of the capacity (or everything three quarters).
 ///
 /// Why two paces: expired entries matter in two ways. An expired waiting
 /// registration still counts against its source until it is reclaimed, which
 /// a quarter of `--ttl` bounds, as it always did. An expired remembered match
-/// only holds a slot, which matters only when the table fills: then the
-/// sweep goes faster, and a full table reclaims expired slots itself before
-/// it takes a live one. Walking a sparse table at the fast pace all the time
+/// only holds a slot, which matters once the table fills: then the sweep
+/// goes faster, and a full table reclaims expired slots itself before it
+/// takes a live one. Walking a sparse table at the fast pace all the time
 /// cost a quarter of the engine's time in the engine bench and bought
 /// nothing.
+///
+/// Why an eighth: the slots just ahead of the cursor hold every
+/// entry of the last lifetime *plus a period*, those just behind it only
+/// the last lifetime's. At the slow pace (7.5 s for the default 30 s
+/// `--ttl`) and the default 5 s replay, the region ahead held 2.5 times the
+/// live matches: at a sustained 130k pairs/s (loopback saturation) it packed
+/// solid before the table was three quarters full, every removal then
+/// walked one giant cluster, the sweep fell behind, and the server fell to
+/// 2k pairs/s and stayed there (found with `loadgen/v2-vs-seed.sh`). At the
+/// fast pace the region ahead holds 1.25 times the average.
 struct Pace {
     /// Slots to examine per millisecond, in 1/1024ths, at the slow pace.
     slow_x1024: u64,
@@ -1243,7 +1253,9 @@ impl Engine {
             self.pace.debt_x1024 = 0;
             return false;
         }
-        let rate = if self.pairs.len() > self.capacity / 4 * 3 {
+        let rate = if self.books.remembered > self.capacity / 8
+            || self.pairs.len() > self.capacity / 4 * 3
+        {
             self.pace.fast_x1024
         } else {
             self.pace.slow_x1024

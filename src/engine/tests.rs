@@ -409,3 +409,51 @@ fn a_source_prefix_can_be_given_its_own_limit() {
     assert!(!off.set_source_limit(host, Some(1)));
     assert_eq!((off.source_held(host), off.source_limit(host)), (0, None));
 }
+
+/// Sustained load well below what the table holds: the sweep must reclaim
+/// expired matches within about a lifetime plus a quarter, so the table
+/// never fills. (At the slow pace, a quarter of the 30 s `--ttl`, the
+/// remembered matches piled up to the table's capacity, packed the slots
+/// ahead of the sweep into one cluster, and the server collapsed.)
+#[test]
+fn sustained_matches_are_reclaimed_at_the_fast_pace() {
+    let capacity = 1 << 14;
+    let mut e = Engine::new(&EngineConfig {
+        capacity,
+        seed: Some(1),
+        limits: SourceLimits::OFF,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let replay = u64::from(EngineConfig::default().replay_ttl_ms);
+    // 3 pairs every 2 ms: 1500 pairs/s, which at 5 s + 1.25 s of life
+    // hold 9375 slots, 57% of the capacity.
+    let per_sec = 1500u64;
+    let bound = per_sec * (replay + replay / 4) / 1000 * 11 / 10;
+    let (mut most, mut next_expiry, mut id) = (0, 0, 1u32);
+    for now in 0..60_000u64 {
+        for _ in 0..(now % 2 + 1) {
+            let (a, b) = (id, id + 1);
+            id += 2;
+            let [_, x, y, z] = a.to_be_bytes();
+            let wait = SocketAddr::from(([10, x, y, z], 1000));
+            let come = SocketAddr::from(([172, x, y, z], 1000));
+            assert_eq!(
+                e.handle(&req(a, b), wait, now),
+                Outcome::Registered { evicted: None }
+            );
+            assert!(e.handle(&req(b, a), come, now).is_match());
+        }
+        if now >= next_expiry {
+            let owed = e.expire(now);
+            next_expiry = now + if owed { 1 } else { 10 };
+        }
+        most = most.max(e.counters().remembered);
+    }
+    let c = e.counters();
+    assert_eq!(c.replay_full, 0, "{c:?}");
+    assert!(
+        most <= bound,
+        "{most} matches held at once, more than {bound}"
+    );
+}
