@@ -595,6 +595,8 @@ fn percentile(sorted: &[u64], p: usize) -> u64 {
 struct Rate {
     ok: usize,
     strategies: std::collections::BTreeMap<String, usize>,
+    /// Pairs where the A side connected by birthday probing.
+    birthday_a: usize,
 }
 
 /// Runs [`TRIALS`] pairs, prints the success rate, connect time p50/p99 over
@@ -609,6 +611,7 @@ fn success_rate_batched(lab: &Lab, pairing: Pairing, case: &str, batch: usize) -
     let started = Instant::now();
     let pairs = run_pairs_batched(lab, pairing, TRIALS, batch, 1000, CONNECT_TIMEOUT_SECS);
     let mut ok = 0;
+    let mut birthday_a = 0;
     let mut strategies = std::collections::BTreeMap::new();
     let mut retried = 0;
     let mut elapsed = Vec::new();
@@ -622,6 +625,7 @@ fn success_rate_batched(lab: &Lab, pairing: Pairing, case: &str, batch: usize) -
         ) {
             (Ok(ca), Ok(cb)) => {
                 ok += 1;
+                birthday_a += usize::from(ca.strategy == "birthday");
                 sent_a.push(ca.datagrams_sent);
                 sent_b.push(cb.datagrams_sent);
                 for c in [ca, cb] {
@@ -660,7 +664,11 @@ fn success_rate_batched(lab: &Lab, pairing: Pairing, case: &str, batch: usize) -
         sent_b.last().copied().unwrap_or(0),
         started.elapsed().as_millis()
     );
-    Rate { ok, strategies }
+    Rate {
+        ok,
+        strategies,
+        birthday_a,
+    }
 }
 
 /// Case 1: both peers behind port-preserving masquerade connect.
@@ -839,9 +847,14 @@ fn birthday_case(name: &str, case: &str, loss: u8) {
         "only {} of {TRIALS} pairs connected",
         r.ok
     );
+    // The easy side (A) names every path its random probes made
+    // `birthday`. The hard side may not: a probe can meet its main or seed
+    // socket (one more port its NAT opened toward A, like each birthday
+    // socket), and then it reports that path's name (about one pair in 100).
     assert!(
-        r.strategies.get("birthday").copied().unwrap_or(0) >= 2 * REQUIRED,
-        "not connected by birthday probing: {:?}",
+        r.birthday_a >= REQUIRED,
+        "not connected by birthday probing: {} pairs, clients by strategy {:?}",
+        r.birthday_a,
         r.strategies
     );
 }

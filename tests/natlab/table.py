@@ -48,7 +48,7 @@ def main(path):
             times = [c[2] for pair in pairs for c in pair]
             sa = [a[3] for a, _ in pairs]
             sb = [b[3] for _, b in pairs]
-            won = {}
+            won = Counter()
             timing = (f"exit {', '.join(f'{k} x{v}' for k, v in sorted(codes.items()))} "
                       f"after p50 {pct(times, 50)}, max {max(times)} ms")
         won_s = ", ".join(f"{k} {v}" for k, v in won.most_common()) or "nothing"
