@@ -21,6 +21,9 @@
 //! - a retransmit from the same source within the replay lifetime gets the
 //!   identical reply, unless the pair was registered afresh or its slot taken;
 //! - the engine's counters agree with the outcomes it returned.
+//!
+//! And separately: the batch path gives, in order, exactly the outcomes and
+//! counters of handling the same datagrams one by one.
 
 use proptest::prelude::*;
 use psync::engine::{DropReason, Level, SourceLimits};
@@ -196,6 +199,61 @@ proptest! {
         prop_assert_eq!(checker.handle(&request(b, a), source(csrc)), Outcome::Replayed(completing));
         prop_assert_eq!(checker.engine.pending(), 0);
         prop_assert_eq!(checker.engine.counters().matched, 1);
+    }
+}
+
+proptest! {
+    // An eighth of the cases: each is up to 12 batches of up to 300.
+    #![proptest_config(ProptestConfig::with_cases(cases().div_ceil(8)))]
+
+    /// The batch path ([`psync::Engine::handle_batch`], which classifies and
+    /// fetches ahead before it handles) gives exactly the outcomes, in
+    /// order, and the counters of handling the same datagrams one by one:
+    /// over random batches (up to 300 datagrams, so several scratch chunks)
+    /// of requests among four IDs from every source, garbage, duplicates in
+    /// one batch, pairs completed within their batch, and expiry turns
+    /// between batches.
+    #[test]
+    fn batches_agree_with_one_by_one(
+        cfg in config(),
+        start in start(),
+        batches in proptest::collection::vec(
+            (
+                proptest::collection::vec(
+                    prop_oneof![
+                        8 => (0u32..4, 0u32..4).prop_map(|(a, b)| request(a, b)),
+                        1 => proptest::collection::vec(any::<u8>(), 0..12),
+                    ]
+                    .prop_flat_map(|d| (Just(d), 0..SOURCES.len())),
+                    0..300,
+                ),
+                dt(),
+            ),
+            1..12,
+        ),
+    ) {
+        let mut one = psync::Engine::new(&cfg).unwrap();
+        let mut many = psync::Engine::new(&cfg).unwrap();
+        let mut now = start;
+        for (batch, dt) in &batches {
+            now += dt;
+            let mut want = Vec::new();
+            for (d, src) in batch {
+                want.push(one.handle(d, source(*src), now));
+            }
+            let mut got = Vec::new();
+            many.handle_batch(
+                batch.len(),
+                |k| Some((&batch[k].0[..], source(batch[k].1))),
+                now,
+                |k, o| got.push((k, *o)),
+            );
+            let got_outcomes: Vec<Outcome> = got.iter().map(|(_, o)| *o).collect();
+            prop_assert!(got.iter().enumerate().all(|(i, (k, _))| i == *k));
+            prop_assert_eq!(got_outcomes, want);
+            prop_assert_eq!(one.expire(now), many.expire(now));
+        }
+        prop_assert_eq!(one.counters(), many.counters());
     }
 }
 
