@@ -22,6 +22,7 @@
 //! | `random_nats_with_v2_fail_at_once` | 2 with v2: each knows the partner is hard, exit 4 at once |
 //! | `same_nat_connects_with_v2` | 8: two peers behind NAT A (no hairpin), v2: >= 19 of 20 on local addresses |
 //! | `same_nat_with_loss` | 8 with 10% loss: >= 19 of 20 |
+//! | `same_hard_nat_connects_with_v2` | 8 behind a random NAT (both hard): >= 19 of 20 |
 //! | `same_nat_without_v2_says_why` | 8 with the seed format: exit 4 saying why, every client |
 //!
 //! The server answers STUN on `--stun-port` and every client passes it, so
@@ -986,6 +987,39 @@ fn same_nat_with_loss() {
         return;
     }
     same_nat_case("sameloss", "case 8 with 10% loss", 10);
+}
+
+/// Case 8 behind a NAT that changes ports per destination: both peers are
+/// hard, which protocol v2 tells each of them, yet they must not give up as
+/// two hard NATs do: their local path needs no port.
+#[test]
+fn same_hard_nat_connects_with_v2() {
+    if skip_reason("same_hard_nat_connects_with_v2", &[]).is_some() {
+        return;
+    }
+    let mut lab = Lab::build(
+        "samehard",
+        LabConfig {
+            nat_a: Nat::Random,
+            ..LabConfig::default()
+        },
+    );
+    let _server = start_v2_server(&mut lab);
+    let pairing = Pairing {
+        v2: true,
+        ..SAME_NAT
+    };
+    let r = success_rate_batched(&lab, pairing, "case 8 behind a random NAT", TRIALS);
+    assert!(
+        r.ok >= REQUIRED,
+        "only {} of {TRIALS} pairs connected",
+        r.ok
+    );
+    assert!(
+        r.strategies.get("local").copied().unwrap_or(0) >= 2 * REQUIRED,
+        "not connected on the local addresses: {:?}",
+        r.strategies
+    );
 }
 
 /// Case 8 with the seed format, which carries no local address: nothing

@@ -57,7 +57,7 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
 
-    /// Try only this strategy (default: both at once, the first proven wins).
+    /// Try only this strategy (default: all at once, the first proven wins).
     #[arg(long, value_enum)]
     strategy: Option<StrategyArg>,
 

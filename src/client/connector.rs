@@ -641,7 +641,12 @@ impl Connector {
     fn give_up(&mut self) {
         let mut tried: Vec<&str> = self.report.tried.iter().map(|s| s.name()).collect();
         if tried.is_empty() {
-            tried = self.cfg.strategies().iter().map(|s| s.name()).collect();
+            tried = if self.likely == Some(Likely::Hopeless) {
+                // Known in advance: nothing was sent to the partner.
+                vec!["none"]
+            } else {
+                self.cfg.strategies().iter().map(|s| s.name()).collect()
+            };
         }
         let mut reason = std::mem::take(&mut self.notes);
         if let Some(l) = self.likely {
