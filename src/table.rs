@@ -343,19 +343,29 @@ impl<E: Entry> Table<E> {
 
     /// Walks at most `max_slots` slots on from where the last sweep stopped,
     /// removing every entry for which `dead` returns true (it may also do the
-    /// caller's bookkeeping for the entry). Returns the number removed.
+    /// caller's bookkeeping for the entry). Returns how many it removed and
+    /// how many slots it passed (fewer than `max_slots` when it ran out of
+    /// removals: the caller still owes the rest).
     ///
     /// Removing does not move the cursor or use up the budget: an entry from
     /// further on may shift into the hole and is looked at next. If removals
     /// used the budget, a region thick with dead entries would slow the
     /// cursor below its pace, dead entries would pile up ahead of it, and it
     /// would fall further behind (seen with the first table: one cluster grew
-    /// over a third of a full replay cache). At most `max_slots` removals.
-    pub fn sweep(&mut self, max_slots: usize, mut dead: impl FnMut(&E) -> bool) -> usize {
+    /// over a third of a full replay cache). At most `max_removed` removals:
+    /// each shifts the rest of its cluster back, so where many entries
+    /// expire together a removal costs far more than a slot passed.
+    pub fn sweep(
+        &mut self,
+        max_slots: usize,
+        max_removed: usize,
+        mut dead: impl FnMut(&E) -> bool,
+    ) -> Swept {
         let mut removed = 0;
         let mut cursor = self.cursor;
-        let mut moves = max_slots.min(self.slots.len());
-        while moves > 0 && removed < max_slots && self.len > 0 {
+        let budget = max_slots.min(self.slots.len());
+        let mut moves = budget;
+        while moves > 0 && removed < max_removed && self.len > 0 {
             if cursor % GROUP == 0 && moves >= GROUP && cursor + GROUP <= self.slots.len() {
                 // A whole group at once. The walk is sequential but reads only
                 // occupied slots, sparse ones at that: fetch a few groups
@@ -371,7 +381,7 @@ impl<E: Entry> Table<E> {
                     full &= full - 1;
                 }
                 let mut occupied = self.group(cursor) & MSB;
-                while occupied != 0 && removed < max_slots {
+                while occupied != 0 && removed < max_removed {
                     let bit = occupied.trailing_zeros();
                     let j = cursor + (bit / 8) as usize;
                     if dead(&self.slots[j]) {
@@ -404,7 +414,10 @@ impl<E: Entry> Table<E> {
             }
         }
         self.cursor = cursor;
-        removed
+        Swept {
+            removed,
+            passed: budget - moves,
+        }
     }
 
     /// The index of the first entry at or after slot `start` (cyclically),
@@ -446,6 +459,15 @@ pub fn keyed_hash(key: u64, seed: [u64; 2]) -> u64 {
 fn fold_mul(a: u64, b: u64) -> u64 {
     let full = u128::from(a) * u128::from(b);
     (full as u64) ^ ((full >> 64) as u64)
+}
+
+/// What one [`Table::sweep`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Swept {
+    /// Entries removed.
+    pub removed: usize,
+    /// Slots the cursor passed.
+    pub passed: usize,
 }
 
 #[inline]
@@ -553,7 +575,7 @@ mod tests {
         // One full pass in small steps removes every odd value.
         let mut passes = 0;
         while passes < t.slots() {
-            seen += t.sweep(7, |e| e.value % 2 == 1);
+            seen += t.sweep(7, 7, |e| e.value % 2 == 1).removed;
             passes += 7;
         }
         assert_eq!(seen, 500);
@@ -619,7 +641,7 @@ mod tests {
                     }
                     Op::Sweep(n, m) => {
                         let m = u32::from(m % 4) + 2;
-                        t.sweep(usize::from(n), |e| e.value % m == 0);
+                        t.sweep(usize::from(n), usize::from(n), |e| e.value % m == 0);
                         model.retain(|k, v| {
                             // The sweep may not have reached every such entry:
                             // keep the model in step with what the table holds.
