@@ -571,6 +571,7 @@ impl Connector {
             partner_local,
             same_nat,
             v2: self.cfg.token.is_some(),
+            partner_nat,
         };
         self.actions.push_back(Action::IcmpErrors(false));
         let mut punch = Punch::new(params, now);

@@ -58,8 +58,12 @@
 //!    (the NAT records the inbound flow first and gives our own flow another
 //!    port). The path the early side holds stays clean. A side that has heard
 //!    nothing after [`HOLD_LIMIT`] (at most two thirds of the punch window)
-//!    probes every path anyway. A hard NAT never holds: it changes the port
-//!    for the partner anyway.
+//!    probes every path anyway. A hard NAT holds only its `observed` path,
+//!    and only while an easy partner may be probing random ports of it
+//!    (birthday, unless v2 says the partner is mapped): its probes there
+//!    would make the partner's NAT move the partner's random probes to
+//!    another public port (`docs/nat-traversal.md`). Otherwise it changes
+//!    the port for the partner anyway, so the race cannot hurt it.
 //! 5. **Prove.** A probe is answered at once by a reply that echoes its nonce.
 //!    A side has completed a path when it has received the partner's probe and
 //!    seen its own nonce echoed. The peer with the lower ID (bytewise) decides:

@@ -107,6 +107,7 @@ fn params(
         partner_local: Vec::new(),
         same_nat: false,
         v2: false,
+        partner_nat: None,
     }
 }
 
@@ -618,6 +619,40 @@ fn same_nat_peers_connect_when_only_one_knows_the_other() {
                 other => panic!("side {i} (knows {knows}): {other:?}"),
             }
         }
+    }
+}
+
+/// A hard side facing a partner that may probe random ports of it sends
+/// its observed path nothing but low-TTL openers until it hears the
+/// partner (its normal probes would make the partner's NAT move the
+/// partner's probes to another port); facing a partner known to be mapped,
+/// it probes at once.
+#[test]
+fn a_hard_side_holds_its_observed_path_unless_the_partner_is_mapped() {
+    let t0 = Instant::now();
+    let reply = Reply {
+        src_port: 2000,
+        dst_port: 3000,
+        peer: "203.0.113.2:40001".parse().unwrap(),
+    };
+    for partner in [None, Some(NatType::Easy), Some(NatType::HardMapped)] {
+        let mut p = params(1, 2, reply, t0, NatType::Hard, 1);
+        p.roles = roles(NatType::Hard, partner, Birthday::DEFAULT.delay);
+        p.partner_nat = partner;
+        let mut punch = Punch::new(p, t0);
+        let mut now = t0;
+        let mut normal = 0;
+        while now < t0 + Duration::from_millis(1500) {
+            while let Some(t) = punch.poll_transmit() {
+                if t.socket == SocketId::Main && t.to == reply.peer && t.ttl.is_none() {
+                    normal += 1;
+                }
+            }
+            now = punch.poll_timeout().unwrap();
+            punch.handle_timeout(now);
+        }
+        let mapped = partner == Some(NatType::HardMapped);
+        assert_eq!(normal > 0, mapped, "{partner:?}: {normal} normal probes");
     }
 }
 
