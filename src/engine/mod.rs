@@ -656,36 +656,52 @@ impl Engine {
         mut done: impl FnMut(usize, &Outcome),
     ) {
         let now = now as Millis;
+        self.pipeline(
+            n,
+            |e, k| get(k).map(|(d, src)| (e.classify(d, src), src)),
+            |e, k, (key, src)| {
+                let outcome = e.handle_classified(key, src, 0, 0, now);
+                done(k, &outcome);
+            },
+        );
+    }
+
+    /// The pipeline of [`Engine::handle_batch`] and
+    /// [`Engine::handle_batch_v2`] over `n` requests, in chunks of at most
+    /// [`SCRATCH`]: request i is classified (`classify(self, i)`, `None` to
+    /// skip it) and its slot and counts fetched; request i - (AHEAD - PEEK),
+    /// whose slot has arrived by then, is looked at to fetch its waiting
+    /// partner's counts; request i - AHEAD is handled (`handle`). So about
+    /// AHEAD requests' misses are in flight at once: enough to hide memory
+    /// latency, few enough for the CPU's miss queues (fetching a whole batch
+    /// ahead made the prefetches themselves stall).
+    #[inline]
+    fn pipeline(
+        &mut self,
+        n: usize,
+        classify: impl Fn(&Self, usize) -> Option<Classified>,
+        mut handle: impl FnMut(&mut Self, usize, Classified),
+    ) {
         let mut base = 0;
         while base < n {
             let m = (n - base).min(SCRATCH);
-            // A pipeline over the chunk: request i is classified and its
-            // slot and counts fetched; request i - (AHEAD - PEEK), whose
-            // slot has arrived by then, is looked at to fetch its waiting
-            // partner's counts; request i - AHEAD is handled. So about
-            // AHEAD requests' misses are in flight at once: enough to hide
-            // memory latency, few enough for the CPU's miss queues (fetching
-            // a whole batch ahead made the prefetches themselves stall).
             for i in 0..m + AHEAD {
                 if i < m {
-                    self.scratch[i] = get(base + i).map(|(d, src)| {
-                        let key = self.classify(d, src);
-                        if let Ok(key) = &key {
-                            self.pairs.prefetch(self.pairs.hash(key.hash_input()));
-                            if let Some(s) = self.books.sources.as_ref() {
-                                s.prefetch(src.ip());
-                            }
+                    let c = classify(self, base + i);
+                    if let Some((Ok(key), src)) = &c {
+                        self.pairs.prefetch(self.pairs.hash(key.hash_input()));
+                        if let Some(s) = self.books.sources.as_ref() {
+                            s.prefetch(src.ip());
                         }
-                        (key, src)
-                    });
+                    }
+                    self.scratch[i] = c;
                 }
                 if let Some(j) = (i + PEEK).checked_sub(AHEAD).filter(|&j| j < m) {
                     self.prefetch_partner(j);
                 }
                 if let Some(j) = i.checked_sub(AHEAD).filter(|&j| j < m) {
-                    if let Some((key, src)) = self.scratch[j] {
-                        let outcome = self.handle_classified(key, src, 0, 0, now);
-                        done(base + j, &outcome);
+                    if let Some(c) = self.scratch[j] {
+                        handle(self, base + j, c);
                     }
                 }
             }
@@ -795,36 +811,16 @@ impl Engine {
         mut done: impl FnMut(usize, &Outcome<v2::Reply>),
     ) {
         let now = now as Millis;
-        let mut base = 0;
-        while base < n {
-            let m = (n - base).min(SCRATCH);
-            // The pipeline of [`Engine::handle_batch`]: classify and fetch
-            // request i, look at request i - (AHEAD - PEEK), handle i - AHEAD.
-            for i in 0..m + AHEAD {
-                if i < m {
-                    self.scratch[i] = get(base + i).map(|(req, src)| {
-                        let key = self.classify_v2(req, src);
-                        if let Ok(key) = &key {
-                            self.pairs.prefetch(self.pairs.hash(key.hash_input()));
-                            if let Some(s) = self.books.sources.as_ref() {
-                                s.prefetch(src.ip());
-                            }
-                        }
-                        (key, src)
-                    });
+        self.pipeline(
+            n,
+            |e, k| get(k).map(|(req, src)| (e.classify_v2(req, src), src)),
+            |e, k, (key, src)| {
+                if let Some((req, _)) = get(k) {
+                    let outcome = e.handle_classified_v2(key, req, src, 0, now);
+                    done(k, &outcome);
                 }
-                if let Some(j) = (i + PEEK).checked_sub(AHEAD).filter(|&j| j < m) {
-                    self.prefetch_partner(j);
-                }
-                if let Some(j) = i.checked_sub(AHEAD).filter(|&j| j < m) {
-                    if let (Some((key, src)), Some((req, _))) = (self.scratch[j], get(base + j)) {
-                        let outcome = self.handle_classified_v2(key, req, src, 0, now);
-                        done(base + j, &outcome);
-                    }
-                }
-            }
-            base += m;
-        }
+            },
+        );
     }
 
     /// Counts and handles a classified v2 request, and turns the seed-shaped
