@@ -1,6 +1,7 @@
 use super::*;
 
-fn cfg(capacity: usize) -> EngineConfig {
+/// A small engine's settings (also for `tests_v2`).
+pub(super) fn cfg(capacity: usize) -> EngineConfig {
     EngineConfig {
         capacity,
         ttl_ms: 1000,
@@ -13,7 +14,7 @@ fn cfg(capacity: usize) -> EngineConfig {
     }
 }
 
-fn engine(capacity: usize) -> Engine {
+pub(super) fn engine(capacity: usize) -> Engine {
     Engine::new(&cfg(capacity)).unwrap()
 }
 
@@ -25,11 +26,11 @@ fn req(a: u32, b: u32) -> [u8; 8] {
     .emit()
 }
 
-const A: &str = "192.0.2.1:1000";
-const B: &str = "198.51.100.2:2000";
+pub(super) const A: &str = "192.0.2.1:1000";
+pub(super) const B: &str = "198.51.100.2:2000";
 const NEW: Outcome = Outcome::Registered { evicted: None };
 
-fn addr(s: &str) -> SocketAddr {
+pub(super) fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 

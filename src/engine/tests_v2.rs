@@ -4,29 +4,8 @@
 use super::*;
 use crate::wire::v2::{Candidate, CandidateKind, Candidates, ClientInfo, Mapping, Pair};
 
-fn cfg(capacity: usize) -> EngineConfig {
-    EngineConfig {
-        capacity,
-        ttl_ms: 1000,
-        replay_ttl_ms: 500,
-        port_lo: 2000,
-        port_hi: 2001,
-        seed: Some(1),
-        limits: SourceLimits::OFF,
-        ..EngineConfig::default()
-    }
-}
+use super::tests::{addr, cfg, engine, A, B};
 
-fn engine(capacity: usize) -> Engine {
-    Engine::new(&cfg(capacity)).unwrap()
-}
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-const A: &str = "192.0.2.1:1000";
-const B: &str = "198.51.100.2:2000";
 const A6: &str = "[2001:db8::1]:1000";
 const B6: &str = "[2001:db8:1::2]:2000";
 
