@@ -32,6 +32,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+#[path = "common/cpu.rs"]
+mod cpu;
+
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use psync::limit::RateLimit;
@@ -49,39 +52,7 @@ const BATCH: usize = 64;
 const STALL: Duration = Duration::from_millis(300);
 
 const SERVER_THREAD: &str = "psync-srv";
-/// psync's threads: the control thread and the workers.
-fn is_psync(name: &str) -> bool {
-    name == SERVER_THREAD || name.starts_with("psync-worker-")
-}
 const REFLECTOR_THREAD: &str = "reflector";
-
-/// CPU time (user + system) of this process's threads whose names `pick`
-/// accepts, summed: for psync its control thread ([`SERVER_THREAD`]) and
-/// the worker thread(s) that run the packet loop (`psync-worker-N`). (Not a
-/// bare prefix: the main thread, which runs the client, is named after the
-/// bench binary, `reflector-...`.)
-fn thread_cpu(pick: impl Fn(&str) -> bool) -> Option<Duration> {
-    let mut ticks = 0;
-    let mut found = false;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let dir = task.ok()?.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue; // the thread ended
-        };
-        if !pick(comm.trim_end()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
-            continue;
-        };
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        ticks += f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        found = true;
-    }
-    found.then(|| Duration::from_millis(ticks * 10))
-}
-
 /// The stateless reflector: every 8-byte request gets a 20-byte reply.
 fn reflector(stop: Arc<AtomicBool>) -> (SocketAddr, JoinHandle<u64>) {
     let (std_socket, _) =
@@ -266,11 +237,11 @@ fn main() {
             .spawn(move || server.run())
             .unwrap();
         std::thread::sleep(Duration::from_millis(100));
-        let cpu0 = thread_cpu(is_psync).unwrap_or_default();
+        let cpu0 = cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD)).unwrap_or_default();
         let t = Instant::now();
         let pairs = client.run(addr, secs);
         let took = t.elapsed();
-        let cpu = thread_cpu(is_psync).unwrap_or_default() - cpu0;
+        let cpu = cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD)).unwrap_or_default() - cpu0;
         handle.shutdown();
         let c = thread.join().unwrap().expect("server ran");
         let psync_us = cpu.as_secs_f64() * 1e6 / pairs.max(1) as f64;
@@ -279,11 +250,11 @@ fn main() {
         let stop = Arc::new(AtomicBool::new(false));
         let (raddr, rthread) = reflector(stop.clone());
         std::thread::sleep(Duration::from_millis(100));
-        let cpu0 = thread_cpu(|n| n == REFLECTOR_THREAD).unwrap_or_default();
+        let cpu0 = cpu::thread_cpu(|n| n == REFLECTOR_THREAD).unwrap_or_default();
         let t = Instant::now();
         let rpairs = client.run(raddr, secs);
         let rtook = t.elapsed();
-        let rcpu = thread_cpu(|n| n == REFLECTOR_THREAD).unwrap_or_default() - cpu0;
+        let rcpu = cpu::thread_cpu(|n| n == REFLECTOR_THREAD).unwrap_or_default() - cpu0;
         stop.store(true, Ordering::Relaxed);
         rthread.join().unwrap();
         let refl_us = rcpu.as_secs_f64() * 1e6 / rpairs.max(1) as f64;

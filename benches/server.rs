@@ -17,11 +17,15 @@
 //! the client would need `unsafe`, which lives only in the library's `sys`
 //! module), so on a 2-core machine the client's syscalls share the limit
 //! with the server's, and pairs/s shows the client's limit as much as the
-//! server's. So the bench also prints the server thread's own CPU time per
-//! pair (from `/proc/self/task/*/stat`, 10 ms resolution over seconds of
-//! run): that is what batching changes.
+//! server's. So the bench also prints the server's own CPU time per pair:
+//! the thread it runs on and its worker threads, which run the packet loop
+//! (from `/proc/self/task/*/stat`, 10 ms resolution over seconds of run).
+//! That is what batching changes.
 //!
 //! Run with `cargo bench --bench server`.
+
+#[path = "common/cpu.rs"]
+mod cpu;
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -44,24 +48,10 @@ const STALL: Duration = Duration::from_millis(500);
 /// The server thread's name, to find its CPU time in /proc.
 const SERVER_THREAD: &str = "psync-bench-srv";
 
-/// CPU time (user + system) the server thread has used, from
-/// `/proc/self/task/*/stat`; `None` where there is no procfs.
+/// CPU time (user + system) the server has used: the thread the bench runs
+/// it on and its worker threads, which run the packet loop.
 fn server_cpu() -> Option<Duration> {
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let dir = task.ok()?.path();
-        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-        if comm.trim_end() != SERVER_THREAD {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        // USER_HZ is 100 on every Linux configuration that matters here.
-        return Some(Duration::from_millis(ticks * 10));
-    }
-    None
+    cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD))
 }
 
 struct Running {
