@@ -49,6 +49,9 @@ const EMPTY: u8 = 0;
 const MIN_SLOTS: usize = 2 * GROUP;
 /// Groups the sweep fetches ahead of its cursor.
 const SWEEP_AHEAD: usize = 4;
+/// Most entries one pass over a run removes (see [`Table::remove_run`]): the
+/// size of its list of holes, on the stack.
+pub const MAX_RUN_REMOVALS: usize = 256;
 const LSB: u64 = 0x0101_0101_0101_0101;
 const MSB: u64 = 0x8080_8080_8080_8080;
 
@@ -413,10 +416,16 @@ impl<E: Entry> Table<E> {
             };
             let (r, end) = self.remove_run(first_dead, max_removed - removed, &mut dead);
             removed += r;
-            let Some(end) = end else {
-                // Out of removals within the run: go on from its first hole.
-                cursor = first_dead;
-                break;
+            let end = match end {
+                Ok(end) => end,
+                Err(unseen) => {
+                    // Out of removals within the run: go on from the first
+                    // entry not looked at.
+                    let passed = (unseen + n - cursor) % n;
+                    moves = moves.saturating_sub(passed);
+                    cursor = unseen;
+                    break;
+                }
             };
             let passed = (end + n - cursor) % n;
             moves = moves.saturating_sub(passed.max(1));
@@ -431,42 +440,100 @@ impl<E: Entry> Table<E> {
 
     /// Removes the entry at `first` (which `dead` has just claimed), then
     /// walks the rest of its run of occupied slots once: every entry `dead`
-    /// claims is removed (while `budget` lasts), and every other entry moves
-    /// back to the first empty slot on its probe path. This is deleting all
-    /// of them and inserting the survivors again in order, so every entry's
-    /// probe path is again free of empty slots. Returns the number removed
-    /// and the empty slot that ends the run, or `None` for it when the budget
-    /// ran out before the end (the rest was fixed up but not looked at).
+    /// claims is removed (while `budget`, at most [`MAX_RUN_REMOVALS`],
+    /// lasts), and every other entry moves back to the first empty slot on
+    /// its probe path. This is deleting all of them and inserting the
+    /// survivors again in order, so every entry's probe path is again free
+    /// of empty slots.
+    ///
+    /// The empty slots made so far (the *holes*, one per removal) are kept in
+    /// run order, so a survivor finds its new slot among them, the first hole
+    /// at or after its home, instead of walking the slots from its home: in
+    /// the long runs of a nearly full table that walk made the whole pass
+    /// quadratic in the run's length (a server whose table filled stalled for
+    /// good inside it).
+    ///
+    /// Returns the number removed and where to go on: `Ok` with the empty
+    /// slot that ends the run, or `Err` with the first slot holding an entry
+    /// not looked at, when the budget ran out before the end (the run is
+    /// fixed up to its end either way).
     fn remove_run(
         &mut self,
         first: usize,
         budget: usize,
         dead: &mut impl FnMut(&E) -> bool,
-    ) -> (usize, Option<usize>) {
+    ) -> (usize, Result<usize, usize>) {
+        let n = self.slots.len();
+        let budget = budget.clamp(1, MAX_RUN_REMOVALS);
+        // Holes in run order: positions `head..head + count` of a ring.
+        let mut holes = [0usize; MAX_RUN_REMOVALS];
+        let (mut head, mut count) = (0usize, 1usize);
+        holes[0] = first;
         self.set_ctrl(first, EMPTY);
         self.len -= 1;
         let mut removed = 1;
+        // Offset from `first` of the earliest slot that holds an entry not
+        // looked at (`n`: none yet).
+        let mut unseen = n;
         let mut k = self.wrap(first + 1);
         while self.ctrl[k] != EMPTY {
-            if removed < budget && dead(&self.slots[k]) {
+            let look = removed < budget;
+            if look && dead(&self.slots[k]) {
                 self.set_ctrl(k, EMPTY);
                 self.len -= 1;
                 removed += 1;
+                holes[(head + count) % MAX_RUN_REMOVALS] = k;
+                count += 1;
+                k = self.wrap(k + 1);
+                continue;
+            }
+            // The first hole on the entry's probe path, cyclically within
+            // [home, k). Holes lie in [first, k), in order; a home before
+            // `first` (the entry was displaced into the run) takes the first.
+            let home = self.home(self.hash(self.slots[k].hash_input()));
+            let home_off = (home + n - first) % n;
+            let k_off = (k + n - first) % n;
+            let mut at = None;
+            if home_off > k_off {
+                at = Some(0);
             } else {
-                let mut i = self.home(self.hash(self.slots[k].hash_input()));
-                while i != k && self.ctrl[i] != EMPTY {
-                    i = self.wrap(i + 1);
+                for h in 0..count {
+                    let hole = holes[(head + h) % MAX_RUN_REMOVALS];
+                    if (hole + n - first) % n >= home_off {
+                        at = Some(h);
+                        break;
+                    }
                 }
-                if i != k {
+            }
+            let end = match at {
+                Some(h) => {
+                    let hole = holes[(head + h) % MAX_RUN_REMOVALS];
+                    // Take hole h out of the ring (it is almost always the
+                    // first), and add k, now empty, at its end.
+                    for j in (0..h).rev() {
+                        holes[(head + j + 1) % MAX_RUN_REMOVALS] =
+                            holes[(head + j) % MAX_RUN_REMOVALS];
+                    }
+                    head = (head + 1) % MAX_RUN_REMOVALS;
+                    holes[(head + count - 1) % MAX_RUN_REMOVALS] = k;
                     let c = self.ctrl[k];
-                    self.set_ctrl(i, c);
-                    self.slots[i] = self.slots[k];
+                    self.set_ctrl(hole, c);
+                    self.slots[hole] = self.slots[k];
                     self.set_ctrl(k, EMPTY);
+                    hole
                 }
+                None => k,
+            };
+            if !look {
+                unseen = unseen.min((end + n - first) % n);
             }
             k = self.wrap(k + 1);
         }
-        (removed, (removed < budget).then_some(k))
+        if unseen < n {
+            (removed, Err(self.wrap(first + unseen)))
+        } else {
+            (removed, Ok(k))
+        }
     }
 
     /// The index of the first entry at or after slot `start` (cyclically),

@@ -459,7 +459,7 @@ impl Checker {
     /// Hands one datagram to the engine and checks the outcome.
     pub fn handle(&mut self, datagram: &[u8], src: SocketAddr) -> Outcome {
         let now = self.now;
-        let held_before = self.held();
+        let held_before = (self.held(), self.engine.replay_entries());
         let outcome = self.engine.handle(datagram, src, now);
         self.tally.received += 1;
         self.check_capacity();
@@ -507,7 +507,7 @@ impl Checker {
     /// everything [`Checker::handle`] checks, and what v2 replies say.
     pub fn handle_v2(&mut self, req: &v2::Request, src: SocketAddr) -> Outcome<v2::Reply> {
         let now = self.now;
-        let held_before = self.held();
+        let held_before = (self.held(), self.engine.replay_entries());
         let outcome = self.engine.handle_v2(req, src, now);
         self.tally.received += 1;
         self.check_capacity();
@@ -575,7 +575,7 @@ impl Checker {
         lo: bool,
         req: AnyRequest,
         src: SocketAddr,
-        held_before: usize,
+        held_before: (usize, usize),
         extra: impl Fn(&Outcome<R>, Option<Pending>),
     ) -> Outcome<R> {
         let now = self.now;
@@ -736,9 +736,13 @@ impl Checker {
         src: SocketAddr,
         info: u8,
         outcome: Outcome<R>,
-        held_before: usize,
+        held_before: (usize, usize),
     ) {
-        let full = held_before >= self.engine.capacity();
+        let (held_before, remembered_before) = held_before;
+        let capacity = self.engine.capacity();
+        let full = held_before >= capacity;
+        // Crowded: remembered matches give way from seven eighths on.
+        let crowded = full || (held_before >= capacity - capacity / 8 && remembered_before > 0);
         match outcome {
             Outcome::Registered { evicted } => {
                 // Never over a limit: the model's live counts, with this one,
@@ -752,7 +756,10 @@ impl Checker {
                 }
                 if let Some(e) = evicted {
                     assert!(
-                        full,
+                        match e {
+                            Evicted::Replay { .. } => crowded,
+                            Evicted::Pending { .. } => full,
+                        },
                         "took a slot ({e:?}) with {held_before} held of {}",
                         self.engine.capacity()
                     );

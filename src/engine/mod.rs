@@ -287,37 +287,48 @@ impl EngineConfig {
     }
 }
 
-/// How expiry keeps pace: the whole table is walked once per sweep period,
-/// a quarter of the longer lifetime, or of the shorter one once remembered
-/// matches fill an eighth of the capacity (or everything three quarters).
+/// How expiry keeps pace: the sweep walks the table once per quarter of the
+/// longer lifetime (the clock's share), and besides that a full pass per
+/// `capacity / SWEEP_SHARE` registrations (the registrations' share), or
+/// once per quarter of the shorter lifetime while the table is three
+/// quarters full.
 ///
-/// Why two paces: expired entries matter in two ways. An expired waiting
-/// registration still counts against its source until it is reclaimed, which
-/// a quarter of `--ttl` bounds, as it always did. An expired remembered match
-/// only holds a slot, which matters once the table fills: then the sweep
-/// goes faster, and a full table reclaims expired slots itself before it
-/// takes a live one. Walking a sparse table at the fast pace all the time
-/// cost a quarter of the engine's time in the engine bench and bought
-/// nothing.
+/// Why: expired entries matter in two ways. An expired waiting registration
+/// still counts against its source until it is reclaimed, which the clock's
+/// share bounds by a quarter of `--ttl`, as it always did. An expired
+/// remembered match only holds a slot: what matters is how many of them pile
+/// up, and they pile up as fast as pairs register. With a full pass per
+/// `capacity / SWEEP_SHARE` registrations, the expired entries not yet
+/// reclaimed stay near an eighth of the capacity at any match rate, and the
+/// sweep costs a fixed number of slots per registration (about 9) instead
+/// of a fixed number per second.
 ///
-/// Why an eighth: the slots just ahead of the cursor hold every
-/// entry of the last lifetime *plus a period*, those just behind it only
-/// the last lifetime's. At the slow pace (7.5 s for the default 30 s
-/// `--ttl`) and the default 5 s replay, the region ahead held 2.5 times the
-/// live matches: at a sustained 130k pairs/s (loopback saturation) it packed
-/// solid before the table was three quarters full, every removal then
-/// walked one giant cluster, the sweep fell behind, and the server fell to
-/// 2k pairs/s and stayed there (found with `loadgen/v2-vs-seed.sh`). At the
-/// fast pace the region ahead holds 1.25 times the average.
+/// What it replaced: a clock-driven fast pace (the whole table per 1.25 s)
+/// once remembered matches held an eighth of the capacity. That fixed a
+/// collapse (at the slow pace alone, 5-s matches at a sustained 130k pairs/s
+/// packed the slots ahead of the cursor into one cluster, every removal
+/// walked it, and the server fell to 2k pairs/s), but below saturation it
+/// walked the whole table every 1.25 s whatever the rate: a fifth of the
+/// engine bench's time at its simulated 20k pairs/s. The registrations'
+/// share keeps the fix (at 130k registrations/s it sweeps the same 1.2M
+/// slots/s) and costs less the fewer pairs there are.
 struct Pace {
-    /// Slots to examine per millisecond, in 1/1024ths, at the slow pace.
+    /// Slots to examine per millisecond, in 1/1024ths, for the clock.
     slow_x1024: u64,
-    /// The same at the fast pace.
+    /// The same while the table is three quarters full.
     fast_x1024: u64,
+    /// Slots to examine per registration, in 1/1024ths.
+    per_registration_x1024: u64,
+    /// The `registered` counter at the last call.
+    registered: u64,
     /// Slots owed, in 1/1024ths.
     debt_x1024: u64,
     last: Option<Millis>,
 }
+
+/// The registrations' share of the sweep: a full pass per
+/// `capacity / SWEEP_SHARE` registrations.
+const SWEEP_SHARE: u64 = 8;
 
 /// Most slots one [`Engine::expire`] call examines, so one loop turn stays short.
 pub const MAX_SWEEP_PER_CALL: usize = 2048;
@@ -328,6 +339,10 @@ pub const MAX_SWEEP_PER_CALL: usize = 2048;
 /// treats an expired entry as absent meanwhile. 256 per call is 256k
 /// removals a second, well above the match rate one loop sustains.
 pub const MAX_REMOVALS_PER_CALL: usize = 256;
+/// A table is crowded (see `Engine::crowded`) from `capacity - capacity /
+/// CROWDED_DEN` pairs held: seven eighths, 77% of the slots at the default
+/// load.
+const CROWDED_DEN: usize = 8;
 /// Slots a full table sweeps for expired entries before it takes a live one.
 const FULL_SWEEP: usize = 32;
 /// Slots sampled to choose whose slot a new registration takes when the
@@ -385,6 +400,8 @@ pub struct Engine {
     pairs: Table<PairEntry>,
     books: Books,
     capacity: usize,
+    /// Pairs held from which remembered matches give way (see `crowded`).
+    crowded_at: usize,
     ttl: u32,
     replay_ttl: u32,
     port_lo: u16,
@@ -459,6 +476,8 @@ impl Engine {
         };
         let slow_x1024 = rate(cfg.ttl_ms.max(cfg.replay_ttl_ms));
         let fast_x1024 = rate(cfg.ttl_ms.min(cfg.replay_ttl_ms));
+        let per_registration_x1024 =
+            (pairs.slots() as u64 * 1024 * SWEEP_SHARE).div_ceil(cfg.capacity.max(1) as u64);
         Ok(Engine {
             pairs,
             books: Books {
@@ -469,6 +488,7 @@ impl Engine {
                 counters: EngineCounters::default(),
             },
             capacity: cfg.capacity,
+            crowded_at: cfg.capacity - cfg.capacity / CROWDED_DEN,
             ttl: cfg.ttl_ms,
             replay_ttl: cfg.replay_ttl_ms,
             port_lo: cfg.port_lo,
@@ -479,6 +499,8 @@ impl Engine {
             pace: Pace {
                 slow_x1024,
                 fast_x1024,
+                per_registration_x1024,
+                registered: 0,
                 debt_x1024: 0,
                 last: None,
             },
@@ -1107,17 +1129,13 @@ impl Engine {
         let mut evicted = None;
         match at {
             At::Dead(i) => *self.pairs.get_mut(i) = entry,
-            At::Empty(slot) if self.pairs.len() < self.capacity => {
-                self.pairs.insert_at(slot, h, entry)
-            }
+            At::Empty(slot) if !self.crowded() => self.pairs.insert_at(slot, h, entry),
             At::Empty(_) => {
-                if self.pairs.len() >= self.capacity {
-                    match self.make_room(me.ip(), now) {
-                        Ok(e) => evicted = e,
-                        Err(()) => {
-                            self.books.counters.table_full += 1;
-                            return Outcome::Dropped(DropReason::TableFull);
-                        }
+                match self.make_room(me.ip(), now) {
+                    Ok(e) => evicted = e,
+                    Err(()) => {
+                        self.books.counters.table_full += 1;
+                        return Outcome::Dropped(DropReason::TableFull);
                     }
                 }
                 let slot = match self.pairs.find(h, |e| e.is_key(key)) {
@@ -1135,11 +1153,29 @@ impl Engine {
         Outcome::Registered { evicted }
     }
 
+    /// True when a new registration must first make room: the table holds
+    /// `capacity` pairs, or it holds seven eighths of that ([`CROWDED_DEN`]) and
+    /// some of them are
+    /// remembered matches, whose replays are then cut short (oldest first)
+    /// rather than let the table fill. A table of open addressing slows
+    /// sharply as it nears full, and remembered matches, at 5 s each, are
+    /// what fills it at a high match rate: at 125k pairs/s and the default
+    /// capacity, letting them take the last eighth packed the table into runs
+    /// of hundreds of thousands of slots that every lookup walked, and the
+    /// server fell to 1-2k pairs/s.
+    #[inline]
+    fn crowded(&self) -> bool {
+        let len = self.pairs.len();
+        len >= self.capacity || (len >= self.crowded_at && self.books.remembered > 0)
+    }
+
     /// Frees a slot for a registration from `ip`: reclaims expired slots
     /// first, then takes a remembered match's slot, then a waiting
     /// registration's whose source is heavier than the newcomer's (see
-    /// [`Weight::heavier_than`]). `Ok(None)`: room made without taking a live
-    /// pair's slot; `Err`: nothing may be taken. Takes at most one live slot.
+    /// [`Weight::heavier_than`]), which only a full table does (a crowded one
+    /// that samples no remembered match has room). `Ok(None)`: room made
+    /// without taking a live pair's slot; `Err`: nothing may be taken. Takes
+    /// at most one live slot.
     fn make_room(&mut self, ip: IpAddr, now: Millis) -> Result<Option<Evicted>, ()> {
         let books = &mut self.books;
         let reclaimed = self.pairs.sweep(FULL_SWEEP, FULL_SWEEP, |e| {
@@ -1202,6 +1238,11 @@ impl Engine {
         if let Some((i, _)) = oldest_match {
             return Ok(Some(self.evict_match(i)));
         }
+        if self.pairs.len() < self.capacity {
+            // Crowded, not full, and no remembered match sampled: there is
+            // room, and a waiting registration is never taken before full.
+            return Ok(None);
+        }
         let (i, w, _) = heaviest.ok_or(())?;
         let newcomer = self.books.sources.as_ref().ok_or(())?.weight(ip);
         if !w.heavier_than(&newcomer) {
@@ -1241,8 +1282,8 @@ impl Engine {
     }
 
     /// One turn of incremental expiry: examines as many slots as the time
-    /// since the last call earns (the whole table per sweep period: see
-    /// `Pace`), at most [`MAX_SWEEP_PER_CALL`].
+    /// and the registrations since the last call earn (see `Pace`), at most
+    /// [`MAX_SWEEP_PER_CALL`].
     /// Returns true when work is still owed, so the caller should call again
     /// soon rather than sleep.
     pub fn expire(&mut self, now: u64) -> bool {
@@ -1252,18 +1293,23 @@ impl Engine {
             None => 0,
         };
         self.pace.last = Some(now);
+        let registered = self.books.counters.registered;
+        let new = registered.wrapping_sub(self.pace.registered);
+        self.pace.registered = registered;
         if self.pairs.is_empty() {
             self.pace.debt_x1024 = 0;
             return false;
         }
-        let rate = if self.books.remembered > self.capacity / 8
-            || self.pairs.len() > self.capacity / 4 * 3
-        {
+        let rate = if self.pairs.len() > self.capacity / 4 * 3 {
             self.pace.fast_x1024
         } else {
             self.pace.slow_x1024
         };
-        let owed = self.pace.debt_x1024 + elapsed * rate;
+        let owed = self
+            .pace
+            .debt_x1024
+            .saturating_add(elapsed.saturating_mul(rate))
+            .saturating_add(new.saturating_mul(self.pace.per_registration_x1024));
         // Never owe more than one full pass: catching up further is pointless.
         let owed = owed.min(self.pairs.slots() as u64 * 1024);
         let slots = ((owed / 1024) as usize).min(MAX_SWEEP_PER_CALL);
