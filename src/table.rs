@@ -490,16 +490,16 @@ impl<E: Entry> Table<E> {
             // The first hole on the entry's probe path, cyclically within
             // [home, k). Holes lie in [first, k), in order; a home before
             // `first` (the entry was displaced into the run) takes the first.
+            let off = |x: usize| if x >= first { x - first } else { x + n - first };
             let home = self.home(self.hash(self.slots[k].hash_input()));
-            let home_off = (home + n - first) % n;
-            let k_off = (k + n - first) % n;
+            let (home_off, k_off) = (off(home), off(k));
             let mut at = None;
             if home_off > k_off {
                 at = Some(0);
             } else {
                 for h in 0..count {
                     let hole = holes[(head + h) % MAX_RUN_REMOVALS];
-                    if (hole + n - first) % n >= home_off {
+                    if off(hole) >= home_off {
                         at = Some(h);
                         break;
                     }
@@ -525,7 +525,7 @@ impl<E: Entry> Table<E> {
                 None => k,
             };
             if !look {
-                unseen = unseen.min((end + n - first) % n);
+                unseen = unseen.min(off(end));
             }
             k = self.wrap(k + 1);
         }

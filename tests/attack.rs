@@ -402,8 +402,12 @@ fn sources_that_cannot_be_a_peer_are_dropped_and_counted() {
 fn replay_keeps_up_at_saturation() {
     let _serial = serial();
     let mut cfg = util::config();
+    // Room for 5 s of matches at loopback saturation (130k pairs/s and more
+    // here) below the three quarters of the capacity from which remembered
+    // matches give way (`psync::engine::CROWDED_DEN`).
     cfg.engine = psync::EngineConfig {
         seed: Some(11),
+        capacity: 1 << 21,
         ..psync::EngineConfig::default()
     };
     let server = TestServer::start(cfg);

@@ -741,8 +741,10 @@ impl Checker {
         let (held_before, remembered_before) = held_before;
         let capacity = self.engine.capacity();
         let full = held_before >= capacity;
-        // Crowded: remembered matches give way from seven eighths on.
-        let crowded = full || (held_before >= capacity - capacity / 8 && remembered_before > 0);
+        // Crowded: remembered matches give way from there on.
+        let crowded = full
+            || (held_before >= capacity - capacity / psync::engine::CROWDED_DEN
+                && remembered_before > 0);
         match outcome {
             Outcome::Registered { evicted } => {
                 // Never over a limit: the model's live counts, with this one,

@@ -340,9 +340,9 @@ pub const MAX_SWEEP_PER_CALL: usize = 2048;
 /// removals a second, well above the match rate one loop sustains.
 pub const MAX_REMOVALS_PER_CALL: usize = 256;
 /// A table is crowded (see `Engine::crowded`) from `capacity - capacity /
-/// CROWDED_DEN` pairs held: seven eighths, 77% of the slots at the default
-/// load.
-const CROWDED_DEN: usize = 8;
+/// CROWDED_DEN` pairs held: three quarters of the capacity, 66% of the
+/// slots at the default load.
+pub const CROWDED_DEN: usize = 4;
 /// Slots a full table sweeps for expired entries before it takes a live one.
 const FULL_SWEEP: usize = 32;
 /// Slots sampled to choose whose slot a new registration takes when the
@@ -1154,15 +1154,21 @@ impl Engine {
     }
 
     /// True when a new registration must first make room: the table holds
-    /// `capacity` pairs, or it holds seven eighths of that ([`CROWDED_DEN`]) and
-    /// some of them are
-    /// remembered matches, whose replays are then cut short (oldest first)
-    /// rather than let the table fill. A table of open addressing slows
-    /// sharply as it nears full, and remembered matches, at 5 s each, are
-    /// what fills it at a high match rate: at 125k pairs/s and the default
-    /// capacity, letting them take the last eighth packed the table into runs
-    /// of hundreds of thousands of slots that every lookup walked, and the
-    /// server fell to 1-2k pairs/s.
+    /// `capacity` pairs, or it holds three quarters of that ([`CROWDED_DEN`])
+    /// and some of them are remembered matches, whose replays are then cut
+    /// short (oldest sampled first, counted in `replay_full`) rather than let
+    /// the table fill. Waiting registrations still fill it to the capacity.
+    ///
+    /// Why: remembered matches, 5 s each, are what fills the table at a high
+    /// match rate, and the slots just ahead of the expiry sweep hold them
+    /// densest. With no such bound, at 120-140k pairs/s and the default
+    /// capacity they packed the table just under its capacity into runs of
+    /// hundreds of thousands of slots that every removal walked, and the
+    /// server fell to 1-2k pairs/s for good; bounded at seven eighths it
+    /// still fell after a minute; at three quarters it held sixteen 5-s
+    /// rounds in a row at 123k-168k pairs/s (replays cut short only above
+    /// about 157k pairs/s, where 5 s of matches exceed three quarters of the
+    /// default capacity).
     #[inline]
     fn crowded(&self) -> bool {
         let len = self.pairs.len();

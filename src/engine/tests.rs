@@ -175,13 +175,13 @@ fn capacity_counts_waiting_and_remembered_pairs() {
     assert_eq!((c.table_full, c.replay_full), (1, 1));
 }
 
-/// Remembered matches give way once the table is crowded (seven eighths of
+/// Remembered matches give way once the table is crowded (three quarters of
 /// the capacity), so that they never pack it full; waiting registrations
 /// still fill it to the capacity.
 #[test]
 fn remembered_matches_give_way_before_the_table_fills() {
     let capacity = 64;
-    let crowded = capacity - capacity / 8;
+    let crowded = capacity - capacity / CROWDED_DEN;
     let from = |i: u32| SocketAddr::from(([10, 0, 0, i as u8], 1000));
     // Waiting registrations alone: all the way to the capacity.
     let mut e = engine(capacity);
@@ -192,7 +192,7 @@ fn remembered_matches_give_way_before_the_table_fills() {
         e.handle(&req(1001, 1002), from(1), 0),
         Outcome::Dropped(DropReason::TableFull)
     );
-    // Remembered matches: up to seven eighths, then the oldest sampled one
+    // Remembered matches: up to three quarters, then the oldest sampled one
     // gives its slot to each new registration.
     let mut e = engine(capacity);
     for i in 0..crowded as u32 {
