@@ -49,8 +49,8 @@ const EMPTY: u8 = 0;
 const MIN_SLOTS: usize = 2 * GROUP;
 /// Groups the sweep fetches ahead of its cursor.
 const SWEEP_AHEAD: usize = 4;
-/// Most entries one pass over a run removes (see [`Table::remove_run`]): the
-/// size of its list of holes, on the stack.
+/// Most entries one pass over a run removes (see [`Table::remove_run`]),
+/// and so the most holes its list on the stack holds.
 pub const MAX_RUN_REMOVALS: usize = 256;
 const LSB: u64 = 0x0101_0101_0101_0101;
 const MSB: u64 = 0x8080_8080_8080_8080;
@@ -465,67 +465,64 @@ impl<E: Entry> Table<E> {
     ) -> (usize, Result<usize, usize>) {
         let n = self.slots.len();
         let budget = budget.clamp(1, MAX_RUN_REMOVALS);
-        // Holes in run order: positions `head..head + count` of a ring.
-        let mut holes = [0usize; MAX_RUN_REMOVALS];
-        let (mut head, mut count) = (0usize, 1usize);
-        holes[0] = first;
+        let off = |x: usize| if x >= first { x - first } else { x + n - first };
+        // The holes' offsets from `first`, ascending: `buf[head..tail]`
+        // (at most `budget` of them; twice that room, so that compacting the
+        // buffer is rare).
+        let mut buf = [0usize; 2 * MAX_RUN_REMOVALS];
+        let (mut head, mut tail) = (0usize, 1usize);
         self.set_ctrl(first, EMPTY);
         self.len -= 1;
         let mut removed = 1;
-        // Offset from `first` of the earliest slot that holds an entry not
-        // looked at (`n`: none yet).
+        // Offset of the earliest slot that holds an entry not looked at (`n`:
+        // none yet).
         let mut unseen = n;
         let mut k = self.wrap(first + 1);
         while self.ctrl[k] != EMPTY {
             let look = removed < budget;
-            if look && dead(&self.slots[k]) {
+            let k_off = off(k);
+            let end = if look && dead(&self.slots[k]) {
                 self.set_ctrl(k, EMPTY);
                 self.len -= 1;
                 removed += 1;
-                holes[(head + count) % MAX_RUN_REMOVALS] = k;
-                count += 1;
-                k = self.wrap(k + 1);
-                continue;
-            }
-            // The first hole on the entry's probe path, cyclically within
-            // [home, k). Holes lie in [first, k), in order; a home before
-            // `first` (the entry was displaced into the run) takes the first.
-            let off = |x: usize| if x >= first { x - first } else { x + n - first };
-            let home = self.home(self.hash(self.slots[k].hash_input()));
-            let (home_off, k_off) = (off(home), off(k));
-            let mut at = None;
-            if home_off > k_off {
-                at = Some(0);
+                None
             } else {
-                for h in 0..count {
-                    let hole = holes[(head + h) % MAX_RUN_REMOVALS];
-                    if off(hole) >= home_off {
-                        at = Some(h);
-                        break;
-                    }
-                }
-            }
-            let end = match at {
-                Some(h) => {
-                    let hole = holes[(head + h) % MAX_RUN_REMOVALS];
-                    // Take hole h out of the ring (it is almost always the
-                    // first), and add k, now empty, at its end.
-                    for j in (0..h).rev() {
-                        holes[(head + j + 1) % MAX_RUN_REMOVALS] =
-                            holes[(head + j) % MAX_RUN_REMOVALS];
-                    }
-                    head = (head + 1) % MAX_RUN_REMOVALS;
-                    holes[(head + count - 1) % MAX_RUN_REMOVALS] = k;
+                // The first hole on the entry's probe path, cyclically within
+                // [home, k): the first at or after its home, or the first of
+                // all if its home lies before `first` (displaced into the run).
+                let home_off = off(self.home(self.hash(self.slots[k].hash_input())));
+                let h = if home_off > k_off {
+                    0
+                } else {
+                    buf[head..tail].partition_point(|&h| h < home_off)
+                };
+                if head + h < tail {
+                    let hole = self.wrap(first + buf[head + h]);
+                    // Take the hole out of the list (it is almost always the
+                    // first); k, now empty, joins it below.
+                    buf.copy_within(head..head + h, head + 1);
+                    head += 1;
                     let c = self.ctrl[k];
                     self.set_ctrl(hole, c);
                     self.slots[hole] = self.slots[k];
                     self.set_ctrl(k, EMPTY);
-                    hole
+                    Some(hole)
+                } else {
+                    Some(k)
                 }
-                None => k,
             };
+            if self.ctrl[k] == EMPTY {
+                // Removed or moved away: k is the last hole so far.
+                if tail == buf.len() {
+                    buf.copy_within(head..tail, 0);
+                    tail -= head;
+                    head = 0;
+                }
+                buf[tail] = k_off;
+                tail += 1;
+            }
             if !look {
-                unseen = unseen.min(off(end));
+                unseen = unseen.min(off(end.unwrap_or(k)));
             }
             k = self.wrap(k + 1);
         }

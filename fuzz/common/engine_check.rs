@@ -15,8 +15,9 @@
 //! never refused; a new registration is refused only for a source limit
 //! (when the engine's estimate of a prefix's count reached the limit, an
 //! estimate never below the truth) or a full table, and may take the slot of
-//! a waiting registration or a remembered match only when the table is full
-//! and then says whose.
+//! a waiting registration only when the table is full, or of a remembered
+//! match only when it holds three quarters of the capacity or more
+//! ([`psync::engine::CROWDED_DEN`]), and then says whose.
 //!
 //! Protocol v2 requests ([`Op::V2`], handed to [`Engine::handle_v2`] as
 //! admitted requests) share the table, the capacity and the source limits
