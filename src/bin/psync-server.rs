@@ -73,8 +73,10 @@ struct Args {
           value_parser = cli::duration(Bare::Seconds, Duration::from_millis(10), Duration::from_secs(86_400), false))]
     replay_ttl: Duration,
 
-    /// Most pairs held at once, waiting or remembered for replay; tables of
-    /// about 60 bytes per pair are allocated at start [1 to 2147483648].
+    /// Most pairs held at once, waiting or remembered for replay (remembered
+    /// ones give their slots to new registrations from three quarters of
+    /// it on); tables of about 60 bytes per pair are allocated at start [1 to
+    /// 2147483648].
     #[arg(long, default_value_t = 1 << 20, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..=MAX_TABLE))]
     capacity: u64,

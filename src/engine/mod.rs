@@ -20,9 +20,12 @@
 //!   the old replies are forgotten);
 //! - a repeated request while pending refreshes its expiry and takes the
 //!   newest source address;
-//! - at most `capacity` pairs are held, waiting or remembered. When the table
-//!   is full, a new registration first takes the slot of a remembered match
-//!   (its replay is cut short: `replay_full`), then, by fairness, the slot of
+//! - at most `capacity` pairs are held, waiting or remembered. From three
+//!   quarters of that on, a new registration takes the slot of a remembered
+//!   match if it samples one (its replay is cut short: `replay_full`), so
+//!   that matches never fill the table. When the table is full, a new
+//!   registration first takes the slot of a remembered match, then, by
+//!   fairness, the slot of
 //!   a waiting registration whose network (IPv4 /24, IPv6 /48) holds more
 //!   than the newcomer's would, or within one network whose address holds
 //!   more (`evicted`); otherwise it is refused (`table_full`). See
