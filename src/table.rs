@@ -481,6 +481,7 @@ impl<E: Entry> Table<E> {
         while self.ctrl[k] != EMPTY {
             let look = removed < budget;
             let k_off = off(k);
+            // Where the entry found at k is now: `None` if it was removed.
             let end = if look && dead(&self.slots[k]) {
                 self.set_ctrl(k, EMPTY);
                 self.len -= 1;
@@ -511,7 +512,7 @@ impl<E: Entry> Table<E> {
                     Some(k)
                 }
             };
-            if self.ctrl[k] == EMPTY {
+            if end != Some(k) {
                 // Removed or moved away: k is the last hole so far.
                 if tail == buf.len() {
                     buf.copy_within(head..tail, 0);
@@ -521,8 +522,8 @@ impl<E: Entry> Table<E> {
                 buf[tail] = k_off;
                 tail += 1;
             }
-            if !look {
-                unseen = unseen.min(off(end.unwrap_or(k)));
+            if let (false, Some(at)) = (look, end) {
+                unseen = unseen.min(off(at));
             }
             k = self.wrap(k + 1);
         }

@@ -403,8 +403,6 @@ pub struct Engine {
     pairs: Table<PairEntry>,
     books: Books,
     capacity: usize,
-    /// Pairs held from which remembered matches give way (see `crowded`).
-    crowded_at: usize,
     ttl: u32,
     replay_ttl: u32,
     port_lo: u16,
@@ -491,7 +489,6 @@ impl Engine {
                 counters: EngineCounters::default(),
             },
             capacity: cfg.capacity,
-            crowded_at: cfg.capacity - cfg.capacity / CROWDED_DEN,
             ttl: cfg.ttl_ms,
             replay_ttl: cfg.replay_ttl_ms,
             port_lo: cfg.port_lo,
@@ -1175,7 +1172,8 @@ impl Engine {
     #[inline]
     fn crowded(&self) -> bool {
         let len = self.pairs.len();
-        len >= self.capacity || (len >= self.crowded_at && self.books.remembered > 0)
+        len >= self.capacity
+            || (len >= self.capacity - self.capacity / CROWDED_DEN && self.books.remembered > 0)
     }
 
     /// Frees a slot for a registration from `ip`: reclaims expired slots
@@ -1197,9 +1195,12 @@ impl Engine {
         if reclaimed.removed > 0 {
             return Ok(None);
         }
-        // Sample slots; keep the oldest remembered match and the heaviest
-        // (then oldest) waiting registration among them. Fetch them all
-        // first, so that their cache misses overlap.
+        // Only a full table takes a waiting registration's slot; a crowded
+        // one takes only a remembered match's, and need not weigh sources.
+        let full = self.pairs.len() >= self.capacity;
+        // Sample slots; keep the oldest remembered match and (when full) the
+        // heaviest, then oldest, waiting registration among them. Fetch them
+        // all first, so that their cache misses overlap.
         let mut oldest_match: Option<(usize, Millis)> = None;
         let mut heaviest: Option<(usize, Weight, Millis)> = None;
         let slots = self.pairs.slots() as u64;
@@ -1228,6 +1229,9 @@ impl Engine {
                 }
                 continue;
             }
+            if !full {
+                continue;
+            }
             let (Some(s), State::Pending { addr, .. }) =
                 (self.books.sources.as_ref(), e.state(&self.books.v6))
             else {
@@ -1247,9 +1251,8 @@ impl Engine {
         if let Some((i, _)) = oldest_match {
             return Ok(Some(self.evict_match(i)));
         }
-        if self.pairs.len() < self.capacity {
-            // Crowded, not full, and no remembered match sampled: there is
-            // room, and a waiting registration is never taken before full.
+        if !full {
+            // Crowded, and no remembered match sampled: there is room.
             return Ok(None);
         }
         let (i, w, _) = heaviest.ok_or(())?;
