@@ -52,6 +52,8 @@ const SWEEP_AHEAD: usize = 4;
 /// Most entries one pass over a run removes (see [`Table::remove_run`]),
 /// and so the most holes its list on the stack holds.
 pub const MAX_RUN_REMOVALS: usize = 256;
+/// Bytes of [`Table::remove_run`]'s list of holes.
+const HOLES_BYTES: usize = 2 * MAX_RUN_REMOVALS * size_of::<usize>();
 const LSB: u64 = 0x0101_0101_0101_0101;
 const MSB: u64 = 0x8080_8080_8080_8080;
 
@@ -108,6 +110,10 @@ pub struct Table<E: Entry> {
     seed: [u64; 2],
     /// Where the next [`Table::sweep`] starts.
     cursor: usize,
+    /// [`Table::remove_run`]'s list of holes, allocated once: a fresh array
+    /// on the stack cost a 4 KiB clear per call, a tenth of the engine's CPU
+    /// when the table is small.
+    holes: Box<[usize]>,
 }
 
 /// Slots for `capacity` entries at `load`, or `None` on overflow.
@@ -124,7 +130,8 @@ impl<E: Entry> Table<E> {
         let slots = slot_count(capacity, load)?;
         slots
             .checked_mul(size_of::<E>())?
-            .checked_add(slots.checked_add(GROUP)?)
+            .checked_add(slots.checked_add(GROUP)?)?
+            .checked_add(HOLES_BYTES)
     }
 
     /// Allocates a table for at most `capacity` entries, every slot set to
@@ -149,6 +156,9 @@ impl<E: Entry> Table<E> {
         advise_huge_pages(entries.as_ptr().cast(), entries.capacity() * size_of::<E>());
         ctrl.resize(slots + GROUP, EMPTY);
         entries.resize(slots, empty);
+        let mut holes = Vec::new();
+        holes.try_reserve_exact(2 * MAX_RUN_REMOVALS).map_err(oom)?;
+        holes.resize(2 * MAX_RUN_REMOVALS, 0);
         Ok(Table {
             ctrl: ctrl.into_boxed_slice(),
             slots: entries.into_boxed_slice(),
@@ -156,6 +166,7 @@ impl<E: Entry> Table<E> {
             capacity,
             seed: [seed[0], seed[1] | 1],
             cursor: 0,
+            holes: holes.into_boxed_slice(),
         })
     }
 
@@ -185,7 +196,7 @@ impl<E: Entry> Table<E> {
 
     /// Bytes of memory the table allocated.
     pub fn allocated_bytes(&self) -> usize {
-        self.ctrl.len() + std::mem::size_of_val(&*self.slots)
+        self.ctrl.len() + std::mem::size_of_val(&*self.slots) + HOLES_BYTES
     }
 
     /// The keyed hash of a key's hash input.
@@ -206,6 +217,13 @@ impl<E: Entry> Table<E> {
         } else {
             i
         }
+    }
+
+    /// Slots from `from` on to `to`, cyclically (both below the slot count):
+    /// a subtraction, not a division, on paths taken per entry.
+    #[inline]
+    fn dist(&self, from: usize, to: usize) -> usize {
+        self.wrap(to + self.slots.len() - from)
     }
 
     #[inline]
@@ -320,7 +338,6 @@ impl<E: Entry> Table<E> {
     /// caller are invalid afterwards.
     pub fn remove_at(&mut self, mut hole: usize) -> E {
         let removed = self.slots[hole];
-        let n = self.slots.len();
         let mut j = hole;
         loop {
             j = self.wrap(j + 1);
@@ -330,9 +347,7 @@ impl<E: Entry> Table<E> {
             let home = self.home(self.hash(self.slots[j].hash_input()));
             // The entry at j may move into the hole only if the hole lies on
             // its probe path: cyclically within [home, j).
-            let dist_hole = (hole + n - home) % n;
-            let dist_j = (j + n - home) % n;
-            if dist_hole < dist_j {
+            if self.dist(home, hole) < self.dist(home, j) {
                 let c = self.ctrl[j];
                 self.set_ctrl(hole, c);
                 self.slots[hole] = self.slots[j];
@@ -379,7 +394,8 @@ impl<E: Entry> Table<E> {
                 // A whole group at once. The walk is sequential but reads only
                 // occupied slots, sparse ones at that: fetch a few groups
                 // ahead, or every occupied slot is a cache miss it waits for.
-                let ahead = (cursor + SWEEP_AHEAD * GROUP) % n;
+                let ahead = cursor + SWEEP_AHEAD * GROUP;
+                let ahead = if ahead < n { ahead } else { ahead % n };
                 let mut full = self.group(ahead) & MSB;
                 while full != 0 {
                     let j = self.wrap(ahead + (full.trailing_zeros() / 8) as usize);
@@ -421,13 +437,13 @@ impl<E: Entry> Table<E> {
                 Err(unseen) => {
                     // Out of removals within the run: go on from the first
                     // entry not looked at.
-                    let passed = (unseen + n - cursor) % n;
+                    let passed = self.dist(cursor, unseen);
                     moves = moves.saturating_sub(passed);
                     cursor = unseen;
                     break;
                 }
             };
-            let passed = (end + n - cursor) % n;
+            let passed = self.dist(cursor, end);
             moves = moves.saturating_sub(passed.max(1));
             cursor = end;
         }
@@ -468,8 +484,9 @@ impl<E: Entry> Table<E> {
         let off = |x: usize| if x >= first { x - first } else { x + n - first };
         // The holes' offsets from `first`, ascending: `buf[head..tail]`
         // (at most `budget` of them; twice that room, so that compacting the
-        // buffer is rare).
-        let mut buf = [0usize; 2 * MAX_RUN_REMOVALS];
+        // buffer is rare). Taken out of `self` for the walk (an empty boxed
+        // slice allocates nothing) and put back at the end.
+        let mut buf = std::mem::take(&mut self.holes);
         let (mut head, mut tail) = (0usize, 1usize);
         self.set_ctrl(first, EMPTY);
         self.len -= 1;
@@ -527,6 +544,7 @@ impl<E: Entry> Table<E> {
             }
             k = self.wrap(k + 1);
         }
+        self.holes = buf;
         if unseen < n {
             (removed, Err(self.wrap(first + unseen)))
         } else {
