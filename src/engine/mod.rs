@@ -608,7 +608,7 @@ impl Engine {
         if source::is_bogus(src) {
             return Err(DropReason::BadSource);
         }
-        Ok(seed_key(&req, src.is_ipv6()))
+        Ok(self.hashed(seed_key(&req, src.is_ipv6())))
     }
 
     /// Handles one datagram from `src` received at `now` (milliseconds on the
@@ -711,7 +711,7 @@ impl Engine {
                 if i < m {
                     let c = classify(self, base + i);
                     if let Some((Ok(key), src)) = &c {
-                        self.pairs.prefetch(self.pairs.hash(key.hash_input()));
+                        self.pairs.prefetch(key.hash);
                         if let Some(s) = self.books.sources.as_ref() {
                             s.prefetch(src.ip());
                         }
@@ -738,7 +738,7 @@ impl Engine {
         let (Some(s), Some((Ok(key), _))) = (self.books.sources.as_ref(), &self.scratch[j]) else {
             return;
         };
-        let h = self.pairs.hash(key.hash_input());
+        let h = key.hash;
         if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
             if let Some(addr) = self.pairs.get(i).waiter_other_than(key.side) {
                 s.prefetch(addr.ip());
@@ -763,7 +763,14 @@ impl Engine {
         if source::is_bogus(src) {
             return Err(DropReason::BadSource);
         }
-        Ok(self.v2_key(pair, src.is_ipv6()))
+        Ok(self.hashed(self.v2_key(pair, src.is_ipv6())))
+    }
+
+    /// `key` with its table hash.
+    #[inline]
+    fn hashed(&self, mut key: PairKey) -> PairKey {
+        key.hash = self.pairs.hash(key.hash_input());
+        key
     }
 
     /// A v2 pair's key: 96 bits of a keyed hash of `(min, max)` of its IDs,
@@ -785,6 +792,7 @@ impl Engine {
             } else {
                 Side::Hi
             },
+            hash: 0,
         }
     }
 
@@ -888,7 +896,7 @@ impl Engine {
     /// The client-info bits the partner of `key.side` gave, read from the
     /// pair's slot after a match or for a replay (the slot is in cache).
     fn partner_info(&self, key: &PairKey) -> u8 {
-        let h = self.pairs.hash(key.hash_input());
+        let h = key.hash;
         let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) else {
             return 0;
         };
@@ -908,7 +916,7 @@ impl Engine {
         now: Millis,
     ) -> Outcome {
         let me = Addr::from_socket(src);
-        let h = self.pairs.hash(key.hash_input());
+        let h = key.hash;
         let at;
         match self.pairs.find(h, |e| e.is_key(key)) {
             Err(slot) => at = At::Empty(slot),
@@ -1116,7 +1124,14 @@ impl Engine {
         at: (u64, At),
     ) -> Outcome {
         let (h, at) = at;
-        if let Err(level) = self.source_check(me.ip()) {
+        let located = self.books.sources.as_ref().map(|s| s.locate(me.ip()));
+        if let Some(Err(level)) = self
+            .books
+            .sources
+            .as_ref()
+            .zip(located.as_ref())
+            .map(|(s, l)| s.check_located(l))
+        {
             if let At::Dead(i) = at {
                 // Already forgotten: it must not stay for the sweep to
                 // forget again.
@@ -1145,8 +1160,8 @@ impl Engine {
                 self.pairs.insert_at(slot, h, entry);
             }
         }
-        if let Some(s) = self.books.sources.as_mut() {
-            s.add(me.ip());
+        if let (Some(s), Some(l)) = (self.books.sources.as_mut(), located) {
+            s.add_located(&l);
         }
         self.books.pending += 1;
         self.books.counters.registered += 1;
@@ -1418,6 +1433,7 @@ fn seed_key(req: &Request, v6: bool) -> PairKey {
         check: 0,
         kind: if v6 { KIND_V6 } else { 0 },
         side,
+        hash: 0,
     }
 }
 

@@ -65,6 +65,9 @@ pub(super) struct PairKey {
     /// [`KIND_V6`] and [`KIND_V2`] bits.
     pub kind: u8,
     pub side: Side,
+    /// The table's keyed hash of [`PairKey::hash_input`], worked out once
+    /// when the request is classified (0 until then).
+    pub hash: u64,
 }
 
 impl PairKey {
@@ -451,6 +454,7 @@ mod tests {
             check: 0,
             kind,
             side: Side::Hi,
+            hash: 0,
         }
     }
 

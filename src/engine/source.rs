@@ -254,6 +254,34 @@ const COUNTERS_PER_PAIR: usize = 2;
 /// together.
 const MIN_BLOCKS: usize = 1024;
 
+/// Where one prefix's two counters are in its sketch: the block and the two
+/// counters in it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Spot {
+    block: usize,
+    c1: u8,
+    c2: u8,
+}
+
+/// An address's prefixes and where their counters are: worked out once per
+/// request ([`SourceCounts::locate`]) for its prefetch, check and count, a
+/// keyed hash per prefix each time before.
+#[derive(Clone, Copy, Debug)]
+pub struct Located {
+    prefixes: [Prefix; 3],
+    spots: [Spot; 3],
+    n: usize,
+}
+
+impl Located {
+    fn each(&self) -> impl Iterator<Item = (Prefix, Spot)> + '_ {
+        self.prefixes[..self.n]
+            .iter()
+            .copied()
+            .zip(self.spots[..self.n].iter().copied())
+    }
+}
+
 /// Counters for one class of prefixes: see [`SourceCounts`].
 struct Sketch {
     blocks: Box<[[u32; BLOCK]]>,
@@ -284,44 +312,44 @@ impl Sketch {
         })
     }
 
-    /// The block and the two counters of a prefix.
+    /// Where a prefix's two counters are.
     #[inline]
-    fn slots(&self, p: Prefix) -> (usize, usize, usize) {
+    fn spot(&self, p: Prefix) -> Spot {
         let h = keyed_hash(
             p.bits ^ u64::from(p.level as u8).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             self.seed,
         );
-        let b = ((u128::from(h) * self.blocks.len() as u128) >> 64) as usize;
-        let c1 = (h & 0xf) as usize;
-        // A second counter, never the first.
-        let c2 = (c1 + 1 + ((h >> 4) % 15) as usize) % BLOCK;
-        (b, c1, c2)
+        let block = ((u128::from(h) * self.blocks.len() as u128) >> 64) as usize;
+        let c1 = (h & 0xf) as u8;
+        // A second counter, never the first: c1 plus 1..=15, by a
+        // multiply-shift of 16 more bits instead of a division.
+        let c2 = ((u32::from(c1) + 1 + ((((h >> 4) & 0xffff) as u32 * 15) >> 16)) & 0xf) as u8;
+        Spot { block, c1, c2 }
     }
 
     #[inline]
-    fn held(&self, p: Prefix) -> u32 {
-        let (b, c1, c2) = self.slots(p);
-        self.blocks[b][c1].min(self.blocks[b][c2])
+    fn held_at(&self, at: Spot) -> u32 {
+        let block = &self.blocks[at.block];
+        block[usize::from(at.c1)].min(block[usize::from(at.c2)])
     }
 
     #[inline]
-    fn prefetch(&self, p: Prefix) {
-        let (b, _, _) = self.slots(p);
-        crate::sys::prefetch(self.blocks[b].as_ptr().cast());
+    fn prefetch_at(&self, at: Spot) {
+        crate::sys::prefetch(self.blocks[at.block].as_ptr().cast());
     }
 
-    fn add(&mut self, p: Prefix) {
-        let (b, c1, c2) = self.slots(p);
-        let block = &mut self.blocks[b];
-        block[c1] = block[c1].saturating_add(1);
-        block[c2] = block[c2].saturating_add(1);
+    #[inline]
+    fn add_at(&mut self, at: Spot) {
+        let block = &mut self.blocks[at.block];
+        block[usize::from(at.c1)] = block[usize::from(at.c1)].saturating_add(1);
+        block[usize::from(at.c2)] = block[usize::from(at.c2)].saturating_add(1);
     }
 
-    fn remove(&mut self, p: Prefix) {
-        let (b, c1, c2) = self.slots(p);
-        let block = &mut self.blocks[b];
-        block[c1] = block[c1].saturating_sub(1);
-        block[c2] = block[c2].saturating_sub(1);
+    #[inline]
+    fn remove_at(&mut self, at: Spot) {
+        let block = &mut self.blocks[at.block];
+        block[usize::from(at.c1)] = block[usize::from(at.c1)].saturating_sub(1);
+        block[usize::from(at.c2)] = block[usize::from(at.c2)].saturating_sub(1);
     }
 
     #[cfg(test)]
@@ -431,7 +459,19 @@ impl SourceCounts {
     /// Registrations the prefix holds now, at most (never fewer).
     #[inline]
     pub fn held(&self, p: Prefix) -> u32 {
-        self.sketch(p).held(p)
+        let sketch = self.sketch(p);
+        sketch.held_at(sketch.spot(p))
+    }
+
+    /// `ip`'s prefixes and where their counters are.
+    #[inline]
+    pub fn locate(&self, ip: IpAddr) -> Located {
+        let (prefixes, n) = prefixes(ip);
+        let mut spots = [Spot::default(); 3];
+        for (spot, p) in spots.iter_mut().zip(&prefixes[..n]) {
+            *spot = self.sketch(*p).spot(*p);
+        }
+        Located { prefixes, spots, n }
     }
 
     /// Fetches into cache the counters `ip` will need.
@@ -439,17 +479,23 @@ impl SourceCounts {
     pub fn prefetch(&self, ip: IpAddr) {
         let (ps, n) = prefixes(ip);
         for p in &ps[..n] {
-            self.sketch(*p).prefetch(*p);
+            let sketch = self.sketch(*p);
+            sketch.prefetch_at(sketch.spot(*p));
         }
     }
 
     /// Whether `ip` may add a registration: `Err(level)` when a prefix of
     /// its is at its limit.
     pub fn check(&self, ip: IpAddr) -> Result<(), Level> {
-        let (ps, n) = prefixes(ip);
-        for p in &ps[..n] {
-            if let Some(limit) = self.limit(*p) {
-                if self.held(*p) >= limit {
+        self.check_located(&self.locate(ip))
+    }
+
+    /// [`SourceCounts::check`] of a located address.
+    #[inline]
+    pub fn check_located(&self, at: &Located) -> Result<(), Level> {
+        for (p, spot) in at.each() {
+            if let Some(limit) = self.limit(p) {
+                if self.sketch(p).held_at(spot) >= limit {
                     return Err(p.level);
                 }
             }
@@ -477,17 +523,22 @@ impl SourceCounts {
 
     /// Counts a registration from `ip`.
     pub fn add(&mut self, ip: IpAddr) {
-        let (ps, n) = prefixes(ip);
-        for p in &ps[..n] {
-            self.sketch_mut(*p).add(*p);
+        self.add_located(&self.locate(ip));
+    }
+
+    /// [`SourceCounts::add`] of a located address.
+    #[inline]
+    pub fn add_located(&mut self, at: &Located) {
+        for (p, spot) in at.each() {
+            self.sketch_mut(p).add_at(spot);
         }
     }
 
     /// Uncounts a registration from `ip` that left the table.
     pub fn remove(&mut self, ip: IpAddr) {
-        let (ps, n) = prefixes(ip);
-        for p in &ps[..n] {
-            self.sketch_mut(*p).remove(*p);
+        let at = self.locate(ip);
+        for (p, spot) in at.each() {
+            self.sketch_mut(p).remove_at(spot);
         }
     }
 
