@@ -50,7 +50,7 @@ const MIN_SLOTS: usize = 2 * GROUP;
 /// Groups the sweep fetches ahead of its cursor.
 const SWEEP_AHEAD: usize = 4;
 /// Most entries one pass over a run removes (see [`Table::remove_run`]),
-/// and so the most holes its list on the stack holds.
+/// and so the most holes its list (allocated with the table) holds.
 pub const MAX_RUN_REMOVALS: usize = 256;
 /// Bytes of [`Table::remove_run`]'s list of holes.
 const HOLES_BYTES: usize = 2 * MAX_RUN_REMOVALS * size_of::<usize>();
