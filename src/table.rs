@@ -52,8 +52,11 @@ const SWEEP_AHEAD: usize = 4;
 /// Most entries one pass over a run removes (see [`Table::remove_run`]),
 /// and so the most holes its list (allocated with the table) holds.
 pub const MAX_RUN_REMOVALS: usize = 256;
-/// Bytes of [`Table::remove_run`]'s list of holes.
-const HOLES_BYTES: usize = 2 * MAX_RUN_REMOVALS * size_of::<usize>();
+/// Room in [`Table::remove_run`]'s list of holes: twice the most it holds,
+/// so that compacting the list is rare.
+const HOLES: usize = 2 * MAX_RUN_REMOVALS;
+/// Bytes of that list.
+const HOLES_BYTES: usize = HOLES * size_of::<usize>();
 const LSB: u64 = 0x0101_0101_0101_0101;
 const MSB: u64 = 0x8080_8080_8080_8080;
 
@@ -157,8 +160,8 @@ impl<E: Entry> Table<E> {
         ctrl.resize(slots + GROUP, EMPTY);
         entries.resize(slots, empty);
         let mut holes = Vec::new();
-        holes.try_reserve_exact(2 * MAX_RUN_REMOVALS).map_err(oom)?;
-        holes.resize(2 * MAX_RUN_REMOVALS, 0);
+        holes.try_reserve_exact(HOLES).map_err(oom)?;
+        holes.resize(HOLES, 0);
         Ok(Table {
             ctrl: ctrl.into_boxed_slice(),
             slots: entries.into_boxed_slice(),
@@ -481,10 +484,8 @@ impl<E: Entry> Table<E> {
     ) -> (usize, Result<usize, usize>) {
         let n = self.slots.len();
         let budget = budget.clamp(1, MAX_RUN_REMOVALS);
-        let off = |x: usize| if x >= first { x - first } else { x + n - first };
         // The holes' offsets from `first`, ascending: `buf[head..tail]`
-        // (at most `budget` of them; twice that room, so that compacting the
-        // buffer is rare). Taken out of `self` for the walk (an empty boxed
+        // (at most `budget` of them, in [`HOLES`] of room). Taken out of `self` for the walk (an empty boxed
         // slice allocates nothing) and put back at the end.
         let mut buf = std::mem::take(&mut self.holes);
         let (mut head, mut tail) = (0usize, 1usize);
@@ -497,7 +498,7 @@ impl<E: Entry> Table<E> {
         let mut k = self.wrap(first + 1);
         while self.ctrl[k] != EMPTY {
             let look = removed < budget;
-            let k_off = off(k);
+            let k_off = self.dist(first, k);
             // Where the entry found at k is now: `None` if it was removed.
             let end = if look && dead(&self.slots[k]) {
                 self.set_ctrl(k, EMPTY);
@@ -508,7 +509,7 @@ impl<E: Entry> Table<E> {
                 // The first hole on the entry's probe path, cyclically within
                 // [home, k): the first at or after its home, or the first of
                 // all if its home lies before `first` (displaced into the run).
-                let home_off = off(self.home(self.hash(self.slots[k].hash_input())));
+                let home_off = self.dist(first, self.home(self.hash(self.slots[k].hash_input())));
                 let h = if home_off > k_off {
                     0
                 } else {
@@ -540,7 +541,7 @@ impl<E: Entry> Table<E> {
                 tail += 1;
             }
             if let (false, Some(at)) = (look, end) {
-                unseen = unseen.min(off(at));
+                unseen = unseen.min(self.dist(first, at));
             }
             k = self.wrap(k + 1);
         }

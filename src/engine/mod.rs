@@ -608,7 +608,7 @@ impl Engine {
         if source::is_bogus(src) {
             return Err(DropReason::BadSource);
         }
-        Ok(self.hashed(seed_key(&req, src.is_ipv6())))
+        Ok(self.seed_key(&req, src.is_ipv6()))
     }
 
     /// Handles one datagram from `src` received at `now` (milliseconds on the
@@ -763,14 +763,36 @@ impl Engine {
         if source::is_bogus(src) {
             return Err(DropReason::BadSource);
         }
-        Ok(self.hashed(self.v2_key(pair, src.is_ipv6())))
+        Ok(self.v2_key(pair, src.is_ipv6()))
     }
 
-    /// `key` with its table hash.
+    /// `key` with its table hash: every key the engine builds goes through
+    /// here, so a key is never handled without it.
     #[inline]
     fn hashed(&self, mut key: PairKey) -> PairKey {
         key.hash = self.pairs.hash(key.hash_input());
         key
+    }
+
+    /// The pair key of a seed request: the two 4-byte IDs in byte order.
+    #[inline]
+    fn seed_key(&self, req: &Request, v6: bool) -> PairKey {
+        let (s, p) = (req.self_id.0, req.peer_id.0);
+        let (lo, hi, side) = if s < p {
+            (s, p, Side::Lo)
+        } else {
+            (p, s, Side::Hi)
+        };
+        let mut tag = [0u8; 8];
+        tag[..4].copy_from_slice(&lo);
+        tag[4..].copy_from_slice(&hi);
+        self.hashed(PairKey {
+            tag: u64::from_ne_bytes(tag),
+            check: 0,
+            kind: if v6 { KIND_V6 } else { 0 },
+            side,
+            hash: 0,
+        })
     }
 
     /// A v2 pair's key: 96 bits of a keyed hash of `(min, max)` of its IDs,
@@ -783,7 +805,7 @@ impl Engine {
         ids[..8].copy_from_slice(&lo.to_be_bytes());
         ids[8..].copy_from_slice(&hi.to_be_bytes());
         let (tag, check) = self.v2_hasher.hash(&ids).as_u64();
-        PairKey {
+        self.hashed(PairKey {
             tag,
             check: check as u32,
             kind: KIND_V2 | if v6 { KIND_V6 } else { 0 },
@@ -793,7 +815,7 @@ impl Engine {
                 Side::Hi
             },
             hash: 0,
-        }
+        })
     }
 
     /// Handles one protocol v2 request from `src` at `now` (milliseconds on
@@ -1414,27 +1436,6 @@ enum At {
 /// True when `a` is earlier than `b` on the wrapping clock.
 fn older(a: Millis, b: Millis) -> bool {
     (a.wrapping_sub(b) as i32) < 0
-}
-
-/// The pair key of a seed request: the two 4-byte IDs in byte order.
-#[inline]
-fn seed_key(req: &Request, v6: bool) -> PairKey {
-    let (s, p) = (req.self_id.0, req.peer_id.0);
-    let (lo, hi, side) = if s < p {
-        (s, p, Side::Lo)
-    } else {
-        (p, s, Side::Hi)
-    };
-    let mut tag = [0u8; 8];
-    tag[..4].copy_from_slice(&lo);
-    tag[4..].copy_from_slice(&hi);
-    PairKey {
-        tag: u64::from_ne_bytes(tag),
-        check: 0,
-        kind: if v6 { KIND_V6 } else { 0 },
-        side,
-        hash: 0,
-    }
 }
 
 /// The request `side` of a seed-format pair sends.

@@ -66,7 +66,7 @@ pub(super) struct PairKey {
     pub kind: u8,
     pub side: Side,
     /// The table's keyed hash of [`PairKey::hash_input`], worked out once
-    /// when the request is classified (0 until then).
+    /// by the engine's key builders when the request is classified.
     pub hash: u64,
 }
 
