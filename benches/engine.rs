@@ -30,7 +30,10 @@
 //! - `empty_no_limits`: the per-source limits off (no counts kept), to show
 //!   what their bookkeeping costs.
 //!
-//! Run with `cargo bench --bench engine`.
+//! Run with `cargo bench --bench engine`. `PSYNC_ENGINE_WINDOWS=N` stops
+//! each case's stream after N windows (later iterations do nothing), so that
+//! a count of instructions covers the same requests in every build
+//! (`benches/instructions.sh`); never set it for a timing.
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -95,6 +98,8 @@ struct Driver {
     requests_per_ms: u32,
     next_expiry: u64,
     out: [u8; MAX_REPLY_LEN],
+    /// Windows still to handle (`PSYNC_ENGINE_WINDOWS`, else unbounded).
+    windows_left: u64,
 }
 
 impl Driver {
@@ -122,12 +127,20 @@ impl Driver {
             requests_per_ms: REQUESTS_PER_MS,
             next_expiry: 0,
             out: [0; MAX_REPLY_LEN],
+            windows_left: std::env::var("PSYNC_ENGINE_WINDOWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX),
         }
     }
 
     /// Handles one window's worth of requests (2 * WINDOW).
     #[inline(never)]
     fn window(&mut self) {
+        if self.windows_left == 0 {
+            return;
+        }
+        self.windows_left -= 1;
         let mut done = 0;
         while done < 2 * WINDOW {
             // A batch never straddles a millisecond tick, like a received

@@ -615,7 +615,7 @@ impl Engine {
     /// caller's monotonic clock).
     pub fn handle(&mut self, datagram: &[u8], src: SocketAddr, now: u64) -> Outcome {
         let key = self.classify(datagram, src);
-        self.handle_classified(key, src, 0, 0, now as Millis)
+        self.handle_classified(&key, src, 0, 0, now as Millis)
     }
 
     /// Handles a request that another member of a cluster received from
@@ -631,14 +631,14 @@ impl Engine {
         now: u64,
     ) -> Outcome {
         let key = self.classify(datagram, src);
-        self.handle_classified(key, src, via, 0, now as Millis)
+        self.handle_classified(&key, src, via, 0, now as Millis)
     }
 
     /// Counts a datagram already classified, and handles it if valid.
     #[inline]
     fn handle_classified(
         &mut self,
-        key: Result<PairKey, DropReason>,
+        key: &Result<PairKey, DropReason>,
         src: SocketAddr,
         via: u8,
         info: u8,
@@ -647,7 +647,7 @@ impl Engine {
         let c = &mut self.books.counters;
         c.received += 1;
         match key {
-            Ok(key) => self.process(&key, src, via, info, now),
+            Ok(key) => self.process(key, src, via, info, now),
             Err(why) => {
                 match why {
                     DropReason::BadSize => c.bad_size += 1,
@@ -655,7 +655,7 @@ impl Engine {
                     DropReason::Family => c.bad_family += 1,
                     _ => c.bad_source += 1,
                 }
-                Outcome::Dropped(why)
+                Outcome::Dropped(*why)
             }
         }
     }
@@ -682,7 +682,7 @@ impl Engine {
             n,
             |e, k| get(k).map(|(d, src)| (e.classify(d, src), src)),
             |e, k, (key, src)| {
-                let outcome = e.handle_classified(key, src, 0, 0, now);
+                let outcome = e.handle_classified(key, *src, 0, 0, now);
                 done(k, &outcome);
             },
         );
@@ -702,40 +702,47 @@ impl Engine {
         &mut self,
         n: usize,
         classify: impl Fn(&Self, usize) -> Option<Classified>,
-        mut handle: impl FnMut(&mut Self, usize, Classified),
+        mut handle: impl FnMut(&mut Self, usize, &Classified),
     ) {
+        // Out of `self` for the walk (taking a boxed slice allocates
+        // nothing), so that requests are handled where they lie, not copied
+        // out first.
+        let mut scratch = std::mem::take(&mut self.scratch);
         let mut base = 0;
         while base < n {
             let m = (n - base).min(SCRATCH);
             for i in 0..m + AHEAD {
                 if i < m {
-                    let c = classify(self, base + i);
-                    if let Some((Ok(key), src)) = &c {
+                    let c = &mut scratch[i];
+                    *c = classify(self, base + i);
+                    if let Some((Ok(key), src)) = c {
                         self.pairs.prefetch(key.hash);
                         if let Some(s) = self.books.sources.as_ref() {
                             s.prefetch(src.ip());
                         }
                     }
-                    self.scratch[i] = c;
                 }
                 if let Some(j) = (i + PEEK).checked_sub(AHEAD).filter(|&j| j < m) {
-                    self.prefetch_partner(j);
+                    if let Some((Ok(key), _)) = &scratch[j] {
+                        self.prefetch_partner(key);
+                    }
                 }
                 if let Some(j) = i.checked_sub(AHEAD).filter(|&j| j < m) {
-                    if let Some(c) = self.scratch[j] {
+                    if let Some(c) = &scratch[j] {
                         handle(self, base + j, c);
                     }
                 }
             }
             base += m;
         }
+        self.scratch = scratch;
     }
 
-    /// For the classified request `scratch[j]`, if its slot holds a waiting
-    /// partner, fetches that partner's source counts.
+    /// If `key`'s slot holds a waiting partner, fetches that partner's
+    /// source counts.
     #[inline]
-    fn prefetch_partner(&self, j: usize) {
-        let (Some(s), Some((Ok(key), _))) = (self.books.sources.as_ref(), &self.scratch[j]) else {
+    fn prefetch_partner(&self, key: &PairKey) {
+        let Some(s) = self.books.sources.as_ref() else {
             return;
         };
         let h = key.hash;
@@ -833,7 +840,7 @@ impl Engine {
         now: u64,
     ) -> Outcome<v2::Reply> {
         let key = self.classify_v2(req, src);
-        self.handle_classified_v2(key, req, src, 0, now as Millis)
+        self.handle_classified_v2(&key, req, src, 0, now as Millis)
     }
 
     /// [`Engine::handle_relayed`] for an admitted v2 request: forwarded by
@@ -847,7 +854,7 @@ impl Engine {
         now: u64,
     ) -> Outcome<v2::Reply> {
         let key = self.classify_v2(req, src);
-        self.handle_classified_v2(key, req, src, via, now as Millis)
+        self.handle_classified_v2(&key, req, src, via, now as Millis)
     }
 
     /// Handles a batch of `n` admitted v2 requests (`get(k)` gives the k-th,
@@ -868,7 +875,7 @@ impl Engine {
             |e, k| get(k).map(|(req, src)| (e.classify_v2(req, src), src)),
             |e, k, (key, src)| {
                 if let Some((req, _)) = get(k) {
-                    let outcome = e.handle_classified_v2(key, req, src, 0, now);
+                    let outcome = e.handle_classified_v2(key, req, *src, 0, now);
                     done(k, &outcome);
                 }
             },
@@ -879,7 +886,7 @@ impl Engine {
     /// outcome of the shared core into v2 replies.
     fn handle_classified_v2(
         &mut self,
-        key: Result<PairKey, DropReason>,
+        key: &Result<PairKey, DropReason>,
         req: &v2::Request,
         src: SocketAddr,
         via: u8,

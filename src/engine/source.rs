@@ -255,30 +255,33 @@ const COUNTERS_PER_PAIR: usize = 2;
 const MIN_BLOCKS: usize = 1024;
 
 /// Where one prefix's two counters are in its sketch: the block and the two
-/// counters in it.
+/// counters in it. (A sketch has at most 2^28 blocks: [`MAX_CAPACITY`]
+/// pairs at two counters each, 16 to a block.)
+///
+/// [`MAX_CAPACITY`]: crate::engine::MAX_CAPACITY
 #[derive(Clone, Copy, Debug, Default)]
 struct Spot {
-    block: usize,
+    block: u32,
     c1: u8,
     c2: u8,
 }
 
-/// An address's prefixes and where their counters are: worked out once per
-/// request ([`SourceCounts::locate`]) for its prefetch, check and count, a
-/// keyed hash per prefix each time before.
+/// Where an address's prefixes have their counters: worked out once per
+/// request ([`SourceCounts::locate`]) for its check and count. The first
+/// prefix's counters are in the address sketch, the others' in the network
+/// sketch, in the order of [`prefixes`] and [`levels`].
 #[derive(Clone, Copy, Debug)]
 pub struct Located {
-    prefixes: [Prefix; 3],
+    ip: IpAddr,
     spots: [Spot; 3],
-    n: usize,
 }
 
-impl Located {
-    fn each(&self) -> impl Iterator<Item = (Prefix, Spot)> + '_ {
-        self.prefixes[..self.n]
-            .iter()
-            .copied()
-            .zip(self.spots[..self.n].iter().copied())
+/// The levels of [`prefixes`]`(ip)`, in its order.
+#[inline]
+fn levels(ip: IpAddr) -> &'static [Level] {
+    match ip {
+        IpAddr::V4(_) => &[Level::V4Host, Level::V4Net24],
+        IpAddr::V6(_) => &[Level::V6Net64, Level::V6Net56, Level::V6Net48],
     }
 }
 
@@ -290,12 +293,13 @@ struct Sketch {
 
 impl Sketch {
     fn blocks_for(capacity: usize) -> Option<usize> {
-        Some(
-            capacity
-                .checked_mul(COUNTERS_PER_PAIR)?
-                .div_ceil(BLOCK)
-                .max(MIN_BLOCKS),
-        )
+        let n = capacity
+            .checked_mul(COUNTERS_PER_PAIR)?
+            .div_ceil(BLOCK)
+            .max(MIN_BLOCKS);
+        // A block's index is a `u32` in a [`Spot`].
+        u32::try_from(n).ok()?;
+        Some(n)
     }
 
     fn try_new(capacity: usize, seed: [u64; 2]) -> Result<Sketch, AllocError> {
@@ -319,7 +323,7 @@ impl Sketch {
             p.bits ^ u64::from(p.level as u8).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             self.seed,
         );
-        let block = ((u128::from(h) * self.blocks.len() as u128) >> 64) as usize;
+        let block = ((u128::from(h) * self.blocks.len() as u128) >> 64) as u32;
         let c1 = (h & 0xf) as u8;
         // A second counter, never the first: c1 plus 1..=15, by a
         // multiply-shift of 16 more bits instead of a division.
@@ -329,25 +333,25 @@ impl Sketch {
 
     #[inline]
     fn held_at(&self, at: Spot) -> u32 {
-        let block = &self.blocks[at.block];
+        let block = &self.blocks[at.block as usize];
         block[usize::from(at.c1)].min(block[usize::from(at.c2)])
     }
 
     #[inline]
     fn prefetch_at(&self, at: Spot) {
-        crate::sys::prefetch(self.blocks[at.block].as_ptr().cast());
+        crate::sys::prefetch(self.blocks[at.block as usize].as_ptr().cast());
     }
 
     #[inline]
     fn add_at(&mut self, at: Spot) {
-        let block = &mut self.blocks[at.block];
+        let block = &mut self.blocks[at.block as usize];
         block[usize::from(at.c1)] = block[usize::from(at.c1)].saturating_add(1);
         block[usize::from(at.c2)] = block[usize::from(at.c2)].saturating_add(1);
     }
 
     #[inline]
     fn remove_at(&mut self, at: Spot) {
-        let block = &mut self.blocks[at.block];
+        let block = &mut self.blocks[at.block as usize];
         block[usize::from(at.c1)] = block[usize::from(at.c1)].saturating_sub(1);
         block[usize::from(at.c2)] = block[usize::from(at.c2)].saturating_sub(1);
     }
@@ -408,8 +412,9 @@ impl Weight {
 pub struct SourceCounts {
     hosts: Sketch,
     nets: Sketch,
-    limits: SourceLimits,
-    /// Prefixes whose limit here is not `limits`' (see [`SourceCounts::set_limit`]).
+    /// The limit per level (`SourceLimits::at`), indexed by `level as usize`.
+    level_limits: [u32; 6],
+    /// Prefixes whose limit here is not their level's (see [`SourceCounts::set_limit`]).
     overrides: Overrides<u32>,
 }
 
@@ -427,10 +432,20 @@ impl SourceCounts {
         limits: SourceLimits,
         seed: [u64; 2],
     ) -> Result<SourceCounts, AllocError> {
+        let mut level_limits = [0; 6];
+        for level in [
+            Level::V4Host,
+            Level::V4Net24,
+            Level::V6Net64,
+            Level::V6Net56,
+            Level::V6Net48,
+        ] {
+            level_limits[level as usize] = limits.at(level);
+        }
         Ok(SourceCounts {
             hosts: Sketch::try_new(capacity, seed)?,
             nets: Sketch::try_new(capacity, [seed[1], seed[0]])?,
-            limits,
+            level_limits,
             overrides: Overrides::new(MAX_OVERRIDES),
         })
     }
@@ -448,14 +463,6 @@ impl SourceCounts {
         }
     }
 
-    #[inline]
-    fn sketch_mut(&mut self, p: Prefix) -> &mut Sketch {
-        match p.level {
-            Level::V4Host | Level::V6Net64 => &mut self.hosts,
-            _ => &mut self.nets,
-        }
-    }
-
     /// Registrations the prefix holds now, at most (never fewer).
     #[inline]
     pub fn held(&self, p: Prefix) -> u32 {
@@ -463,24 +470,44 @@ impl SourceCounts {
         sketch.held_at(sketch.spot(p))
     }
 
+    /// The sketch of the `k`-th of an address's prefixes.
+    #[inline]
+    fn sketch_at(&self, k: usize) -> &Sketch {
+        if k == 0 {
+            &self.hosts
+        } else {
+            &self.nets
+        }
+    }
+
+    #[inline]
+    fn sketch_at_mut(&mut self, k: usize) -> &mut Sketch {
+        if k == 0 {
+            &mut self.hosts
+        } else {
+            &mut self.nets
+        }
+    }
+
     /// `ip`'s prefixes and where their counters are.
     #[inline]
     pub fn locate(&self, ip: IpAddr) -> Located {
-        let (prefixes, n) = prefixes(ip);
+        let (ps, n) = prefixes(ip);
         let mut spots = [Spot::default(); 3];
-        for (spot, p) in spots.iter_mut().zip(&prefixes[..n]) {
-            *spot = self.sketch(*p).spot(*p);
+        spots[0] = self.hosts.spot(ps[0]);
+        for k in 1..n {
+            spots[k] = self.nets.spot(ps[k]);
         }
-        Located { prefixes, spots, n }
+        Located { ip, spots }
     }
 
     /// Fetches into cache the counters `ip` will need.
     #[inline]
     pub fn prefetch(&self, ip: IpAddr) {
         let (ps, n) = prefixes(ip);
-        for p in &ps[..n] {
-            let sketch = self.sketch(*p);
-            sketch.prefetch_at(sketch.spot(*p));
+        self.hosts.prefetch_at(self.hosts.spot(ps[0]));
+        for p in &ps[1..n] {
+            self.nets.prefetch_at(self.nets.spot(*p));
         }
     }
 
@@ -493,10 +520,16 @@ impl SourceCounts {
     /// [`SourceCounts::check`] of a located address.
     #[inline]
     pub fn check_located(&self, at: &Located) -> Result<(), Level> {
-        for (p, spot) in at.each() {
-            if let Some(limit) = self.limit(p) {
-                if self.sketch(p).held_at(spot) >= limit {
-                    return Err(p.level);
+        for (k, &level) in levels(at.ip).iter().enumerate() {
+            let limit = if self.overrides.is_empty() {
+                let l = self.level_limits[level as usize];
+                (l > 0).then_some(l)
+            } else {
+                self.limit(prefixes(at.ip).0[k])
+            };
+            if let Some(limit) = limit {
+                if self.sketch_at(k).held_at(at.spots[k]) >= limit {
+                    return Err(level);
                 }
             }
         }
@@ -510,7 +543,7 @@ impl SourceCounts {
         if let Some(own) = self.overrides.get(p) {
             return Some(own);
         }
-        let limit = self.limits.at(p.level);
+        let limit = self.level_limits[p.level as usize];
         (limit > 0).then_some(limit)
     }
 
@@ -529,16 +562,16 @@ impl SourceCounts {
     /// [`SourceCounts::add`] of a located address.
     #[inline]
     pub fn add_located(&mut self, at: &Located) {
-        for (p, spot) in at.each() {
-            self.sketch_mut(p).add_at(spot);
+        for k in 0..levels(at.ip).len() {
+            self.sketch_at_mut(k).add_at(at.spots[k]);
         }
     }
 
     /// Uncounts a registration from `ip` that left the table.
     pub fn remove(&mut self, ip: IpAddr) {
         let at = self.locate(ip);
-        for (p, spot) in at.each() {
-            self.sketch_mut(p).remove_at(spot);
+        for k in 0..levels(ip).len() {
+            self.sketch_at_mut(k).remove_at(at.spots[k]);
         }
     }
 
