@@ -174,9 +174,9 @@ impl Reply {
     /// If `buf` is shorter than [`Reply::len`]; callers own buffers of
     /// [`MAX_REPLY_LEN`] bytes.
     pub fn emit(&self, buf: &mut [u8]) -> usize {
-        let len = self.len();
-        let out = &mut buf[..len];
-        out.fill(0);
+        // Built in a local array of the whole reply's fixed size and copied
+        // once: clearing a slice of either length was a `memset` call.
+        let mut out = [0u8; MAX_REPLY_LEN];
         out[SRC_PORT].copy_from_slice(&self.src_port.to_le_bytes());
         out[DST_PORT].copy_from_slice(&self.dst_port.to_le_bytes());
         match self.peer {
@@ -184,15 +184,18 @@ impl Reply {
                 out[FAMILY].copy_from_slice(&AF_INET_LINUX.to_le_bytes());
                 out[SIN_PORT].copy_from_slice(&a.port().to_be_bytes());
                 out[SIN_ADDR].copy_from_slice(&a.ip().octets());
+                buf[..REPLY_V4_LEN].copy_from_slice(&out[..REPLY_V4_LEN]);
+                REPLY_V4_LEN
             }
             SocketAddr::V6(a) => {
                 // flowinfo and scope_id stay zero: they mean nothing to the partner.
                 out[FAMILY].copy_from_slice(&AF_INET6_LINUX.to_le_bytes());
                 out[SIN_PORT].copy_from_slice(&a.port().to_be_bytes());
                 out[SIN6_ADDR].copy_from_slice(&a.ip().octets());
+                buf[..REPLY_V6_LEN].copy_from_slice(&out);
+                REPLY_V6_LEN
             }
         }
-        len
     }
 
     /// Parses a reply, as a client does. The length picks the family; the
