@@ -490,7 +490,7 @@ impl SourceCounts {
     }
 
     /// `ip`'s prefixes and where their counters are.
-    #[inline]
+    #[inline(always)]
     pub fn locate(&self, ip: IpAddr) -> Located {
         let (ps, n) = prefixes(ip);
         let mut spots = [Spot::default(); 3];
@@ -518,7 +518,7 @@ impl SourceCounts {
     }
 
     /// [`SourceCounts::check`] of a located address.
-    #[inline]
+    #[inline(always)]
     pub fn check_located(&self, at: &Located) -> Result<(), Level> {
         for (k, &level) in levels(at.ip).iter().enumerate() {
             let limit = if self.overrides.is_empty() {
@@ -560,7 +560,7 @@ impl SourceCounts {
     }
 
     /// [`SourceCounts::add`] of a located address.
-    #[inline]
+    #[inline(always)]
     pub fn add_located(&mut self, at: &Located) {
         for k in 0..levels(at.ip).len() {
             self.sketch_at_mut(k).add_at(at.spots[k]);
