@@ -3,25 +3,28 @@
 # callgrind, at an earlier commit and at the working tree.
 #
 #   benches/instructions.sh BASE [CASE] [SECONDS]
-#   benches/instructions.sh 3aa1ccc empty 4
+#   benches/instructions.sh dc9de98 empty
 #
 # Counts only inside the bench's request loop (`Driver::window`: the engine's
 # pipeline, matching, expiry and reply encoding), divided by the requests the
 # engine received there. Unlike throughput, the count does not move with the
 # machine's load, so it tells small changes apart on a shared machine; it
 # says nothing about cache misses, which dominate the first engine (compare
-# the two with `benches/ab.sh`). The count per request still depends on how
-# many requests a run handles (the table fills over the first few hundred
-# thousand, and the sweep's work follows), so compare runs of similar
-# length: SECONDS (default 4) is Criterion's `--profile-time` under
-# valgrind; the script prints the requests each build handled. Needs
+# the two with `benches/ab.sh`). The count per request depends on how many
+# requests a run handles (the table fills over the first few hundred
+# thousand, and the sweep's work follows), so each build handles the same
+# 300 windows (614,400 requests; `PSYNC_ENGINE_WINDOWS`, set here), and the
+# count is then exact and repeatable. A BASE older than that variable
+# (before the commit that added it) runs for SECONDS (default 10) of
+# Criterion's `--profile-time` under valgrind instead: compare only runs
+# that handled similar numbers of requests (the script prints them). Needs
 # valgrind (`apt-get install valgrind`). Takes a few minutes, most of it
 # building.
 set -euo pipefail
 
 base=${1:?usage: benches/instructions.sh BASE [CASE]}
 case=${2:-empty}
-seconds=${3:-4}
+seconds=${3:-10}
 command -v valgrind >/dev/null || {
     echo "valgrind is not installed (apt-get install valgrind)" >&2
     exit 2
@@ -43,7 +46,7 @@ for line in sys.stdin:
 
 # Instructions per request of the binary $1 on the case.
 count() {
-    valgrind --tool=callgrind --callgrind-out-file="$work/out" \
+    PSYNC_ENGINE_WINDOWS=300 valgrind --tool=callgrind --callgrind-out-file="$work/out" \
         --toggle-collect='engine::Driver::window' \
         "$1" --bench --profile-time "$seconds" "engine/requests/$case\$" >"$work/log" 2>&1
     python3 - "$work/log" "$case" <<'EOF'
