@@ -287,6 +287,14 @@ impl Gate {
         }
     }
 
+    /// Whether [`Gate::admit`] reads `now.unix_secs` for `datagram`: only
+    /// for a v2 request (tokens and cookies), so that the loop reads the
+    /// wall clock only for batches that hold one.
+    #[inline]
+    pub fn reads_wall_clock(datagram: &[u8]) -> bool {
+        datagram.len() == v2::REQUEST_LEN
+    }
+
     /// Decides what becomes of `datagram` from `from`: see the module docs.
     /// `within_rate` is the loop's rate limiter's verdict for this datagram
     /// (false: the source is over its unvalidated budget). Counts what it

@@ -172,7 +172,12 @@ pub(super) struct Worker {
 
 impl Worker {
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    /// The loop's milliseconds at `t` (a time already read: no clock read).
+    fn ms_at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.start).as_millis() as u64
     }
 
     fn cluster_now(&self) -> Now {
@@ -332,17 +337,23 @@ impl Worker {
     /// Runs until the server stops; returns the final counters.
     pub(super) fn run(&mut self) -> io::Result<Counters> {
         let mut events = Events::with_capacity(64);
-        let mut next_expiry = Instant::now();
+        // The clock is read twice a turn: when the poll returns (the loop's
+        // milliseconds for the batches), and after the batches (`now`, for
+        // expiry and publishing, and for the next turn's timeout).
+        let mut now = Instant::now();
+        let mut next_expiry = now;
         let mut expiry_owed = false;
         let mut dirty = true;
-        let mut published = Instant::now();
+        // When the counters are published next if anything changed, and at
+        // the latest.
+        let mut publish_due = now + PUBLISH_EVERY;
+        let mut heartbeat_due = now + HEARTBEAT;
         // Cluster mode: when the next heartbeat or liveness check is due
         // (loop ms), and after SIGTERM, when the drain ends.
         let mut cluster_due: Option<u64> = None;
         let mut drain_until: Option<u64> = None;
-        self.publish(published);
+        self.publish(now);
         loop {
-            let now = Instant::now();
             let cluster_ready = self.cluster.as_ref().is_some_and(|c| c.readable());
             let timeout = if cluster_ready
                 || self
@@ -352,22 +363,26 @@ impl Worker {
             {
                 Some(Duration::ZERO)
             } else {
-                let mut t = (published + HEARTBEAT).saturating_duration_since(now);
-                if let Some(due) = cluster_due {
-                    t = t.min(Duration::from_millis(due.saturating_sub(self.now_ms())));
-                }
+                // The earliest deadline, then one subtraction.
+                let mut due = heartbeat_due;
                 if dirty {
-                    t = t.min((published + PUBLISH_EVERY).saturating_duration_since(now));
+                    due = due.min(publish_due);
                 }
+                if !expiry_owed && self.engine.pending() + self.engine.replay_entries() > 0 {
+                    due = due.min(next_expiry);
+                }
+                let mut t = due.saturating_duration_since(now);
                 if expiry_owed {
                     t = t.min(Duration::from_millis(1));
-                } else if self.engine.pending() + self.engine.replay_entries() > 0 {
-                    t = t.min(next_expiry.saturating_duration_since(now));
+                }
+                if let Some(due) = cluster_due {
+                    t = t.min(Duration::from_millis(due.saturating_sub(self.ms_at(now))));
                 }
                 Some(t)
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
+                    now = Instant::now();
                     continue;
                 }
                 return Err(e);
@@ -424,16 +439,17 @@ impl Worker {
                 }
             }
             dirty |= self.control(now_ms);
-            let now = Instant::now();
+            now = Instant::now();
             if now >= next_expiry || expiry_owed {
                 let before = (self.engine.pending(), self.engine.replay_entries());
-                expiry_owed = self.engine.expire(self.now_ms());
+                expiry_owed = self.engine.expire(self.ms_at(now));
                 next_expiry = now + EXPIRY_TICK;
                 dirty |= before != (self.engine.pending(), self.engine.replay_entries());
             }
-            if (dirty && now >= published + PUBLISH_EVERY) || now >= published + HEARTBEAT {
+            if (dirty && now >= publish_due) || now >= heartbeat_due {
                 self.publish(now);
-                published = now;
+                publish_due = now + PUBLISH_EVERY;
+                heartbeat_due = now + HEARTBEAT;
                 dirty = false;
             }
         }
@@ -505,11 +521,9 @@ impl Worker {
                 kind,
                 ..
             } = ep;
-            // The wall clock for tokens and cookies, once per batch.
-            let clock = Clock {
-                unix_secs: Clock::unix_now(),
-                millis: now_ms as u32,
-            };
+            // The wall clock for tokens and cookies: read at most once per
+            // batch, and only for a datagram the gate needs it for (v2).
+            let mut wall: Option<u64> = None;
             // The rate limiter first, in two passes like the engine: fetch
             // every source's bucket, then decide. STUN is answered here.
             if let Some(l) = limiter.as_ref() {
@@ -549,6 +563,14 @@ impl Worker {
                     }
                     continue;
                 }
+                let clock = Clock {
+                    unix_secs: if Gate::reads_wall_clock(d.data) {
+                        *wall.get_or_insert_with(Clock::unix_now)
+                    } else {
+                        0
+                    },
+                    millis: now_ms as u32,
+                };
                 match gate.admit(d.data, d.from, within_rate, clock, io) {
                     // Cluster: an admitted request whose pair another member
                     // owns goes there.
@@ -561,8 +583,11 @@ impl Worker {
             }
             // v2: the batch's tokens, checked together; then, in a cluster,
             // what another member owns goes there.
-            gate.check_tokens(v2_in, clock.unix_secs, io);
-            if cparts.is_some() {
+            if !v2_in.is_empty() {
+                let unix_secs = *wall.get_or_insert_with(Clock::unix_now);
+                gate.check_tokens(v2_in, unix_secs, io);
+            }
+            if cparts.is_some() && !v2_in.is_empty() {
                 v2_in.retain(|(req, from)| !forward(cparts, io, &req.to_bytes(), *from, unix));
             }
             let for_engine = &*for_engine;
@@ -754,6 +779,9 @@ impl Worker {
     /// Cluster mode, the other workers: the forwarded requests worker 0
     /// handed over.
     fn service_inbox(&mut self, now_ms: u64) -> bool {
+        if !self.cparts.as_ref().is_some_and(|c| c.inbox.is_some()) {
+            return false;
+        }
         let now = Now {
             mono_ms: now_ms,
             unix_ms: unix_ms(),

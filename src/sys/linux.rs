@@ -56,6 +56,7 @@ impl RecvBatch {
             h.msg_hdr.msg_name = ptr::from_mut(addr).cast();
             h.msg_hdr.msg_iov = ptr::from_mut(iov);
             h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         }
         RecvBatch {
             bufs,
@@ -69,12 +70,16 @@ impl RecvBatch {
 
     /// Receives up to a batch of datagrams; `Err(WouldBlock)` when none is queued.
     pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
-        self.count = 0;
-        for h in self.hdrs.iter_mut() {
+        // The kernel writes back a header's address length, flags and
+        // length only for the datagrams it returns (a failed call writes
+        // none): only the last call's headers need resetting, not the whole
+        // batch's, which costs a small batch more than its datagrams do.
+        for h in &mut self.hdrs[..self.count] {
             h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_flags = 0;
             h.msg_len = 0;
         }
+        self.count = 0;
         debug_assert_eq!(self.iovs.len(), self.hdrs.len());
         loop {
             // SAFETY: every header points at a live buffer of buf_len bytes
