@@ -681,7 +681,7 @@ impl Server {
                 whole_pending: whole.limits,
                 shared_limits: n > 1,
                 io: IoCounters::default(),
-                for_engine: vec![false; cfg.batch].into_boxed_slice(),
+                for_engine: vec![None; cfg.batch].into_boxed_slice(),
                 gate,
                 v2_in: Vec::with_capacity(cfg.batch),
                 cluster: if k == 0 { cluster.take() } else { None },

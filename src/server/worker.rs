@@ -147,9 +147,10 @@ pub(super) struct Worker {
     pub(super) shared_limits: bool,
     /// What happened on the sockets (the engine counts its own decisions).
     pub(super) io: IoCounters,
-    /// Per datagram of the batch in hand: for the engine (passed the rate
-    /// limiter and the gate, and is not STUN).
-    pub(super) for_engine: Box<[bool]>,
+    /// Per datagram of the batch in hand: its source if it is for the
+    /// engine (passed the rate limiter and the gate, and is not STUN), so
+    /// that the engine's pass reads the address the first pass parsed.
+    pub(super) for_engine: Box<[Option<SocketAddr>]>,
     /// Protocol v2: what the engine gets (auth, cookies; see `gate.rs`).
     pub(super) gate: Gate,
     /// The v2 requests of the batch in hand the gate admitted (capacity:
@@ -533,8 +534,8 @@ impl Worker {
                     }
                 }
             }
-            for (k, ok) in for_engine.iter_mut().enumerate().take(n) {
-                *ok = false;
+            for (k, to_engine) in for_engine.iter_mut().enumerate().take(n) {
+                *to_engine = None;
                 let Some(d) = recv.get(k) else {
                     io.recv_errors += 1;
                     continue;
@@ -574,8 +575,9 @@ impl Worker {
                 match gate.admit(d.data, d.from, within_rate, clock, io) {
                     // Cluster: an admitted request whose pair another member
                     // owns goes there.
-                    Verdict::Engine if forward(cparts, io, d.data, d.from, unix) => {}
-                    Verdict::Engine => *ok = true,
+                    Verdict::Engine
+                        if cparts.is_some() && forward(cparts, io, d.data, d.from, unix) => {}
+                    Verdict::Engine => *to_engine = Some(d.from),
                     Verdict::CheckToken(req) => v2_in.push((req, d.from)),
                     Verdict::Cookie(c) => queue_bytes(queue, io, d.from, &c.to_bytes()),
                     Verdict::Drop => {}
@@ -593,13 +595,7 @@ impl Worker {
             let for_engine = &*for_engine;
             engine.handle_batch(
                 n,
-                |k| {
-                    if for_engine[k] {
-                        recv.get(k).map(|d| (d.data, d.from))
-                    } else {
-                        None
-                    }
-                },
+                |k| for_engine[k].map(|from| (recv.data(k), from)),
                 now_ms,
                 |k, outcome| {
                     trace!("{local}: datagram {k} of the batch: {outcome:?}");
@@ -622,7 +618,7 @@ impl Worker {
                         Outcome::Dropped(DropReason::SourceLimit(level))
                             if shared_limits && refused.len() < NOTES_PER_BATCH =>
                         {
-                            refused.push((recv.get(k).map(|d| d.from), *level));
+                            refused.push((for_engine[k], *level));
                         }
                         _ => {}
                     }

@@ -55,6 +55,17 @@ impl RecvBatch {
         Ok(self.count)
     }
 
+    /// The kept bytes of the `i`th datagram of the last `recv` (empty past
+    /// the batch): [`RecvBatch::get`]'s `data` alone.
+    pub fn data(&self, i: usize) -> &[u8] {
+        if i >= self.count {
+            return &[];
+        }
+        let len = self.meta[i].0.min(self.buf_len);
+        let start = i * self.buf_len;
+        &self.bufs[start..start + len]
+    }
+
     /// The `i`th datagram of the last `recv`.
     pub fn get(&self, i: usize) -> Option<Datagram<'_>> {
         if i >= self.count {

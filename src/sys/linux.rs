@@ -106,6 +106,18 @@ impl RecvBatch {
         }
     }
 
+    /// The kept bytes of the `i`th datagram of the last `recv` (empty past
+    /// the batch): [`RecvBatch::get`]'s `data` without parsing the address,
+    /// for a second pass over a batch whose sources the first one kept.
+    pub fn data(&self, i: usize) -> &[u8] {
+        if i >= self.count {
+            return &[];
+        }
+        let len = (self.hdrs[i].msg_len as usize).min(self.buf_len);
+        let start = i * self.buf_len;
+        &self.bufs[start..start + len]
+    }
+
     /// The `i`th datagram of the last `recv`, or `None` for an address the
     /// kernel gave in a family other than IPv4 or IPv6.
     pub fn get(&self, i: usize) -> Option<Datagram<'_>> {
