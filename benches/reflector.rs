@@ -41,7 +41,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use psync::limit::RateLimit;
 use psync::sys::{self, RecvBatch, SendQueue};
-use psync::wire::{Reply, MAX_REPLY_LEN, REQUEST_LEN};
+use psync::wire::{Reply, REQUEST_LEN};
 use psync::{Counters, PeerId, Request, Server, ServerConfig};
 
 /// Client sockets, each on its own 127.x.y.1 address.
@@ -88,9 +88,8 @@ fn reflector(stop: Arc<AtomicBool>) -> (SocketAddr, JoinHandle<u64>) {
                             dst_port: 1025,
                             peer: d.from,
                         };
-                        let mut buf = [0u8; MAX_REPLY_LEN];
-                        let len = reply.emit(&mut buf);
-                        if queue.push(d.from, &buf[..len]) {
+                        // Encoded straight into the queue, as psync does.
+                        if queue.push_with(d.from, |slot| reply.emit(slot)) {
                             answered += 1;
                         }
                     }

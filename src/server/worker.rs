@@ -964,10 +964,9 @@ fn can_read(ep: &Endpoint, batch: usize) -> bool {
     ep.queue.free() >= 2 * batch
 }
 
+/// Queues a seed reply, encoded straight into the queue's slot.
 fn queue_reply(queue: &mut SendQueue, io: &mut IoCounters, t: &Transmit) {
-    let mut buf = [0u8; MAX_REPLY_LEN];
-    let len = t.reply.emit(&mut buf);
-    if !queue.push(t.to, &buf[..len]) {
+    if !queue.push_with(t.to, |slot| t.reply.emit(slot)) {
         io.send_dropped += 1;
     }
 }

@@ -122,6 +122,22 @@ impl SendQueue {
         true
     }
 
+    /// Queues for `to` the datagram `emit` writes (returning its length);
+    /// false (and `emit` not called) when full.
+    pub fn push_with(
+        &mut self,
+        to: SocketAddr,
+        emit: impl FnOnce(&mut [u8; SEND_SLOT_LEN]) -> usize,
+    ) -> bool {
+        if self.items.len() == self.capacity {
+            return false;
+        }
+        let mut bytes = [0u8; SEND_SLOT_LEN];
+        let len = emit(&mut bytes).min(SEND_SLOT_LEN);
+        self.items.push_back((to, len, bytes));
+        true
+    }
+
     /// Sends until empty or the socket is full; hard errors drop that reply.
     pub fn flush(&mut self, socket: &UdpSocket) -> Flushed {
         let mut done = Flushed::default();

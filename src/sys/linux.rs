@@ -238,7 +238,26 @@ impl SendQueue {
 
     /// Queues `payload` for `to`; false (and nothing queued) when full.
     pub fn push(&mut self, to: SocketAddr, payload: &[u8]) -> bool {
-        if self.len == self.items.len() || payload.len() > SEND_SLOT_LEN {
+        if payload.len() > SEND_SLOT_LEN {
+            return false;
+        }
+        self.push_with(to, |slot| {
+            slot[..payload.len()].copy_from_slice(payload);
+            payload.len()
+        })
+    }
+
+    /// Queues for `to` the datagram `emit` writes into the queue's own slot
+    /// (returning its length), so that an encoder needs no buffer of its
+    /// own and nothing is copied (for a 20-byte reply, the copy was a
+    /// `memcpy` call); false (and `emit` not called) when full.
+    #[inline]
+    pub fn push_with(
+        &mut self,
+        to: SocketAddr,
+        emit: impl FnOnce(&mut [u8; SEND_SLOT_LEN]) -> usize,
+    ) -> bool {
+        if self.len == self.items.len() {
             return false;
         }
         let mut i = self.head + self.len;
@@ -271,8 +290,9 @@ impl SendQueue {
                 item.addr_len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             }
         }
-        item.bytes[..payload.len()].copy_from_slice(payload);
-        item.len = payload.len();
+        // Never past the slot, whatever `emit` says: `flush` hands the
+        // kernel this many bytes of it.
+        item.len = emit(&mut item.bytes).min(SEND_SLOT_LEN);
         self.len += 1;
         true
     }

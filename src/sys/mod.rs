@@ -494,15 +494,24 @@ mod tests {
         assert!(outbox.push(to, &[9; 32]));
         // Longer than a queue slot: refused, not truncated.
         assert!(!outbox.push(to, &[0; SEND_SLOT_LEN + 1]));
+        // Written in place; a length past the slot is cut to the slot.
+        assert!(outbox.push_with(to, |slot| {
+            slot[..3].copy_from_slice(&[1, 2, 3]);
+            3
+        }));
+        assert!(outbox.push_with(to, |slot| {
+            slot.fill(4);
+            SEND_SLOT_LEN + 100
+        }));
         let done = outbox.flush(&tx);
-        assert_eq!(done.sent, 101);
+        assert_eq!(done.sent, 103);
         assert!(outbox.is_empty());
 
-        let mut recv = RecvBatch::with_buf_len(64, 64);
+        let mut recv = RecvBatch::with_buf_len(64, 256);
         let mut got = Vec::new();
         let tx_port = tx.local_addr().unwrap().port();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while got.len() < 101 && Instant::now() < deadline {
+        while got.len() < 103 && Instant::now() < deadline {
             match recv.recv(&rx) {
                 Ok(n) => {
                     for i in 0..n {
@@ -518,9 +527,11 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        assert_eq!(got.len(), 101);
+        assert_eq!(got.len(), 103);
         assert_eq!(got[7], vec![7u8; 8]);
         assert_eq!(got[100], vec![9u8; 32]);
+        assert_eq!(got[101], vec![1, 2, 3]);
+        assert_eq!(got[102], vec![4u8; SEND_SLOT_LEN]);
         assert_eq!(
             recv.recv(&rx).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
