@@ -690,7 +690,8 @@ impl Server {
                 refused: Vec::with_capacity(NOTES_PER_BATCH),
                 note_filter: NoteFilter::default(),
                 batch: cfg.batch,
-                start: shared.start,
+                mono_base: sys::monotonic_ms()
+                    .saturating_sub(shared.start.elapsed().as_millis() as u64),
                 link: Link {
                     control,
                     events: events_tx.clone(),

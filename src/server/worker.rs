@@ -55,15 +55,15 @@ use crate::wire::{stun, v2, MAX_REPLY_LEN};
 const RECV_BUDGET: usize = 4096;
 /// Send-queue capacity in batches: room for bursts while the kernel drains.
 pub(super) const QUEUE_BATCHES: usize = 16;
-/// How often expiry runs while the tables hold entries.
-const EXPIRY_TICK: Duration = Duration::from_millis(10);
-/// After activity, the counters are published at most this often: the
+/// How often expiry runs while the tables hold entries, in ms.
+const EXPIRY_TICK_MS: u64 = 10;
+/// After activity, the counters are published at most this often (ms): the
 /// metrics page is at most this stale while datagrams flow, and exact once
 /// they stop.
-const PUBLISH_EVERY: Duration = Duration::from_millis(10);
-/// An idle worker still turns its loop and publishes this often, so that
-/// `/healthz` can tell an idle worker from a stuck one.
-const HEARTBEAT: Duration = Duration::from_secs(1);
+const PUBLISH_EVERY_MS: u64 = 10;
+/// An idle worker still turns its loop and publishes this often (ms), so
+/// that `/healthz` can tell an idle worker from a stuck one.
+const HEARTBEAT_MS: u64 = 1000;
 /// Share refusals remembered per batch for want notes; more in one batch
 /// are left for the next (the client retransmits).
 pub(super) const NOTES_PER_BATCH: usize = 16;
@@ -165,20 +165,19 @@ pub(super) struct Worker {
     pub(super) refused: Vec<(Option<SocketAddr>, Level)>,
     pub(super) note_filter: NoteFilter,
     pub(super) batch: usize,
-    pub(super) start: Instant,
+    /// [`sys::monotonic_ms`] at the server's start (`Shared::start`): the
+    /// loop's milliseconds are the clock's minus this.
+    pub(super) mono_base: u64,
     pub(super) link: Link,
     /// Publications so far.
     pub(super) generation: u64,
 }
 
 impl Worker {
+    /// The loop's milliseconds since the server started: one clock read,
+    /// without `Instant`'s subtraction and division.
     fn now_ms(&self) -> u64 {
-        self.ms_at(Instant::now())
-    }
-
-    /// The loop's milliseconds at `t` (a time already read: no clock read).
-    fn ms_at(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.start).as_millis() as u64
+        sys::monotonic_ms().saturating_sub(self.mono_base)
     }
 
     fn cluster_now(&self) -> Now {
@@ -335,25 +334,28 @@ impl Worker {
         }
     }
 
-    /// Runs until the server stops; returns the final counters.
+    /// Runs until the server stops; returns the final counters. Never
+    /// inlined, so that profiles show the loop under its own name.
+    #[inline(never)]
     pub(super) fn run(&mut self) -> io::Result<Counters> {
         let mut events = Events::with_capacity(64);
-        // The clock is read twice a turn: when the poll returns (the loop's
-        // milliseconds for the batches), and after the batches (`now`, for
-        // expiry and publishing, and for the next turn's timeout).
-        let mut now = Instant::now();
+        // The clock is read twice a turn, in the loop's milliseconds: when
+        // the poll returns (`now_ms`, for the batches), and after the
+        // batches (`now`, for expiry and publishing, and for the next
+        // turn's timeout). Every deadline below is in those milliseconds.
+        let mut now = self.now_ms();
         let mut next_expiry = now;
         let mut expiry_owed = false;
         let mut dirty = true;
         // When the counters are published next if anything changed, and at
         // the latest.
-        let mut publish_due = now + PUBLISH_EVERY;
-        let mut heartbeat_due = now + HEARTBEAT;
+        let mut publish_due = now + PUBLISH_EVERY_MS;
+        let mut heartbeat_due = now + HEARTBEAT_MS;
         // Cluster mode: when the next heartbeat or liveness check is due
         // (loop ms), and after SIGTERM, when the drain ends.
         let mut cluster_due: Option<u64> = None;
         let mut drain_until: Option<u64> = None;
-        self.publish(now);
+        self.publish(Instant::now());
         loop {
             let cluster_ready = self.cluster.as_ref().is_some_and(|c| c.readable());
             let timeout = if cluster_ready
@@ -372,18 +374,18 @@ impl Worker {
                 if !expiry_owed && self.engine.pending() + self.engine.replay_entries() > 0 {
                     due = due.min(next_expiry);
                 }
-                let mut t = due.saturating_duration_since(now);
                 if expiry_owed {
-                    t = t.min(Duration::from_millis(1));
+                    due = due.min(now + 1);
                 }
-                if let Some(due) = cluster_due {
-                    t = t.min(Duration::from_millis(due.saturating_sub(self.ms_at(now))));
+                if let Some(c) = cluster_due {
+                    due = due.min(c);
                 }
+                let t = Duration::from_millis(due.saturating_sub(now));
                 Some(t)
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
-                    now = Instant::now();
+                    now = self.now_ms();
                     continue;
                 }
                 return Err(e);
@@ -440,17 +442,17 @@ impl Worker {
                 }
             }
             dirty |= self.control(now_ms);
-            now = Instant::now();
+            now = self.now_ms();
             if now >= next_expiry || expiry_owed {
                 let before = (self.engine.pending(), self.engine.replay_entries());
-                expiry_owed = self.engine.expire(self.ms_at(now));
-                next_expiry = now + EXPIRY_TICK;
+                expiry_owed = self.engine.expire(now);
+                next_expiry = now + EXPIRY_TICK_MS;
                 dirty |= before != (self.engine.pending(), self.engine.replay_entries());
             }
             if (dirty && now >= publish_due) || now >= heartbeat_due {
-                self.publish(now);
-                publish_due = now + PUBLISH_EVERY;
-                heartbeat_due = now + HEARTBEAT;
+                self.publish(Instant::now());
+                publish_due = now + PUBLISH_EVERY_MS;
+                heartbeat_due = now + HEARTBEAT_MS;
                 dirty = false;
             }
         }

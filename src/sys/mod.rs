@@ -254,6 +254,34 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// Milliseconds on the monotonic clock (`CLOCK_MONOTONIC`, which
+/// `Instant` reads on Linux) from an arbitrary origin: one clock read and
+/// integer arithmetic, for a loop that counts in milliseconds (`Instant`
+/// adds a `Timespec` subtraction and a 128-bit division to each reading).
+/// Never goes back.
+#[cfg(unix)]
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live timespec the call writes; CLOCK_MONOTONIC
+    // exists on every unix this builds for, so it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+/// Milliseconds on the monotonic clock from an arbitrary origin (the first
+/// call).
+#[cfg(not(unix))]
+pub fn monotonic_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 /// `n` zero bytes from the allocator's zeroed path, or `None` if it refuses.
 /// Large blocks come straight from the OS as zero pages, so they cost
 /// address space at once and resident memory only as they are written.
