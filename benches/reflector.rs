@@ -11,8 +11,10 @@
 //! difference.
 //!
 //! Both run in this process on their own thread (named, so that their CPU
-//! time can be read from `/proc/self/task/*/stat`), one at a time, in
-//! alternating rounds; one client thread on the other core drives each with a
+//! time can be read from `/proc/self/task/*/stat`), one at a time, both in
+//! each round, psync first in odd rounds and the reflector first in even
+//! ones (so that neither always gets the second turn, whatever the machine
+//! does between the two); one client thread on the other core drives each with a
 //! closed loop of [`WINDOW`] pairs in flight, batched through the same
 //! `psync::sys` calls, from [`SOCKETS`] sockets on distinct 127.x.y.1
 //! addresses (distinct /24s, so psync's default per-source pending limits
@@ -22,7 +24,7 @@
 //!
 //! Run with `cargo bench --bench reflector` (rounds and seconds per round:
 //! `PSYNC_REFLECT_ROUNDS`, default 6; `PSYNC_REFLECT_SECS`, default 3).
-//! Prints each round and the median ratio of psync's CPU per pair to the
+//! Prints each round (with which server ran first) and the median ratio of psync's CPU per pair to the
 //! reflector's.
 
 use std::io;
@@ -39,8 +41,8 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use psync::limit::RateLimit;
 use psync::sys::{self, RecvBatch, SendQueue};
-use psync::wire::{Reply, MAX_REPLY_LEN, REQUEST_LEN};
-use psync::{PeerId, Request, Server, ServerConfig};
+use psync::wire::{Reply, REQUEST_LEN};
+use psync::{Counters, PeerId, Request, Server, ServerConfig};
 
 /// Client sockets, each on its own 127.x.y.1 address.
 const SOCKETS: usize = 64;
@@ -86,9 +88,8 @@ fn reflector(stop: Arc<AtomicBool>) -> (SocketAddr, JoinHandle<u64>) {
                             dst_port: 1025,
                             peer: d.from,
                         };
-                        let mut buf = [0u8; MAX_REPLY_LEN];
-                        let len = reply.emit(&mut buf);
-                        if queue.push(d.from, &buf[..len]) {
+                        // Encoded straight into the queue, as psync does.
+                        if queue.push_with(d.from, |slot| reply.emit(slot)) {
                             answered += 1;
                         }
                     }
@@ -205,6 +206,65 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// One server's run of a round.
+struct Run {
+    /// Pairs per second the client completed.
+    rate: f64,
+    /// The server's CPU (its threads) per completed pair.
+    us_per_pair: f64,
+    /// psync's final counters (none for the reflector).
+    counters: Option<Counters>,
+}
+
+/// psync, default flags but the rate limit, for `secs` under `client`.
+fn run_psync(client: &mut Client, secs: Duration) -> Run {
+    let cfg = ServerConfig {
+        bind: vec!["127.0.0.1:0".parse().unwrap()],
+        stats_interval: None,
+        rate_limit: RateLimit::OFF,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::bind(&cfg).expect("server binds");
+    let addr = server.local_addrs()[0];
+    let handle = server.shutdown_handle();
+    let thread = std::thread::Builder::new()
+        .name(SERVER_THREAD.into())
+        .spawn(move || server.run())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let cpu0 = cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD)).unwrap_or_default();
+    let t = Instant::now();
+    let pairs = client.run(addr, secs);
+    let took = t.elapsed();
+    let cpu = cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD)).unwrap_or_default() - cpu0;
+    handle.shutdown();
+    let c = thread.join().unwrap().expect("server ran");
+    Run {
+        rate: pairs as f64 / took.as_secs_f64(),
+        us_per_pair: cpu.as_secs_f64() * 1e6 / pairs.max(1) as f64,
+        counters: Some(c),
+    }
+}
+
+/// The reflector for `secs` under `client`.
+fn run_reflector(client: &mut Client, secs: Duration) -> Run {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, thread) = reflector(stop.clone());
+    std::thread::sleep(Duration::from_millis(100));
+    let cpu0 = cpu::thread_cpu(|n| n == REFLECTOR_THREAD).unwrap_or_default();
+    let t = Instant::now();
+    let pairs = client.run(addr, secs);
+    let took = t.elapsed();
+    let cpu = cpu::thread_cpu(|n| n == REFLECTOR_THREAD).unwrap_or_default() - cpu0;
+    stop.store(true, Ordering::Relaxed);
+    thread.join().unwrap();
+    Run {
+        rate: pairs as f64 / took.as_secs_f64(),
+        us_per_pair: cpu.as_secs_f64() * 1e6 / pairs.max(1) as f64,
+        counters: None,
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs this too:
     // then only a smoke round.
@@ -222,54 +282,33 @@ fn main() {
     let mut client = Client::new();
     let mut ratios = Vec::new();
     for round in 1..=rounds {
-        // psync, default flags but the rate limit.
-        let cfg = ServerConfig {
-            bind: vec!["127.0.0.1:0".parse().unwrap()],
-            stats_interval: None,
-            rate_limit: RateLimit::OFF,
-            ..ServerConfig::default()
+        // Odd rounds run psync first, even rounds the reflector: whatever
+        // the machine does to the second of two runs (caches, frequency,
+        // neighbours) falls on each side equally often.
+        let psync_first = round % 2 == 1;
+        let (p, r) = if psync_first {
+            let p = run_psync(&mut client, secs);
+            (p, run_reflector(&mut client, secs))
+        } else {
+            let r = run_reflector(&mut client, secs);
+            (run_psync(&mut client, secs), r)
         };
-        let mut server = Server::bind(&cfg).expect("server binds");
-        let addr = server.local_addrs()[0];
-        let handle = server.shutdown_handle();
-        let thread = std::thread::Builder::new()
-            .name(SERVER_THREAD.into())
-            .spawn(move || server.run())
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        let cpu0 = cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD)).unwrap_or_default();
-        let t = Instant::now();
-        let pairs = client.run(addr, secs);
-        let took = t.elapsed();
-        let cpu = cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD)).unwrap_or_default() - cpu0;
-        handle.shutdown();
-        let c = thread.join().unwrap().expect("server ran");
-        let psync_us = cpu.as_secs_f64() * 1e6 / pairs.max(1) as f64;
-        let psync_rate = pairs as f64 / took.as_secs_f64();
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let (raddr, rthread) = reflector(stop.clone());
-        std::thread::sleep(Duration::from_millis(100));
-        let cpu0 = cpu::thread_cpu(|n| n == REFLECTOR_THREAD).unwrap_or_default();
-        let t = Instant::now();
-        let rpairs = client.run(raddr, secs);
-        let rtook = t.elapsed();
-        let rcpu = cpu::thread_cpu(|n| n == REFLECTOR_THREAD).unwrap_or_default() - cpu0;
-        stop.store(true, Ordering::Relaxed);
-        rthread.join().unwrap();
-        let refl_us = rcpu.as_secs_f64() * 1e6 / rpairs.max(1) as f64;
-        let refl_rate = rpairs as f64 / rtook.as_secs_f64();
-
-        let ratio = psync_us / refl_us;
+        let ratio = p.us_per_pair / r.us_per_pair;
         ratios.push(ratio);
+        let c = p.counters.expect("psync's counters");
         println!(
-            "round {round}: psync {psync_rate:.0} pairs/s, {psync_us:.2} us CPU/pair \
+            "round {round} ({} first): psync {:.0} pairs/s, {:.2} us CPU/pair \
              (matched {}, replay_full {}, table_full {}, per-source limited {}); \
-             reflector {refl_rate:.0} pairs/s, {refl_us:.2} us CPU/pair; ratio {ratio:.3}",
+             reflector {:.0} pairs/s, {:.2} us CPU/pair; ratio {ratio:.3}",
+            if psync_first { "psync" } else { "reflector" },
+            p.rate,
+            p.us_per_pair,
             c.engine.matched,
             c.engine.replay_full,
             c.engine.table_full,
             c.engine.per_ip_limit + c.engine.per_prefix_limit,
+            r.rate,
+            r.us_per_pair,
         );
     }
     ratios.sort_by(f64::total_cmp);

@@ -287,10 +287,22 @@ impl Gate {
         }
     }
 
+    /// Whether [`Gate::admit`] reads `now.unix_secs` for `datagram`: only
+    /// for a v2 request (tokens and cookies), so that the loop reads the
+    /// wall clock only for batches that hold one.
+    #[inline]
+    pub fn reads_wall_clock(datagram: &[u8]) -> bool {
+        datagram.len() == v2::REQUEST_LEN
+    }
+
     /// Decides what becomes of `datagram` from `from`: see the module docs.
     /// `within_rate` is the loop's rate limiter's verdict for this datagram
     /// (false: the source is over its unvalidated budget). Counts what it
     /// drops and answers in `io`; never allocates.
+    ///
+    /// Inlined, so that a seed request (step 1) costs the loop a few
+    /// comparisons; the v2 steps are a call.
+    #[inline]
     pub fn admit(
         &mut self,
         datagram: &[u8],
@@ -310,6 +322,20 @@ impl Gate {
             }
             return Verdict::Engine;
         }
+        self.admit_v2(datagram, from, within_rate, now, io)
+    }
+
+    /// [`Gate::admit`] for a datagram of [`v2::REQUEST_LEN`] bytes (steps 2
+    /// and 3).
+    #[inline(never)]
+    fn admit_v2(
+        &mut self,
+        datagram: &[u8],
+        from: SocketAddr,
+        within_rate: bool,
+        now: Clock,
+        io: &mut IoCounters,
+    ) -> Verdict {
         if is_bogus(from) {
             io.v2_bad_source += 1;
             return Verdict::Drop;

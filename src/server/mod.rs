@@ -681,7 +681,7 @@ impl Server {
                 whole_pending: whole.limits,
                 shared_limits: n > 1,
                 io: IoCounters::default(),
-                for_engine: vec![false; cfg.batch].into_boxed_slice(),
+                for_engine: vec![None; cfg.batch].into_boxed_slice(),
                 gate,
                 v2_in: Vec::with_capacity(cfg.batch),
                 cluster: if k == 0 { cluster.take() } else { None },
@@ -690,7 +690,8 @@ impl Server {
                 refused: Vec::with_capacity(NOTES_PER_BATCH),
                 note_filter: NoteFilter::default(),
                 batch: cfg.batch,
-                start: shared.start,
+                mono_base: sys::monotonic_ms()
+                    .saturating_sub(shared.start.elapsed().as_millis() as u64),
                 link: Link {
                     control,
                     events: events_tx.clone(),

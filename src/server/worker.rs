@@ -55,15 +55,15 @@ use crate::wire::{stun, v2, MAX_REPLY_LEN};
 const RECV_BUDGET: usize = 4096;
 /// Send-queue capacity in batches: room for bursts while the kernel drains.
 pub(super) const QUEUE_BATCHES: usize = 16;
-/// How often expiry runs while the tables hold entries.
-const EXPIRY_TICK: Duration = Duration::from_millis(10);
-/// After activity, the counters are published at most this often: the
+/// How often expiry runs while the tables hold entries, in ms.
+const EXPIRY_TICK_MS: u64 = 10;
+/// After activity, the counters are published at most this often (ms): the
 /// metrics page is at most this stale while datagrams flow, and exact once
 /// they stop.
-const PUBLISH_EVERY: Duration = Duration::from_millis(10);
-/// An idle worker still turns its loop and publishes this often, so that
-/// `/healthz` can tell an idle worker from a stuck one.
-const HEARTBEAT: Duration = Duration::from_secs(1);
+const PUBLISH_EVERY_MS: u64 = 10;
+/// An idle worker still turns its loop and publishes this often (ms), so
+/// that `/healthz` can tell an idle worker from a stuck one.
+const HEARTBEAT_MS: u64 = 1000;
 /// Share refusals remembered per batch for want notes; more in one batch
 /// are left for the next (the client retransmits).
 pub(super) const NOTES_PER_BATCH: usize = 16;
@@ -147,9 +147,10 @@ pub(super) struct Worker {
     pub(super) shared_limits: bool,
     /// What happened on the sockets (the engine counts its own decisions).
     pub(super) io: IoCounters,
-    /// Per datagram of the batch in hand: for the engine (passed the rate
-    /// limiter and the gate, and is not STUN).
-    pub(super) for_engine: Box<[bool]>,
+    /// Per datagram of the batch in hand: its source if it is for the
+    /// engine (passed the rate limiter and the gate, and is not STUN), so
+    /// that the engine's pass reads the address the first pass parsed.
+    pub(super) for_engine: Box<[Option<SocketAddr>]>,
     /// Protocol v2: what the engine gets (auth, cookies; see `gate.rs`).
     pub(super) gate: Gate,
     /// The v2 requests of the batch in hand the gate admitted (capacity:
@@ -164,15 +165,19 @@ pub(super) struct Worker {
     pub(super) refused: Vec<(Option<SocketAddr>, Level)>,
     pub(super) note_filter: NoteFilter,
     pub(super) batch: usize,
-    pub(super) start: Instant,
+    /// [`sys::monotonic_ms`] at the server's start (`Shared::start`): the
+    /// loop's milliseconds are the clock's minus this.
+    pub(super) mono_base: u64,
     pub(super) link: Link,
     /// Publications so far.
     pub(super) generation: u64,
 }
 
 impl Worker {
+    /// The loop's milliseconds since the server started: one clock read,
+    /// without `Instant`'s subtraction and division.
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        sys::monotonic_ms().saturating_sub(self.mono_base)
     }
 
     fn cluster_now(&self) -> Now {
@@ -329,20 +334,29 @@ impl Worker {
         }
     }
 
-    /// Runs until the server stops; returns the final counters.
+    /// Runs until the server stops; returns the final counters. Never
+    /// inlined, so that profiles show the loop under its own name.
+    #[inline(never)]
     pub(super) fn run(&mut self) -> io::Result<Counters> {
         let mut events = Events::with_capacity(64);
-        let mut next_expiry = Instant::now();
+        // The clock is read twice a turn, in the loop's milliseconds: when
+        // the poll returns (`now_ms`, for the batches), and after the
+        // batches (`now`, for expiry and publishing, and for the next
+        // turn's timeout). Every deadline below is in those milliseconds.
+        let mut now = self.now_ms();
+        let mut next_expiry = now;
         let mut expiry_owed = false;
         let mut dirty = true;
-        let mut published = Instant::now();
+        // When the counters are published next if anything changed, and at
+        // the latest.
+        let mut publish_due = now + PUBLISH_EVERY_MS;
+        let mut heartbeat_due = now + HEARTBEAT_MS;
         // Cluster mode: when the next heartbeat or liveness check is due
         // (loop ms), and after SIGTERM, when the drain ends.
         let mut cluster_due: Option<u64> = None;
         let mut drain_until: Option<u64> = None;
-        self.publish(published);
+        self.publish(Instant::now());
         loop {
-            let now = Instant::now();
             let cluster_ready = self.cluster.as_ref().is_some_and(|c| c.readable());
             let timeout = if cluster_ready
                 || self
@@ -352,22 +366,26 @@ impl Worker {
             {
                 Some(Duration::ZERO)
             } else {
-                let mut t = (published + HEARTBEAT).saturating_duration_since(now);
-                if let Some(due) = cluster_due {
-                    t = t.min(Duration::from_millis(due.saturating_sub(self.now_ms())));
-                }
+                // The earliest deadline, then one subtraction.
+                let mut due = heartbeat_due;
                 if dirty {
-                    t = t.min((published + PUBLISH_EVERY).saturating_duration_since(now));
+                    due = due.min(publish_due);
+                }
+                if !expiry_owed && self.engine.pending() + self.engine.replay_entries() > 0 {
+                    due = due.min(next_expiry);
                 }
                 if expiry_owed {
-                    t = t.min(Duration::from_millis(1));
-                } else if self.engine.pending() + self.engine.replay_entries() > 0 {
-                    t = t.min(next_expiry.saturating_duration_since(now));
+                    due = due.min(now + 1);
                 }
+                if let Some(c) = cluster_due {
+                    due = due.min(c);
+                }
+                let t = Duration::from_millis(due.saturating_sub(now));
                 Some(t)
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
+                    now = self.now_ms();
                     continue;
                 }
                 return Err(e);
@@ -424,16 +442,17 @@ impl Worker {
                 }
             }
             dirty |= self.control(now_ms);
-            let now = Instant::now();
+            now = self.now_ms();
             if now >= next_expiry || expiry_owed {
                 let before = (self.engine.pending(), self.engine.replay_entries());
-                expiry_owed = self.engine.expire(self.now_ms());
-                next_expiry = now + EXPIRY_TICK;
+                expiry_owed = self.engine.expire(now);
+                next_expiry = now + EXPIRY_TICK_MS;
                 dirty |= before != (self.engine.pending(), self.engine.replay_entries());
             }
-            if (dirty && now >= published + PUBLISH_EVERY) || now >= published + HEARTBEAT {
-                self.publish(now);
-                published = now;
+            if (dirty && now >= publish_due) || now >= heartbeat_due {
+                self.publish(Instant::now());
+                publish_due = now + PUBLISH_EVERY_MS;
+                heartbeat_due = now + HEARTBEAT_MS;
                 dirty = false;
             }
         }
@@ -505,11 +524,9 @@ impl Worker {
                 kind,
                 ..
             } = ep;
-            // The wall clock for tokens and cookies, once per batch.
-            let clock = Clock {
-                unix_secs: Clock::unix_now(),
-                millis: now_ms as u32,
-            };
+            // The wall clock for tokens and cookies: read at most once per
+            // batch, and only for a datagram the gate needs it for (v2).
+            let mut wall: Option<u64> = None;
             // The rate limiter first, in two passes like the engine: fetch
             // every source's bucket, then decide. STUN is answered here.
             if let Some(l) = limiter.as_ref() {
@@ -519,8 +536,8 @@ impl Worker {
                     }
                 }
             }
-            for (k, ok) in for_engine.iter_mut().enumerate().take(n) {
-                *ok = false;
+            for (k, to_engine) in for_engine.iter_mut().enumerate().take(n) {
+                *to_engine = None;
                 let Some(d) = recv.get(k) else {
                     io.recv_errors += 1;
                     continue;
@@ -549,11 +566,20 @@ impl Worker {
                     }
                     continue;
                 }
+                let clock = Clock {
+                    unix_secs: if Gate::reads_wall_clock(d.data) {
+                        *wall.get_or_insert_with(Clock::unix_now)
+                    } else {
+                        0
+                    },
+                    millis: now_ms as u32,
+                };
                 match gate.admit(d.data, d.from, within_rate, clock, io) {
                     // Cluster: an admitted request whose pair another member
                     // owns goes there.
-                    Verdict::Engine if forward(cparts, io, d.data, d.from, unix) => {}
-                    Verdict::Engine => *ok = true,
+                    Verdict::Engine
+                        if cparts.is_some() && forward(cparts, io, d.data, d.from, unix) => {}
+                    Verdict::Engine => *to_engine = Some(d.from),
                     Verdict::CheckToken(req) => v2_in.push((req, d.from)),
                     Verdict::Cookie(c) => queue_bytes(queue, io, d.from, &c.to_bytes()),
                     Verdict::Drop => {}
@@ -561,20 +587,17 @@ impl Worker {
             }
             // v2: the batch's tokens, checked together; then, in a cluster,
             // what another member owns goes there.
-            gate.check_tokens(v2_in, clock.unix_secs, io);
-            if cparts.is_some() {
+            if !v2_in.is_empty() {
+                let unix_secs = *wall.get_or_insert_with(Clock::unix_now);
+                gate.check_tokens(v2_in, unix_secs, io);
+            }
+            if cparts.is_some() && !v2_in.is_empty() {
                 v2_in.retain(|(req, from)| !forward(cparts, io, &req.to_bytes(), *from, unix));
             }
             let for_engine = &*for_engine;
             engine.handle_batch(
                 n,
-                |k| {
-                    if for_engine[k] {
-                        recv.get(k).map(|d| (d.data, d.from))
-                    } else {
-                        None
-                    }
-                },
+                |k| for_engine[k].map(|from| (recv.data(k), from)),
                 now_ms,
                 |k, outcome| {
                     trace!("{local}: datagram {k} of the batch: {outcome:?}");
@@ -597,7 +620,7 @@ impl Worker {
                         Outcome::Dropped(DropReason::SourceLimit(level))
                             if shared_limits && refused.len() < NOTES_PER_BATCH =>
                         {
-                            refused.push((recv.get(k).map(|d| d.from), *level));
+                            refused.push((for_engine[k], *level));
                         }
                         _ => {}
                     }
@@ -754,6 +777,9 @@ impl Worker {
     /// Cluster mode, the other workers: the forwarded requests worker 0
     /// handed over.
     fn service_inbox(&mut self, now_ms: u64) -> bool {
+        if !self.cparts.as_ref().is_some_and(|c| c.inbox.is_some()) {
+            return false;
+        }
         let now = Now {
             mono_ms: now_ms,
             unix_ms: unix_ms(),
@@ -940,10 +966,9 @@ fn can_read(ep: &Endpoint, batch: usize) -> bool {
     ep.queue.free() >= 2 * batch
 }
 
+/// Queues a seed reply, encoded straight into the queue's slot.
 fn queue_reply(queue: &mut SendQueue, io: &mut IoCounters, t: &Transmit) {
-    let mut buf = [0u8; MAX_REPLY_LEN];
-    let len = t.reply.emit(&mut buf);
-    if !queue.push(t.to, &buf[..len]) {
+    if !queue.push_with(t.to, |slot| t.reply.emit(slot)) {
         io.send_dropped += 1;
     }
 }

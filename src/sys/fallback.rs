@@ -55,6 +55,17 @@ impl RecvBatch {
         Ok(self.count)
     }
 
+    /// The kept bytes of the `i`th datagram of the last `recv` (empty past
+    /// the batch): [`RecvBatch::get`]'s `data` alone.
+    pub fn data(&self, i: usize) -> &[u8] {
+        if i >= self.count {
+            return &[];
+        }
+        let len = self.meta[i].0.min(self.buf_len);
+        let start = i * self.buf_len;
+        &self.bufs[start..start + len]
+    }
+
     /// The `i`th datagram of the last `recv`.
     pub fn get(&self, i: usize) -> Option<Datagram<'_>> {
         if i >= self.count {
@@ -108,6 +119,22 @@ impl SendQueue {
         let mut bytes = [0u8; SEND_SLOT_LEN];
         bytes[..payload.len()].copy_from_slice(payload);
         self.items.push_back((to, payload.len(), bytes));
+        true
+    }
+
+    /// Queues for `to` the datagram `emit` writes (returning its length);
+    /// false (and `emit` not called) when full.
+    pub fn push_with(
+        &mut self,
+        to: SocketAddr,
+        emit: impl FnOnce(&mut [u8; SEND_SLOT_LEN]) -> usize,
+    ) -> bool {
+        if self.items.len() == self.capacity {
+            return false;
+        }
+        let mut bytes = [0u8; SEND_SLOT_LEN];
+        let len = emit(&mut bytes).min(SEND_SLOT_LEN);
+        self.items.push_back((to, len, bytes));
         true
     }
 

@@ -56,6 +56,7 @@ impl RecvBatch {
             h.msg_hdr.msg_name = ptr::from_mut(addr).cast();
             h.msg_hdr.msg_iov = ptr::from_mut(iov);
             h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         }
         RecvBatch {
             bufs,
@@ -69,12 +70,16 @@ impl RecvBatch {
 
     /// Receives up to a batch of datagrams; `Err(WouldBlock)` when none is queued.
     pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
-        self.count = 0;
-        for h in self.hdrs.iter_mut() {
+        // The kernel writes back a header's address length, flags and
+        // length only for the datagrams it returns (a failed call writes
+        // none): only the last call's headers need resetting, not the whole
+        // batch's, which costs a small batch more than its datagrams do.
+        for h in &mut self.hdrs[..self.count] {
             h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_flags = 0;
             h.msg_len = 0;
         }
+        self.count = 0;
         debug_assert_eq!(self.iovs.len(), self.hdrs.len());
         loop {
             // SAFETY: every header points at a live buffer of buf_len bytes
@@ -99,6 +104,18 @@ impl RecvBatch {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The kept bytes of the `i`th datagram of the last `recv` (empty past
+    /// the batch): [`RecvBatch::get`]'s `data` without parsing the address,
+    /// for a second pass over a batch whose sources the first one kept.
+    pub fn data(&self, i: usize) -> &[u8] {
+        if i >= self.count {
+            return &[];
+        }
+        let len = (self.hdrs[i].msg_len as usize).min(self.buf_len);
+        let start = i * self.buf_len;
+        &self.bufs[start..start + len]
     }
 
     /// The `i`th datagram of the last `recv`, or `None` for an address the
@@ -221,7 +238,26 @@ impl SendQueue {
 
     /// Queues `payload` for `to`; false (and nothing queued) when full.
     pub fn push(&mut self, to: SocketAddr, payload: &[u8]) -> bool {
-        if self.len == self.items.len() || payload.len() > SEND_SLOT_LEN {
+        if payload.len() > SEND_SLOT_LEN {
+            return false;
+        }
+        self.push_with(to, |slot| {
+            slot[..payload.len()].copy_from_slice(payload);
+            payload.len()
+        })
+    }
+
+    /// Queues for `to` the datagram `emit` writes into the queue's own slot
+    /// (returning its length), so that an encoder needs no buffer of its
+    /// own and nothing is copied (for a 20-byte reply, the copy was a
+    /// `memcpy` call); false (and `emit` not called) when full.
+    #[inline]
+    pub fn push_with(
+        &mut self,
+        to: SocketAddr,
+        emit: impl FnOnce(&mut [u8; SEND_SLOT_LEN]) -> usize,
+    ) -> bool {
+        if self.len == self.items.len() {
             return false;
         }
         let mut i = self.head + self.len;
@@ -254,8 +290,9 @@ impl SendQueue {
                 item.addr_len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             }
         }
-        item.bytes[..payload.len()].copy_from_slice(payload);
-        item.len = payload.len();
+        // Never past the slot, whatever `emit` says: `flush` hands the
+        // kernel this many bytes of it.
+        item.len = emit(&mut item.bytes).min(SEND_SLOT_LEN);
         self.len += 1;
         true
     }

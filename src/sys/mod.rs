@@ -254,6 +254,34 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// Milliseconds on the monotonic clock (`CLOCK_MONOTONIC`, which
+/// `Instant` reads on Linux) from an arbitrary origin: one clock read and
+/// integer arithmetic, for a loop that counts in milliseconds (`Instant`
+/// adds a `Timespec` subtraction and a 128-bit division to each reading).
+/// Never goes back.
+#[cfg(unix)]
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live timespec the call writes; CLOCK_MONOTONIC
+    // exists on every unix this builds for, so it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+/// Milliseconds on the monotonic clock from an arbitrary origin (the first
+/// call).
+#[cfg(not(unix))]
+pub fn monotonic_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 /// `n` zero bytes from the allocator's zeroed path, or `None` if it refuses.
 /// Large blocks come straight from the OS as zero pages, so they cost
 /// address space at once and resident memory only as they are written.
@@ -494,15 +522,24 @@ mod tests {
         assert!(outbox.push(to, &[9; 32]));
         // Longer than a queue slot: refused, not truncated.
         assert!(!outbox.push(to, &[0; SEND_SLOT_LEN + 1]));
+        // Written in place; a length past the slot is cut to the slot.
+        assert!(outbox.push_with(to, |slot| {
+            slot[..3].copy_from_slice(&[1, 2, 3]);
+            3
+        }));
+        assert!(outbox.push_with(to, |slot| {
+            slot.fill(4);
+            SEND_SLOT_LEN + 100
+        }));
         let done = outbox.flush(&tx);
-        assert_eq!(done.sent, 101);
+        assert_eq!(done.sent, 103);
         assert!(outbox.is_empty());
 
-        let mut recv = RecvBatch::with_buf_len(64, 64);
+        let mut recv = RecvBatch::with_buf_len(64, 256);
         let mut got = Vec::new();
         let tx_port = tx.local_addr().unwrap().port();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while got.len() < 101 && Instant::now() < deadline {
+        while got.len() < 103 && Instant::now() < deadline {
             match recv.recv(&rx) {
                 Ok(n) => {
                     for i in 0..n {
@@ -518,9 +555,11 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        assert_eq!(got.len(), 101);
+        assert_eq!(got.len(), 103);
         assert_eq!(got[7], vec![7u8; 8]);
         assert_eq!(got[100], vec![9u8; 32]);
+        assert_eq!(got[101], vec![1, 2, 3]);
+        assert_eq!(got[102], vec![4u8; SEND_SLOT_LEN]);
         assert_eq!(
             recv.recv(&rx).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
