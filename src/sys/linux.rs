@@ -170,25 +170,33 @@ union RawAddr {
     v6: libc::sockaddr_in6,
 }
 
+/// One slot of a [`SendQueue`]: the destination and the datagram; its
+/// lengths live in the slot's header and iovec, which point here.
 #[derive(Clone, Copy)]
 struct Item {
     addr: RawAddr,
-    addr_len: libc::socklen_t,
-    len: usize,
     bytes: [u8; SEND_SLOT_LEN],
 }
 
 /// A bounded FIFO of replies, flushed with `sendmmsg`.
+///
+/// Every slot has its own `mmsghdr` and `iovec`, pointing at the slot from
+/// the start: a push writes the destination, the bytes and the two
+/// lengths, and a flush hands the kernel the headers of the queued slots
+/// as they lie (up to the end of the ring, then from its start), with
+/// nothing to set up per message.
 pub struct SendQueue {
     items: Box<[Item]>,
     head: usize,
     len: usize,
+    batch: usize,
     iovs: Box<[libc::iovec]>,
     hdrs: Box<[libc::mmsghdr]>,
 }
 
-// SAFETY: `iovs` and `hdrs` hold pointers only while `flush` runs, into
-// `items`, which this value owns.
+// SAFETY: the raw pointers inside `iovs` and `hdrs` point only into the
+// heap allocations of `items` and `iovs`, which this value owns and which
+// move with it; nothing is shared with another thread.
 unsafe impl Send for SendQueue {}
 
 impl SendQueue {
@@ -199,25 +207,31 @@ impl SendQueue {
                 // SAFETY: all-zero bytes are a valid sockaddr_in6.
                 v6: unsafe { zeroed() },
             },
-            addr_len: 0,
-            len: 0,
             bytes: [0; SEND_SLOT_LEN],
         };
-        let batch = batch.max(1);
+        let capacity = capacity.max(1);
+        let mut items = vec![blank; capacity].into_boxed_slice();
+        let mut iovs: Box<[libc::iovec]> = items
+            .iter_mut()
+            .map(|item| libc::iovec {
+                iov_base: item.bytes.as_mut_ptr().cast(),
+                iov_len: 0,
+            })
+            .collect();
+        // SAFETY: all-zero bytes are a valid mmsghdr.
+        let mut hdrs = vec![unsafe { zeroed::<libc::mmsghdr>() }; capacity].into_boxed_slice();
+        for ((h, iov), item) in hdrs.iter_mut().zip(iovs.iter_mut()).zip(items.iter_mut()) {
+            h.msg_hdr.msg_name = ptr::from_mut(&mut item.addr).cast();
+            h.msg_hdr.msg_iov = ptr::from_mut(iov);
+            h.msg_hdr.msg_iovlen = 1;
+        }
         SendQueue {
-            items: vec![blank; capacity.max(1)].into_boxed_slice(),
+            items,
             head: 0,
             len: 0,
-            iovs: vec![
-                libc::iovec {
-                    iov_base: ptr::null_mut(),
-                    iov_len: 0
-                };
-                batch
-            ]
-            .into_boxed_slice(),
-            // SAFETY: all-zero bytes are a valid mmsghdr.
-            hdrs: vec![unsafe { zeroed::<libc::mmsghdr>() }; batch].into_boxed_slice(),
+            batch: batch.max(1),
+            iovs,
+            hdrs,
         }
     }
 
@@ -265,7 +279,7 @@ impl SendQueue {
             i -= self.items.len();
         }
         let item = &mut self.items[i];
-        match to {
+        let addr_len = match to {
             SocketAddr::V4(a) => {
                 item.addr.v4 = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
@@ -275,7 +289,7 @@ impl SendQueue {
                     },
                     sin_zero: [0; 8],
                 };
-                item.addr_len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                size_of::<libc::sockaddr_in>()
             }
             SocketAddr::V6(a) => {
                 item.addr.v6 = libc::sockaddr_in6 {
@@ -287,12 +301,13 @@ impl SendQueue {
                     },
                     sin6_scope_id: a.scope_id(),
                 };
-                item.addr_len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+                size_of::<libc::sockaddr_in6>()
             }
-        }
+        };
         // Never past the slot, whatever `emit` says: `flush` hands the
         // kernel this many bytes of it.
-        item.len = emit(&mut item.bytes).min(SEND_SLOT_LEN);
+        self.iovs[i].iov_len = emit(&mut item.bytes).min(SEND_SLOT_LEN);
+        self.hdrs[i].msg_hdr.msg_namelen = addr_len as libc::socklen_t;
         self.len += 1;
         true
     }
@@ -302,28 +317,16 @@ impl SendQueue {
     pub fn flush(&mut self, socket: &UdpSocket) -> Flushed {
         let mut done = Flushed::default();
         while self.len > 0 {
-            let n = self.len.min(self.hdrs.len());
-            for k in 0..n {
-                let mut i = self.head + k;
-                if i >= self.items.len() {
-                    i -= self.items.len();
-                }
-                let item = &mut self.items[i];
-                self.iovs[k] = libc::iovec {
-                    iov_base: item.bytes.as_mut_ptr().cast(),
-                    iov_len: item.len,
-                };
-                let h = &mut self.hdrs[k];
-                h.msg_hdr.msg_name = ptr::from_mut(&mut item.addr).cast();
-                h.msg_hdr.msg_namelen = item.addr_len;
-                h.msg_hdr.msg_iov = ptr::from_mut(&mut self.iovs[k]);
-                h.msg_hdr.msg_iovlen = 1;
-                h.msg_len = 0;
-            }
-            // SAFETY: the first n headers point at live items and iovecs owned
-            // by self, set just above; sendmmsg reads them and writes msg_len.
+            // The queued slots from the head, up to a batch and to the end
+            // of the ring (what is past it goes in the next call).
+            let n = self.len.min(self.batch).min(self.items.len() - self.head);
+            let first = &mut self.hdrs[self.head..self.head + n];
+            // SAFETY: these n headers point at their slots' addresses and
+            // iovecs, and the iovecs at their slots' bytes, all owned by
+            // self (set in `new`, lengths set by `push_with`); sendmmsg
+            // reads them and writes only msg_len.
             let ret = syscall!(unsafe {
-                libc::sendmmsg(socket.as_raw_fd(), self.hdrs.as_mut_ptr(), n as _, 0)
+                libc::sendmmsg(socket.as_raw_fd(), first.as_mut_ptr(), n as _, 0)
             });
             match ret {
                 Ok(sent) => self.advance(sent as usize, &mut done.sent),

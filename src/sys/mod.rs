@@ -567,6 +567,36 @@ mod tests {
     }
 
     #[test]
+    fn the_send_queue_wraps_around_its_ring_in_order() {
+        let rx = mio_socket();
+        let tx = mio_socket();
+        let to = rx.local_addr().unwrap();
+        // 8 slots, 4 per call: the second round starts at slot 6, so its
+        // replies run past the end of the ring. Each has its own length.
+        let mut outbox = SendQueue::new(8, 4);
+        for round in 0..2u8 {
+            for k in 0..6u8 {
+                let v = round * 6 + k;
+                assert!(outbox.push(to, &vec![v; usize::from(v) + 1]));
+            }
+            assert_eq!(outbox.free(), 2);
+            assert_eq!(outbox.flush(&tx).sent, 6);
+            assert!(outbox.is_empty());
+        }
+        let mut recv = RecvBatch::with_buf_len(64, 64);
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() < 12 && Instant::now() < deadline {
+            match recv.recv(&rx) {
+                Ok(n) => (0..n).for_each(|i| got.push(recv.get(i).unwrap().data.to_vec())),
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        let want: Vec<Vec<u8>> = (0..12u8).map(|v| vec![v; usize::from(v) + 1]).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn an_oversized_datagram_shows_its_real_length() {
         let rx = mio_socket();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
