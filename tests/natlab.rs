@@ -725,9 +725,13 @@ fn summary(stderr: &str) -> &str {
     last.split(": attempt 1:").next().unwrap_or(last)
 }
 
-/// Checks that a client failed cleanly: exit 4 with a reason, before the
-/// lab's hang deadline, naming its NAT as hard.
-fn failed_cleanly(exit: &lab::Exit) {
+/// Checks that a client failed cleanly: exit 4 with a reason and a likely
+/// cause, before the lab's hang deadline, its NAT type in the error and the
+/// JSON agreeing with the STUN answers it got. Returns whether it named its
+/// NAT hard with the cause that follows from it (what nearly every client in
+/// the both-random cases must do, see [`NOT_HARD_ALLOWED`]); a client that
+/// says `unknown` or `easy` must show the evidence for it.
+fn failed_cleanly(exit: &lab::Exit) -> bool {
     let err = exit.stderr_text();
     assert!(
         !exit.timed_out,
@@ -736,19 +740,82 @@ fn failed_cleanly(exit: &lab::Exit) {
     );
     assert_eq!(exit.code(), Some(4), "{}: {err}", exit.name);
     assert!(
-        err.contains("psync-client:") && err.contains("punch"),
+        err.contains("psync-client:") && err.contains("punch") && err.contains("likely cause: "),
         "{}: exit 4 without a clear reason: {err:?}",
-        exit.name
-    );
-    assert!(
-        err.contains("our NAT: hard") && err.contains("likely cause: our NAT changes ports"),
-        "{}: exit 4 without the likely cause: {err:?}",
         exit.name
     );
     let json = exit.stdout_text();
     assert_eq!(json_field(&json, "ok"), Some("false"), "{json}");
-    assert_eq!(json_field(&json, "type"), Some("hard"), "{json}");
+    let public = json_field(&json, "public");
+    let second = json_field(&json, "public_second");
+    match json_field(&json, "type") {
+        Some("hard") => {
+            assert!(
+                err.contains("our NAT: hard")
+                    && err.contains("likely cause: our NAT changes ports"),
+                "{}: exit 4 without the likely cause: {err:?}",
+                exit.name
+            );
+            assert!(
+                public.is_some_and(|p| p != "null")
+                    && second.is_some_and(|s| s != "null")
+                    && public != second,
+                "{}: hard without two different public ports: {json}",
+                exit.name
+            );
+            true
+        }
+        // Every request to one of the server's ports, or its answer, lost.
+        Some("unknown") => {
+            assert!(
+                err.contains("our NAT: unknown (")
+                    && (public == Some("null") || second == Some("null")),
+                "{}: unknown with both STUN answers, or not saying so: {err:?} {json}",
+                exit.name
+            );
+            assert!(
+                err.contains("answered none of our requests")
+                    || err.contains("answered no STUN request"),
+                "{}: unknown without saying which port stayed silent: {err:?}",
+                exit.name
+            );
+            false
+        }
+        // masquerade random drew one port for both flows.
+        Some("easy") => {
+            assert!(
+                err.contains("our NAT: easy (one public port")
+                    && public.is_some_and(|p| p != "null")
+                    && public == second,
+                "{}: easy without one public port to both server ports: {err:?} {json}",
+                exit.name
+            );
+            false
+        }
+        other => panic!(
+            "{}: NAT type {other:?} behind masquerade random: {json}",
+            exit.name
+        ),
+    }
 }
+
+/// Clients of a both-random case that may name their NAT other than `hard`
+/// (each with the evidence, see [`failed_cleanly`]). Two things make an honest
+/// client say so, and neither is a fault:
+/// - `easy`: `masquerade random` draws each flow's port uniformly from
+///   1024-65535, so the flows to the server's two ports share one with
+///   probability 1/64,512 (1.6e-5), with or without loss;
+/// - `unknown`, under 10% loss each way: a STUN request and its answer both
+///   cross the core 81% of the time, and the second port gets at least 7
+///   tries after the main port answered (`SECOND_ANSWER_WAIT`), so all are
+///   lost with probability 0.19^7 = 9e-6 (the main port's 10 tries: 6e-8).
+///   Reproduced with 45% loss: 7 of 60 clients `unknown`, the rest `hard`.
+///
+/// About 2.5e-5 per client: demanding `hard` of all 20 failed about one run
+/// in 2,000 (it was seen in CI); two of 20 is C(20,2) * (2.5e-5)^2 = 1.2e-7.
+/// A client that misjudges its NAT even 1 time in 20 still fails this case
+/// about one run in four, and one that always does, every time.
+const NOT_HARD_ALLOWED: usize = 1;
 
 /// Runs the both-random case in `lab`: every client must exit 4 in time.
 fn random_nats_fail(lab: &Lab, case: &str) {
@@ -756,12 +823,14 @@ fn random_nats_fail(lab: &Lab, case: &str) {
     let pairs = run_pairs(lab, FAIL_PAIRS, 2000, FAIL_TIMEOUT_SECS);
     let mut elapsed = Vec::new();
     let mut sent = Vec::new();
+    let mut not_hard = Vec::new();
     for (a, b) in &pairs {
         record(case, "A", a);
         record(case, "B", b);
-        failed_cleanly(a);
-        failed_cleanly(b);
         for e in [a, b] {
+            if !failed_cleanly(e) {
+                not_hard.push(format!("{}: {}", e.name, summary(&e.stderr_text())));
+            }
             elapsed.push(e.elapsed.as_millis() as u64);
             sent.push(
                 json_field(&e.stdout_text(), "datagrams_sent")
@@ -783,11 +852,20 @@ fn random_nats_fail(lab: &Lab, case: &str) {
         sent.last().copied().unwrap_or(0),
         summary(&a.stderr_text())
     );
+    for n in &not_hard {
+        eprintln!("natlab: {case}: not classified hard: {n}");
+    }
+    assert!(
+        not_hard.len() <= NOT_HARD_ALLOWED,
+        "{} clients did not name their NAT hard (at most {NOT_HARD_ALLOWED} may): {not_hard:#?}",
+        not_hard.len()
+    );
 }
 
 /// Case 2: both NATs pick a new port per destination (symmetric) and
 /// neither router maps ports: no path can exist, and every client says so
-/// with exit 4, naming both NATs hard, within its timeout.
+/// with exit 4 within its timeout, naming its NAT hard (all but
+/// [`NOT_HARD_ALLOWED`], which show why they could not tell).
 #[test]
 fn random_port_nats_fail_cleanly() {
     if skip_reason("random_port_nats_fail_cleanly", &[]).is_some() {

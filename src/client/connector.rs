@@ -277,11 +277,15 @@ impl Connector {
                 self.nat = Some(t);
             }
             self.report.classification = found;
+            let (sent_main, sent_second) = c.sent();
             log::info!(
-                "NAT: {} (public {:?} to the server, {:?} to its STUN port)",
+                "NAT: {} (public {:?} to the server, {:?} to its STUN port; {} and {} requests, {} ms into the connect)",
                 t,
                 found.public,
-                found.public_second
+                found.public_second,
+                sent_main,
+                sent_second,
+                now.saturating_duration_since(self.epoch).as_millis()
             );
         }
         self.report.nat = self.nat;

@@ -62,8 +62,14 @@ impl ConnectReport {
             (Some(a), Some(b)) => {
                 let _ = write!(s, " (public port {} to the server, {} to its STUN port", a.port(), b.port());
             }
+            // Classification runs only with a --stun-port, so a missing
+            // answer is loss (every request or answer dropped) or a server
+            // run without that port: say both, blame neither.
             (Some(a), None) => {
-                let _ = write!(s, " (public {a}; the server's STUN port did not answer: pass --stun-port, and run the server with it, to classify");
+                let _ = write!(s, " (public {a}; the server's STUN port answered none of our requests: all lost, or the server runs without --stun-port");
+            }
+            (None, Some(b)) => {
+                let _ = write!(s, " (public {b} to the server's STUN port; its main port answered none of our requests: all lost");
             }
             _ if !c.attempted => s.push_str(" (not classified: run the server with --stun-port and pass the same --stun-port here"),
             _ => s.push_str(" (the server answered no STUN request"),
@@ -193,5 +199,32 @@ mod tests {
         assert!(j.contains("\\\"x\\\""), "{j}");
         r.mapped = Some("198.18.11.2:5000".parse().unwrap());
         assert!(r.nat_words().ends_with("router mapping 198.18.11.2:5000"));
+    }
+
+    #[test]
+    fn unknown_says_which_port_stayed_silent() {
+        let public = "198.18.11.2:5000".parse().unwrap();
+        let mut r = ConnectReport {
+            nat: Some(NatType::Unknown),
+            classification: NatReport {
+                local: Some("0.0.0.0:40001".parse().unwrap()),
+                public: Some(public),
+                public_second: None,
+                attempted: true,
+            },
+            ..Default::default()
+        };
+        let w = r.nat_words();
+        assert!(w.starts_with("unknown (public 198.18.11.2:5000; the server's STUN port answered none of our requests: all lost, or the server runs without --stun-port, port not preserved)"), "{w}");
+        // Only the STUN port answered: not "the server answered no STUN request".
+        r.classification.public = None;
+        r.classification.public_second = Some(public);
+        let w = r.nat_words();
+        assert_eq!(w, "unknown (public 198.18.11.2:5000 to the server's STUN port; its main port answered none of our requests: all lost)");
+        r.classification.public_second = None;
+        assert_eq!(
+            r.nat_words(),
+            "unknown (the server answered no STUN request)"
+        );
     }
 }
