@@ -67,7 +67,7 @@ use crate::wire::v2;
 use crate::wire::{PeerId, Reply, Request, WireError};
 use pair::{Addr, Match, Millis, PairEntry, PairKey, Side, State, V6Matches, KIND_V2, KIND_V6};
 pub use source::{Level, SourceLimits};
-use source::{SourceCounts, Weight};
+use source::{Packed, SourceCounts, Weight};
 
 /// How the engine is sized and behaves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -384,9 +384,11 @@ impl Books {
                 self.counters.replay_full += 1;
             }
         } else {
-            if let State::Pending { addr, .. } = e.state(&self.v6) {
-                if let Some(s) = self.sources.as_mut() {
-                    s.remove(addr.ip());
+            if let Some(s) = self.sources.as_mut() {
+                match (e.counted_at(), e.state(&self.v6)) {
+                    (Some(at), _) => s.remove_packed(&at),
+                    (None, State::Pending { addr, .. }) => s.remove(addr.ip()),
+                    (None, State::Matched(_)) => {}
                 }
             }
             self.pending -= 1;
@@ -747,8 +749,12 @@ impl Engine {
         };
         let h = key.hash;
         if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
-            if let Some(addr) = self.pairs.get(i).waiter_other_than(key.side) {
-                s.prefetch(addr.ip());
+            let e = self.pairs.get(i);
+            if let Some(addr) = e.waiter_other_than(key.side) {
+                match e.counted_at() {
+                    Some(at) => s.prefetch_packed(&at),
+                    None => s.prefetch(addr.ip()),
+                }
             }
         }
     }
@@ -971,7 +977,7 @@ impl Engine {
                             return self.complete(
                                 i,
                                 key,
-                                (addr, wvia, winfo, waiter_expires),
+                                (addr, wvia, winfo, waiter_expires, e.counted_at()),
                                 (me, via, info),
                                 now,
                             );
@@ -1006,13 +1012,11 @@ impl Engine {
                             }
                             self.books.remembered -= 1;
                             self.books.pending += 1;
-                            if let Some(s) = self.books.sources.as_mut() {
-                                s.add(me.ip());
-                            }
+                            let counted = self.count_source(me.ip());
                             let expires = now.wrapping_add(self.ttl);
                             self.pairs
                                 .get_mut(i)
-                                .set_pending(key.side, me, via, info, expires);
+                                .set_pending(key.side, me, via, info, expires, counted);
                             self.books.counters.registered += 1;
                             return Outcome::Registered { evicted: None };
                         }
@@ -1029,6 +1033,17 @@ impl Engine {
             _ => self.books.counters.per_prefix_limit += 1,
         }
         Outcome::Dropped(DropReason::SourceLimit(level))
+    }
+
+    /// Counts a registration from `ip` (if per-source limits are on), and
+    /// says where its counters are, for its slot.
+    fn count_source(&mut self, ip: IpAddr) -> Packed {
+        let Some(s) = self.books.sources.as_mut() else {
+            return Packed::default();
+        };
+        let at = s.locate(ip);
+        s.add_located(&at);
+        at.packed().unwrap_or_default()
     }
 
     fn source_check(&self, ip: IpAddr) -> Result<(), Level> {
@@ -1051,16 +1066,20 @@ impl Engine {
     ) -> Outcome {
         // A refresh is never refused; a move to another source is counted
         // there even if that source is at its limit.
+        let mut counted = self.pairs.get(i).counted_at().unwrap_or_default();
         if old.ip() != me.ip() {
             if let Some(s) = self.books.sources.as_mut() {
-                s.remove(old.ip());
-                s.add(me.ip());
+                match old {
+                    Addr::V4(_) => s.remove_packed(&counted),
+                    Addr::V6(_) => s.remove(old.ip()),
+                }
             }
+            counted = self.count_source(me.ip());
         }
         let expires = now.wrapping_add(self.ttl);
         self.pairs
             .get_mut(i)
-            .set_pending(key.side, me, via, info, expires);
+            .set_pending(key.side, me, via, info, expires, counted);
         self.books.counters.refreshed += 1;
         Outcome::Refreshed
     }
@@ -1069,17 +1088,20 @@ impl Engine {
         &mut self,
         i: usize,
         key: &PairKey,
-        waiter: (Addr, u8, u8, Millis),
+        waiter: (Addr, u8, u8, Millis, Option<Packed>),
         me: (Addr, u8, u8),
         now: Millis,
     ) -> Outcome {
-        let (waddr, wvia, winfo, wexpires) = waiter;
+        let (waddr, wvia, winfo, wexpires, wcounted) = waiter;
         let (maddr, mvia, minfo) = me;
         let (p1, p2) = self.pick_ports();
         self.wait
             .record(now.wrapping_sub(wexpires.wrapping_sub(self.ttl)));
         if let Some(s) = self.books.sources.as_mut() {
-            s.remove(waddr.ip());
+            match wcounted {
+                Some(at) => s.remove_packed(&at),
+                None => s.remove(waddr.ip()),
+            }
         }
         // The waiter gets (P1, P2), the completer (P2, P1).
         let (lo, hi) = match key.side {
@@ -1169,7 +1191,8 @@ impl Engine {
             return self.refuse(level);
         }
         let expires = now.wrapping_add(self.ttl);
-        let entry = PairEntry::pending(key, me, via, info, expires);
+        let counted = located.and_then(|l| l.packed()).unwrap_or_default();
+        let entry = PairEntry::pending(key, me, via, info, expires, counted);
         let mut evicted = None;
         match at {
             At::Dead(i) => *self.pairs.get_mut(i) = entry,

@@ -14,12 +14,13 @@
 //! | 12..16 | expires | ms on the engine's clock |
 //! | 16 | meta | bits 0-1 state (1: lo side waits, 2: hi side waits, 3: matched), bit 2 IPv6, bit 3 format v2, bits 4-7 the waiter's client info |
 //! | 17 | via | the waiter's (pending) or the lo side's (matched) relay: 0 direct |
-//! | 18..36 | data | pending: the waiter's address (6 or 18 bytes); matched IPv4: lo address, hi address, lo's two ports, hi's relay, both infos; matched IPv6: an index into [`V6Matches`], lo's two ports, hi's relay, both infos |
+//! | 18..36 | data | pending: the waiter's address (6 or 18 bytes), and for IPv4 where its source counters are (10 bytes, [`Packed`]); matched IPv4: lo address, hi address, lo's two ports, hi's relay, both infos; matched IPv6: an index into [`V6Matches`], lo's two ports, hi's relay, both infos |
 //!
 //! "lo" and "hi" are the pair's two sides, the lower and the higher ID.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
+use super::source::Packed;
 use crate::table::Entry;
 
 /// Milliseconds on the engine's clock, truncated to 32 bits and compared
@@ -202,8 +203,17 @@ impl Entry for PairEntry {
 }
 
 impl PairEntry {
-    /// A pending entry: `key.side` waits at `addr` until `expires`.
-    pub fn pending(key: &PairKey, addr: Addr, via: u8, info: u8, expires: Millis) -> PairEntry {
+    /// A pending entry: `key.side` waits at `addr` until `expires`; an
+    /// IPv4 waiter's source counters are at `counted` (see
+    /// [`PairEntry::counted_at`]).
+    pub fn pending(
+        key: &PairKey,
+        addr: Addr,
+        via: u8,
+        info: u8,
+        expires: Millis,
+        counted: Packed,
+    ) -> PairEntry {
         let mut e = PairEntry {
             tag: key.tag.to_ne_bytes(),
             check: key.check.to_ne_bytes(),
@@ -212,8 +222,21 @@ impl PairEntry {
             via: 0,
             data: [0; 18],
         };
-        e.set_pending(key.side, addr, via, info, expires);
+        e.set_pending(key.side, addr, via, info, expires, counted);
         e
+    }
+
+    /// For a pending IPv4 entry, where its waiter's source counters are, as
+    /// given when it was made pending (meaningless when per-source limits
+    /// are off); `None` for a match or an IPv6 entry.
+    #[inline]
+    pub fn counted_at(&self) -> Option<Packed> {
+        if self.is_matched() || self.is_v6() {
+            return None;
+        }
+        let mut p = [0u8; 10];
+        p.copy_from_slice(&self.data[6..16]);
+        Some(p)
     }
 
     #[inline]
@@ -314,9 +337,18 @@ impl PairEntry {
         })
     }
 
-    /// Makes the slot pending: `side` waits at `addr` until `expires`. An
-    /// IPv6 match's stored addresses must be freed by the caller first.
-    pub fn set_pending(&mut self, side: Side, addr: Addr, via: u8, info: u8, expires: Millis) {
+    /// Makes the slot pending: `side` waits at `addr` until `expires`; an
+    /// IPv4 waiter's source counters are at `counted` (ignored for IPv6).
+    /// An IPv6 match's stored addresses must be freed by the caller first.
+    pub fn set_pending(
+        &mut self,
+        side: Side,
+        addr: Addr,
+        via: u8,
+        info: u8,
+        expires: Millis,
+        counted: Packed,
+    ) {
         let st = match side {
             Side::Lo => PENDING_LO,
             Side::Hi => PENDING_HI,
@@ -326,7 +358,10 @@ impl PairEntry {
         self.expires = expires.to_ne_bytes();
         self.data = [0; 18];
         match addr {
-            Addr::V4(b) => self.data[..6].copy_from_slice(&b),
+            Addr::V4(b) => {
+                self.data[..6].copy_from_slice(&b);
+                self.data[6..16].copy_from_slice(&counted);
+            }
             Addr::V6(b) => self.data.copy_from_slice(&b),
         }
     }
@@ -469,7 +504,7 @@ mod tests {
         let mut v6 = V6Matches::try_new(4).unwrap();
         for (kind, a) in [(0, "192.0.2.1:4000"), (KIND_V6, "[2001:db8::7]:65535")] {
             let addr = Addr::from_socket(a.parse().unwrap());
-            let e = PairEntry::pending(&key(kind), addr, 3, 9, 1234);
+            let e = PairEntry::pending(&key(kind), addr, 3, 9, 1234, [7; 10]);
             assert!(e.is_key(&key(kind)));
             assert!(!e.is_key(&key(kind ^ KIND_V2)));
             assert_eq!(e.expires(), 1234);
@@ -503,7 +538,7 @@ mod tests {
                 hi_info: 15,
                 lo_ports: (1024, 65535),
             };
-            let mut e = PairEntry::pending(&key(kind), m.lo, 0, 0, 5);
+            let mut e = PairEntry::pending(&key(kind), m.lo, 0, 0, 5, [0; 10]);
             let index = if kind == KIND_V6 {
                 v6.alloc().unwrap()
             } else {

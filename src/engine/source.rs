@@ -276,6 +276,40 @@ pub struct Located {
     spots: [Spot; 3],
 }
 
+/// Where an IPv4 address's counters are, packed into the 10 bytes a pending
+/// slot keeps them in (so that its match or expiry uncounts it without
+/// hashing again): per prefix (the address, its /24), the block as 4
+/// little-endian bytes and the two counters in one byte.
+pub type Packed = [u8; 10];
+
+impl Located {
+    /// The counters' places packed, for an IPv4 address; `None` for IPv6
+    /// (three prefixes do not fit the slot).
+    #[inline]
+    pub fn packed(&self) -> Option<Packed> {
+        if self.ip.is_ipv6() {
+            return None;
+        }
+        let mut p = [0u8; 10];
+        for (k, spot) in self.spots[..2].iter().enumerate() {
+            p[5 * k..5 * k + 4].copy_from_slice(&spot.block.to_le_bytes());
+            p[5 * k + 4] = spot.c1 << 4 | spot.c2;
+        }
+        Some(p)
+    }
+}
+
+/// The two spots of [`Located::packed`].
+#[inline]
+fn unpack(p: &Packed) -> [Spot; 2] {
+    let spot = |k: usize| Spot {
+        block: u32::from_le_bytes([p[5 * k], p[5 * k + 1], p[5 * k + 2], p[5 * k + 3]]),
+        c1: p[5 * k + 4] >> 4,
+        c2: p[5 * k + 4] & 0xf,
+    };
+    [spot(0), spot(1)]
+}
+
 /// The levels of [`prefixes`]`(ip)`, in its order.
 #[inline]
 fn levels(ip: IpAddr) -> &'static [Level] {
@@ -573,6 +607,29 @@ impl SourceCounts {
         for k in 0..levels(ip).len() {
             self.sketch_at_mut(k).remove_at(at.spots[k]);
         }
+    }
+
+    /// [`SourceCounts::remove`] of an IPv4 address by the places its
+    /// counters had when it was counted ([`Located::packed`]).
+    #[inline]
+    pub fn remove_packed(&mut self, p: &Packed) {
+        let [host, net] = unpack(p);
+        self.hosts.remove_at(host);
+        self.nets.remove_at(net);
+    }
+
+    /// [`SourceCounts::prefetch`] of an IPv4 address by its packed places.
+    #[inline]
+    pub fn prefetch_packed(&self, p: &Packed) {
+        let [host, net] = unpack(p);
+        self.hosts.prefetch_at(host);
+        self.nets.prefetch_at(net);
+    }
+
+    /// True when every counter is zero.
+    #[cfg(test)]
+    pub(super) fn is_zero(&self) -> bool {
+        self.hosts.is_zero() && self.nets.is_zero()
     }
 
     /// What `ip`'s source holds at its two levels.

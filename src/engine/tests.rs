@@ -453,6 +453,43 @@ fn a_source_prefix_can_be_given_its_own_limit() {
     assert_eq!((off.source_held(host), off.source_limit(host)), (0, None));
 }
 
+/// Every way a registration is counted and leaves, in both families: a
+/// match, a refresh from the same address and from another, a remembered
+/// pair registered afresh from elsewhere, expiry found by a lookup and
+/// expiry swept. Once all have left, every source counter is zero again (a
+/// pending IPv4 slot uncounts by the counters' places it keeps; a wrong
+/// place would leave one counter high and take one from another).
+#[test]
+fn source_counts_return_to_zero_whatever_way_registrations_leave() {
+    let mut c = cfg(64);
+    c.limits = SourceLimits::default();
+    c.ipv6 = true;
+    let mut e = Engine::new(&c).unwrap();
+    let (a2, c4) = (addr("192.0.2.7:1000"), addr("203.0.113.9:3000"));
+    let (v6a, v6b) = (addr("[2001:db8::1]:1000"), addr("[2001:db8:0:1::1]:1000"));
+    assert_eq!(e.handle(&req(1, 2), addr(A), 0), NEW);
+    assert_eq!(e.handle(&req(1, 2), addr(A), 1), Outcome::Refreshed);
+    assert_eq!(e.handle(&req(1, 2), a2, 2), Outcome::Refreshed);
+    assert!(e.handle(&req(2, 1), addr(B), 3).is_match());
+    // The same request from elsewhere: pending afresh, then matched.
+    assert_eq!(e.handle(&req(2, 1), c4, 4), NEW);
+    assert!(e.handle(&req(1, 2), addr(A), 5).is_match());
+    assert_eq!(e.handle(&req(5, 6), v6a, 5), NEW);
+    assert_eq!(e.handle(&req(5, 6), v6b, 6), Outcome::Refreshed);
+    assert!(e.handle(&req(6, 5), v6a, 7).is_match());
+    assert_eq!(e.handle(&req(7, 8), v6b, 7), NEW);
+    assert_eq!(e.handle(&req(9, 10), addr(A), 8), NEW);
+    // Expired, found by its own lookup, registered again.
+    assert_eq!(e.handle(&req(11, 12), a2, 8), NEW);
+    assert_eq!(e.handle(&req(11, 12), c4, 2000), NEW);
+    let sources = |e: &Engine| e.books.sources.as_ref().unwrap().is_zero();
+    assert!(!sources(&e));
+    let end = 10_000;
+    while e.expire(end) {}
+    assert_eq!((e.pending(), e.replay_entries()), (0, 0));
+    assert!(sources(&e), "a source counter stayed above zero");
+}
+
 /// Sustained load well below what the table holds: the sweep must reclaim
 /// expired matches about as fast as pairs come (a full pass per eighth of
 /// the capacity in registrations), so the table never fills. (At the slow
