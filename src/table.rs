@@ -484,9 +484,10 @@ impl<E: Entry> Table<E> {
     ) -> (usize, Result<usize, usize>) {
         let n = self.slots.len();
         let budget = budget.clamp(1, MAX_RUN_REMOVALS);
-        // The holes' offsets from `first`, ascending: `buf[head..tail]`
-        // (at most `budget` of them, in [`HOLES`] of room). Taken out of `self` for the walk (an empty boxed
-        // slice allocates nothing) and put back at the end.
+        // The holes' offsets from `first`, ascending: `buf[head..tail]` (at
+        // most `budget` of them, in [`HOLES`] of room). Taken out of `self`
+        // for the walk (an empty boxed slice allocates nothing) and put back
+        // at the end.
         let mut buf = std::mem::take(&mut self.holes);
         let (mut head, mut tail) = (0usize, 1usize);
         self.set_ctrl(first, EMPTY);

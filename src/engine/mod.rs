@@ -384,11 +384,9 @@ impl Books {
                 self.counters.replay_full += 1;
             }
         } else {
-            if let Some(s) = self.sources.as_mut() {
-                match (e.counted_at(), e.state(&self.v6)) {
-                    (Some(at), _) => s.remove_packed(&at),
-                    (None, State::Pending { addr, .. }) => s.remove(addr.ip()),
-                    (None, State::Matched(_)) => {}
+            if let State::Pending { addr, .. } = e.state(&self.v6) {
+                if let Some(s) = self.sources.as_mut() {
+                    s.remove_counted(addr.ip(), e.counted_at());
                 }
             }
             self.pending -= 1;
@@ -751,10 +749,7 @@ impl Engine {
         if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
             let e = self.pairs.get(i);
             if let Some(addr) = e.waiter_other_than(key.side) {
-                match e.counted_at() {
-                    Some(at) => s.prefetch_packed(&at),
-                    None => s.prefetch(addr.ip()),
-                }
+                s.prefetch_counted(addr.ip(), e.counted_at());
             }
         }
     }
@@ -1066,20 +1061,22 @@ impl Engine {
     ) -> Outcome {
         // A refresh is never refused; a move to another source is counted
         // there even if that source is at its limit.
-        let mut counted = self.pairs.get(i).counted_at().unwrap_or_default();
+        let mut counted = self.pairs.get(i).counted_at();
         if old.ip() != me.ip() {
             if let Some(s) = self.books.sources.as_mut() {
-                match old {
-                    Addr::V4(_) => s.remove_packed(&counted),
-                    Addr::V6(_) => s.remove(old.ip()),
-                }
+                s.remove_counted(old.ip(), counted);
             }
-            counted = self.count_source(me.ip());
+            counted = Some(self.count_source(me.ip()));
         }
         let expires = now.wrapping_add(self.ttl);
-        self.pairs
-            .get_mut(i)
-            .set_pending(key.side, me, via, info, expires, counted);
+        self.pairs.get_mut(i).set_pending(
+            key.side,
+            me,
+            via,
+            info,
+            expires,
+            counted.unwrap_or_default(),
+        );
         self.books.counters.refreshed += 1;
         Outcome::Refreshed
     }
@@ -1098,10 +1095,7 @@ impl Engine {
         self.wait
             .record(now.wrapping_sub(wexpires.wrapping_sub(self.ttl)));
         if let Some(s) = self.books.sources.as_mut() {
-            match wcounted {
-                Some(at) => s.remove_packed(&at),
-                None => s.remove(waddr.ip()),
-            }
+            s.remove_counted(waddr.ip(), wcounted);
         }
         // The waiter gets (P1, P2), the completer (P2, P1).
         let (lo, hi) = match key.side {

@@ -609,21 +609,33 @@ impl SourceCounts {
         }
     }
 
-    /// [`SourceCounts::remove`] of an IPv4 address by the places its
-    /// counters had when it was counted ([`Located::packed`]).
+    /// [`SourceCounts::remove`] of `ip`, by the places its counters had
+    /// when it was counted ([`Located::packed`]) if they were kept (an IPv4
+    /// address's, in its slot), else by hashing it again.
     #[inline]
-    pub fn remove_packed(&mut self, p: &Packed) {
-        let [host, net] = unpack(p);
-        self.hosts.remove_at(host);
-        self.nets.remove_at(net);
+    pub fn remove_counted(&mut self, ip: IpAddr, counted: Option<Packed>) {
+        match counted {
+            Some(p) => {
+                let [host, net] = unpack(&p);
+                self.hosts.remove_at(host);
+                self.nets.remove_at(net);
+            }
+            None => self.remove(ip),
+        }
     }
 
-    /// [`SourceCounts::prefetch`] of an IPv4 address by its packed places.
+    /// [`SourceCounts::prefetch`] of `ip`, by its counters' kept places if
+    /// there are any (see [`SourceCounts::remove_counted`]).
     #[inline]
-    pub fn prefetch_packed(&self, p: &Packed) {
-        let [host, net] = unpack(p);
-        self.hosts.prefetch_at(host);
-        self.nets.prefetch_at(net);
+    pub fn prefetch_counted(&self, ip: IpAddr, counted: Option<Packed>) {
+        match counted {
+            Some(p) => {
+                let [host, net] = unpack(&p);
+                self.hosts.prefetch_at(host);
+                self.nets.prefetch_at(net);
+            }
+            None => self.prefetch(ip),
+        }
     }
 
     /// True when every counter is zero.
