@@ -257,27 +257,138 @@ proptest! {
     }
 }
 
-/// The random runs do reach the interesting states: matches, identical
-/// replays, full tables, wrong sizes. A generator that silently stopped
-/// producing them would leave the properties above unexercised.
+/// Names one case of [`random_runs_exercise_matches_replays_and_full_tables`]
+/// to replay: the seed its failure printed.
+const SEED_VAR: &str = "PSYNC_PROPS_SEED";
+
+/// The cases of the random runs: a configuration, a start and a run of 100
+/// to 300 ops.
+fn random_case() -> impl Strategy<Value = (EngineConfig, u64, Vec<Op>)> {
+    (config(), start(), proptest::collection::vec(op(), 100..300))
+}
+
+/// The case that `seed` names, as a proptest value tree (so it can shrink).
+fn case_tree(
+    seed: u64,
+) -> impl proptest::strategy::ValueTree<Value = (EngineConfig, u64, Vec<Op>)> {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
+    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    random_case().new_tree(&mut runner).unwrap()
+}
+
+/// Runs one case; the oracle's panic message if it failed.
+fn failure(cfg: &EngineConfig, start: u64, ops: &[Op]) -> Option<String> {
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Checker::new(cfg, start).run(ops);
+    }));
+    let e = run.err()?;
+    Some(
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default(),
+    )
+}
+
+/// The smallest run that still fails like `seed`'s case (with the same
+/// message up to its first digit, so that shrinking does not wander to
+/// another failure): proptest's shrinking, then dropping ops one at a time
+/// below the strategy's minimum length.
+fn shrink(seed: u64) -> Option<(EngineConfig, u64, Vec<Op>, String)> {
+    use proptest::strategy::ValueTree;
+    let kind = |m: &str| {
+        m.split(|c: char| c.is_ascii_digit())
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut tree = case_tree(seed);
+    let (cfg, start, ops) = tree.current();
+    let first = failure(&cfg, start, &ops)?;
+    let same = |c: &(EngineConfig, u64, Vec<Op>)| {
+        failure(&c.0, c.1, &c.2).filter(|m| kind(m) == kind(&first))
+    };
+    let mut best = (tree.current(), first.clone());
+    if tree.simplify() {
+        loop {
+            let c = tree.current();
+            if let Some(m) = same(&c) {
+                best = (c, m);
+                if !tree.simplify() {
+                    break;
+                }
+            } else if !tree.complicate() {
+                break;
+            }
+        }
+    }
+    let ((cfg, start, mut ops), mut message) = best;
+    let mut i = 0;
+    while i < ops.len() {
+        let mut fewer = ops.clone();
+        fewer.remove(i);
+        match same(&(cfg.clone(), start, fewer.clone())) {
+            Some(m) => (ops, message) = (fewer, m),
+            None => i += 1,
+        }
+    }
+    Some((cfg, start, ops, message))
+}
+
+/// The random runs do reach the interesting states: matches, replays, full
+/// tables, wrong sizes. A generator that silently stopped producing them
+/// would leave the properties above unexercised.
+///
+/// Each of its 200 cases comes from its own seed (consecutive from a random
+/// base), which a failure prints; `PSYNC_PROPS_SEED=<seed>` runs that case
+/// alone, shrinks it to the fewest ops that still fail the same way and
+/// prints them.
 #[test]
 fn random_runs_exercise_matches_replays_and_full_tables() {
     use proptest::strategy::ValueTree;
-    use proptest::test_runner::{Config, TestRunner};
+    use std::hash::{BuildHasher, Hasher};
 
     assert!((0..SOURCES.len()).all(|i| source(i).is_ipv4() == (i < V4_SOURCES)));
-    let mut runner = TestRunner::new(Config::default());
+    if let Ok(seed) = std::env::var(SEED_VAR) {
+        let seed: u64 = seed
+            .parse()
+            .unwrap_or_else(|_| panic!("{SEED_VAR}={seed:?} is not a u64"));
+        // Quiet while shrinking: every try that fails panics.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let small = shrink(seed);
+        std::panic::set_hook(hook);
+        let Some((cfg, start, ops, message)) = small else {
+            eprintln!("{SEED_VAR}={seed}: the case passes");
+            return;
+        };
+        eprintln!("{SEED_VAR}={seed} fails with {message:?}; shrunk to");
+        eprintln!("cfg: {cfg:?}\nstart: {start}\n{} ops:", ops.len());
+        for op in &ops {
+            eprintln!("  {op:?}");
+        }
+        // The smallest case again, failing the test with the oracle's
+        // message.
+        Checker::new(&cfg, start).run(&ops);
+        unreachable!("the shrunk case passed the second time");
+    }
+    let base = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     let (mut matches, mut replays, mut full, mut bad) = (0, 0, 0, 0);
     let (mut evictions, mut limited, mut bogus, mut v2_matches) = (0, 0, 0, 0);
-    for _ in 0..200 {
-        let cfg = config().new_tree(&mut runner).unwrap().current();
-        let start = start().new_tree(&mut runner).unwrap().current();
-        let ops = proptest::collection::vec(op(), 100..300)
-            .new_tree(&mut runner)
-            .unwrap()
-            .current();
+    for i in 0..200 {
+        let seed = base.wrapping_add(i);
+        let (cfg, start, ops) = case_tree(seed).current();
         let mut checker = Checker::new(&cfg, start);
-        checker.run(&ops);
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checker.run(&ops)));
+        if let Err(e) = run {
+            eprintln!("failed case: {SEED_VAR}={seed} replays it alone and shrinks it");
+            std::panic::resume_unwind(e);
+        }
         matches += checker.matches;
         v2_matches += checker.v2_matches;
         replays += checker.replays_checked;
