@@ -26,7 +26,7 @@
 //! counters of handling the same datagrams one by one.
 
 use proptest::prelude::*;
-use psync::engine::{DropReason, Level, SourceLimits};
+use psync::engine::{DropReason, Evicted, Level, SourceLimits};
 use psync::wire::v2;
 use psync::{EngineConfig, Outcome};
 
@@ -528,5 +528,118 @@ fn a_full_table_admits_lighter_sources() {
     assert!(matches!(
         checker.handle(&request(2, 1), source(4)),
         Outcome::Matched { .. } | Outcome::Registered { .. }
+    ));
+}
+
+/// Regression (about one random run in 300 failed): a v2 registration's
+/// eviction names only its source, so when that source had several waiting
+/// the model keeps them all as maybe gone; a later eviction from the same
+/// source may take one of those rather than the one registration the model
+/// still counts as sure. Found by `PSYNC_PROPS_SEED=8306722168239749744`.
+#[test]
+fn an_eviction_may_take_a_registration_already_maybe_gone() {
+    let cfg = EngineConfig {
+        capacity: 3,
+        limits: SourceLimits::default(),
+        seed: Some(1),
+        ..EngineConfig::default()
+    };
+    let mut checker = Checker::new(&cfg, 0);
+    let v2 = |a: u64, b: u64| v2_request(v2::Pair::new(a, b), 0, v2::Candidates::EMPTY);
+    // 192.0.2.77:7 waits in three v2 pairs and fills the table.
+    let (heavy, light, other) = (source(2), source(3), source(4));
+    // (10 ms apart: the oldest of a source's registrations gives way first.)
+    for peer in [10, 11, 12] {
+        checker.step(&Op::Expire { dt: 10 });
+        assert_eq!(
+            checker.handle_v2(&v2(1, peer), heavy),
+            Outcome::Registered { evicted: None }
+        );
+    }
+    // A lighter source takes the oldest's slot; the outcome says only
+    // "a v2 registration from 192.0.2.77:7", so the model is unsure of all
+    // three.
+    assert!(matches!(
+        checker.handle(&request(2, 3), light),
+        Outcome::Registered {
+            evicted: Some(Evicted::Pending { request: None, .. })
+        }
+    ));
+    // That pair matches; the next v2 registration from the heavy source
+    // takes the remembered match's slot (the table is crowded).
+    assert!(matches!(
+        checker.handle(&request(3, 2), other),
+        Outcome::Matched { .. }
+    ));
+    checker.step(&Op::Expire { dt: 10 });
+    assert!(matches!(
+        checker.handle_v2(&v2(1, 13), heavy),
+        Outcome::Registered {
+            evicted: Some(Evicted::Replay { .. })
+        }
+    ));
+    // Full again: the lighter source takes the heavy source's oldest slot,
+    // one of the two left of the first three, not the newest (1, 13).
+    assert!(matches!(
+        checker.handle(&request(4, 5), light),
+        Outcome::Registered {
+            evicted: Some(Evicted::Pending { request: None, .. })
+        }
+    ));
+    // (1, 13) still waits, and matches.
+    assert!(matches!(
+        checker.handle_v2(&v2(13, 1), other),
+        Outcome::Matched { .. }
+    ));
+}
+
+/// Regression, the same for remembered matches: a v2 match's eviction names
+/// only its family, and a later one may take a match the model keeps as
+/// maybe gone rather than the one it is sure of, whose retransmit is then
+/// still replayed. Found by `PSYNC_PROPS_SEED=2406207883043360810`.
+#[test]
+fn a_replay_eviction_may_take_a_match_already_maybe_gone() {
+    let cfg = EngineConfig {
+        capacity: 4,
+        limits: SourceLimits::OFF,
+        seed: Some(1),
+        ..EngineConfig::default()
+    };
+    let mut checker = Checker::new(&cfg, 0);
+    let v2 = |a: u64, b: u64| v2_request(v2::Pair::new(a, b), 0, v2::Candidates::EMPTY);
+    let (a, b) = (source(0), source(3));
+    // Matches 10 ms apart, so that the oldest remembered one gives way first.
+    let pair = |checker: &mut Checker, id: u64| {
+        checker.step(&Op::Expire { dt: 10 });
+        assert!(matches!(
+            checker.handle_v2(&v2(id, id + 100), a),
+            Outcome::Registered { .. }
+        ));
+        assert!(matches!(
+            checker.handle_v2(&v2(id + 100, id), b),
+            Outcome::Matched { .. }
+        ));
+    };
+    for id in 1..=3 {
+        pair(&mut checker, id);
+    }
+    // Three quarters held, all remembered: a new registration takes the
+    // oldest match's slot, and the outcome says only "a v2 match", so the
+    // model is unsure of all three.
+    let crowded = Outcome::Registered {
+        evicted: Some(Evicted::Replay {
+            request: None,
+            ipv6: false,
+        }),
+    };
+    assert_eq!(checker.handle(&request(7, 8), a), crowded);
+    // A fourth v2 match (its registration takes the second's slot), then
+    // another registration takes the third's, not the fourth's.
+    pair(&mut checker, 4);
+    assert_eq!(checker.handle(&request(9, 8), a), crowded);
+    // The fourth is still remembered: its completer's retransmit is replayed.
+    assert!(matches!(
+        checker.handle_v2(&v2(104, 4), b),
+        Outcome::Replayed(_)
     ));
 }
