@@ -36,13 +36,15 @@ use std::time::{Duration, Instant};
 
 #[path = "common/cpu.rs"]
 mod cpu;
+#[path = "common/running.rs"]
+mod running;
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use psync::limit::RateLimit;
 use psync::sys::{self, RecvBatch, SendQueue};
 use psync::wire::{Reply, REQUEST_LEN};
-use psync::{Counters, PeerId, Request, Server, ServerConfig};
+use psync::{Counters, PeerId, Request, ServerConfig};
 
 /// Client sockets, each on its own 127.x.y.1 address.
 const SOCKETS: usize = 64;
@@ -224,21 +226,14 @@ fn run_psync(client: &mut Client, secs: Duration) -> Run {
         rate_limit: RateLimit::OFF,
         ..ServerConfig::default()
     };
-    let mut server = Server::bind(&cfg).expect("server binds");
-    let addr = server.local_addrs()[0];
-    let handle = server.shutdown_handle();
-    let thread = std::thread::Builder::new()
-        .name(SERVER_THREAD.into())
-        .spawn(move || server.run())
-        .unwrap();
+    let server = running::Running::start(&cfg, SERVER_THREAD);
     std::thread::sleep(Duration::from_millis(100));
     let cpu0 = cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD)).unwrap_or_default();
     let t = Instant::now();
-    let pairs = client.run(addr, secs);
+    let pairs = client.run(server.addr, secs);
     let took = t.elapsed();
     let cpu = cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD)).unwrap_or_default() - cpu0;
-    handle.shutdown();
-    let c = thread.join().unwrap().expect("server ran");
+    let c = server.stop();
     Run {
         rate: pairs as f64 / took.as_secs_f64(),
         us_per_pair: cpu.as_secs_f64() * 1e6 / pairs.max(1) as f64,

@@ -26,15 +26,17 @@
 
 #[path = "common/cpu.rs"]
 mod cpu;
+#[path = "common/running.rs"]
+mod running;
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use psync::limit::RateLimit;
-use psync::{Counters, PeerId, Request, Server, ServerConfig, ShutdownHandle};
+use psync::{PeerId, Request, ServerConfig};
+use running::Running;
 
 /// Client sockets, each its own source address (port) to the server.
 const SOCKETS: usize = 4;
@@ -54,12 +56,6 @@ fn server_cpu() -> Option<Duration> {
     cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD))
 }
 
-struct Running {
-    addr: SocketAddr,
-    handle: ShutdownHandle,
-    thread: JoinHandle<io::Result<Counters>>,
-}
-
 fn start(batch: usize) -> Running {
     let mut cfg = ServerConfig {
         bind: vec!["127.0.0.1:0".parse().unwrap()],
@@ -75,18 +71,7 @@ fn start(batch: usize) -> Running {
     cfg.engine.replay_ttl_ms = 1_000;
     cfg.engine.limits = psync::engine::SourceLimits::OFF;
     cfg.engine.seed = Some(5);
-    let mut server = Server::bind(&cfg).expect("server binds");
-    let addr = server.local_addrs()[0];
-    let handle = server.shutdown_handle();
-    let thread = std::thread::Builder::new()
-        .name(SERVER_THREAD.into())
-        .spawn(move || server.run())
-        .expect("spawn server thread");
-    Running {
-        addr,
-        handle,
-        thread,
-    }
+    Running::start(&cfg, SERVER_THREAD)
 }
 
 fn request(self_id: u32, peer_id: u32) -> [u8; 8] {
@@ -185,12 +170,7 @@ fn server(c: &mut Criterion) {
             b.iter_custom(|pairs| client.run(pairs))
         });
         let cpu = server_cpu();
-        server.handle.shutdown();
-        let counters = server
-            .thread
-            .join()
-            .expect("server thread")
-            .expect("server run");
+        let counters = server.stop();
         println!(
             "server/pairs/batch_{batch}: {} received, {} matched, {} sent, {} send_dropped, \
              {} replay_full; client lost {} pairs",

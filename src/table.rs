@@ -393,7 +393,7 @@ impl<E: Entry> Table<E> {
         let budget = max_slots.min(n);
         let mut moves = budget;
         'walk: while moves > 0 && removed < max_removed && self.len > 0 {
-            let first_dead = if cursor % GROUP == 0 && moves >= GROUP && cursor + GROUP <= n {
+            let first_dead = if moves >= GROUP && cursor + GROUP <= n {
                 // A whole group at once. The walk is sequential but reads only
                 // occupied slots, sparse ones at that: fetch a few groups
                 // ahead, or every occupied slot is a cache miss it waits for.

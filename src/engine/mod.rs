@@ -666,10 +666,11 @@ impl Engine {
     ///
     /// The same outcomes as calling [`Engine::handle`] on each in turn. The
     /// batch is handled in three passes, so that its cache misses overlap
-    /// instead of queueing: the first fetches each request's slot and its
-    /// source's counts, the second looks at each slot (now in cache) and
-    /// fetches the counts of a waiting partner the request will match, the
-    /// third handles the requests in order. The first two only read.
+    /// instead of queueing: the first fetches each request's slot, the
+    /// second looks at each slot (now in cache) and fetches the source
+    /// counts the request will touch (a waiting partner's it will match, or
+    /// its own if it will register), the third handles the requests in
+    /// order. The first two only read.
     pub fn handle_batch<'d>(
         &mut self,
         n: usize,
@@ -691,9 +692,10 @@ impl Engine {
     /// The pipeline of [`Engine::handle_batch`] and
     /// [`Engine::handle_batch_v2`] over `n` requests, in chunks of at most
     /// [`SCRATCH`]: request i is classified (`classify(self, i)`, `None` to
-    /// skip it) and its slot and counts fetched; request i - (AHEAD - PEEK),
-    /// whose slot has arrived by then, is looked at to fetch its waiting
-    /// partner's counts; request i - AHEAD is handled (`handle`). So about
+    /// skip it) and its slot fetched; request i - (AHEAD - PEEK), whose slot
+    /// has arrived by then, is looked at to fetch the counts it will touch
+    /// ([`Engine::prefetch_counts`]); request i - AHEAD is handled
+    /// (`handle`). So about
     /// AHEAD requests' misses are in flight at once: enough to hide memory
     /// latency, few enough for the CPU's miss queues (fetching a whole batch
     /// ahead made the prefetches themselves stall).
@@ -715,16 +717,13 @@ impl Engine {
                 if i < m {
                     let c = &mut scratch[i];
                     *c = classify(self, base + i);
-                    if let Some((Ok(key), src)) = c {
+                    if let Some((Ok(key), _)) = c {
                         self.pairs.prefetch(key.hash);
-                        if let Some(s) = self.books.sources.as_ref() {
-                            s.prefetch(src.ip());
-                        }
                     }
                 }
                 if let Some(j) = (i + PEEK).checked_sub(AHEAD).filter(|&j| j < m) {
-                    if let Some((Ok(key), _)) = &scratch[j] {
-                        self.prefetch_partner(key);
+                    if let Some((Ok(key), src)) = &scratch[j] {
+                        self.prefetch_counts(key, src.ip());
                     }
                 }
                 if let Some(j) = i.checked_sub(AHEAD).filter(|&j| j < m) {
@@ -738,19 +737,26 @@ impl Engine {
         self.scratch = scratch;
     }
 
-    /// If `key`'s slot holds a waiting partner, fetches that partner's
-    /// source counts.
+    /// Fetches the source counts a request for `key` from `ip` will touch:
+    /// a waiting partner's, which its match uncounts, if `key`'s slot holds
+    /// one; else, when no entry holds the key, the request's own, which its
+    /// registration checks and adds to. None when the slot holds the
+    /// request's own side (a refresh, a replay): those touch no counts from
+    /// the same source. Looking first spares a match the hashing and the two
+    /// lines of counts it never uses.
     #[inline]
-    fn prefetch_partner(&self, key: &PairKey) {
+    fn prefetch_counts(&self, key: &PairKey, ip: IpAddr) {
         let Some(s) = self.books.sources.as_ref() else {
             return;
         };
-        let h = key.hash;
-        if let Ok(i) = self.pairs.find(h, |e| e.is_key(key)) {
-            let e = self.pairs.get(i);
-            if let Some(addr) = e.waiter_other_than(key.side) {
-                s.prefetch_counted(addr.ip(), e.counted_at());
+        match self.pairs.find(key.hash, |e| e.is_key(key)) {
+            Ok(i) => {
+                let e = self.pairs.get(i);
+                if let Some(addr) = e.waiter_other_than(key.side) {
+                    s.prefetch_counted(addr.ip(), e.counted_at());
+                }
             }
+            Err(_) => s.prefetch(ip),
         }
     }
 

@@ -100,12 +100,17 @@ pub fn prefixes(ip: IpAddr) -> ([Prefix; 3], usize) {
 /// `::ffff:a.b.c.d` and the deprecated v4-compatible `::a.b.c.d`), which a
 /// real IPv6 socket never receives from the wire and which would hand the
 /// partner an address of the wrong family.
+#[inline]
 pub fn is_bogus(addr: SocketAddr) -> bool {
     if addr.port() == 0 {
         return true;
     }
     match addr.ip() {
-        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
+        IpAddr::V4(v4) => {
+            // Unspecified, broadcast, multicast (224.0.0.0/4), as integers.
+            let a = u32::from(v4);
+            a == 0 || a == u32::MAX || a >> 28 == 0xe
+        }
         IpAddr::V6(v6) => {
             let s = v6.segments();
             let v4_shaped =
@@ -828,6 +833,15 @@ mod tests {
         }
         for good in ["127.0.0.1:1", "192.0.2.1:1", "[::1]:1", "[2001:db8::1]:1"] {
             assert!(!is_bogus(good.parse().unwrap()), "{good}");
+        }
+        // The IPv4 test, on integers, agrees with the standard library's
+        // predicates at every first octet and at the edges of each.
+        for first in 0..=255u8 {
+            for rest in [[0, 0, 0], [0, 0, 1], [255, 255, 254], [255, 255, 255]] {
+                let v4 = std::net::Ipv4Addr::new(first, rest[0], rest[1], rest[2]);
+                let std = v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast();
+                assert_eq!(is_bogus(SocketAddr::new(v4.into(), 1)), std, "{v4}");
+            }
         }
     }
 

@@ -287,11 +287,12 @@ impl Gate {
         }
     }
 
-    /// Whether [`Gate::admit`] reads `now.unix_secs` for `datagram`: only
-    /// for a v2 request (tokens and cookies), so that the loop reads the
-    /// wall clock only for batches that hold one.
+    /// Whether [`Gate::admit`] takes `datagram` through the v2 steps (2 and
+    /// 3), by its length: the only ones that read `now.unix_secs` (tokens
+    /// and cookies), so that the loop reads the wall clock only for batches
+    /// that hold one.
     #[inline]
-    pub fn reads_wall_clock(datagram: &[u8]) -> bool {
+    pub fn takes_v2_steps(datagram: &[u8]) -> bool {
         datagram.len() == v2::REQUEST_LEN
     }
 
@@ -311,7 +312,7 @@ impl Gate {
         now: Clock,
         io: &mut IoCounters,
     ) -> Verdict {
-        if datagram.len() != v2::REQUEST_LEN {
+        if !Self::takes_v2_steps(datagram) {
             if !within_rate {
                 io.rate_limited += 1;
                 return Verdict::Drop;

@@ -567,7 +567,7 @@ impl Worker {
                     continue;
                 }
                 let clock = Clock {
-                    unix_secs: if Gate::reads_wall_clock(d.data) {
+                    unix_secs: if Gate::takes_v2_steps(d.data) {
                         *wall.get_or_insert_with(Clock::unix_now)
                     } else {
                         0

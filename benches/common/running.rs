@@ -1,0 +1,43 @@
+//! A psync server run inside the bench's process, on a thread of its own
+//! name, so that `cpu.rs` can charge it the CPU time it uses.
+
+use std::io;
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+
+use psync::{Counters, Server, ServerConfig, ShutdownHandle};
+
+/// A server running on its own thread.
+pub struct Running {
+    /// Where it listens (its first bound address).
+    pub addr: SocketAddr,
+    handle: ShutdownHandle,
+    thread: JoinHandle<io::Result<Counters>>,
+}
+
+impl Running {
+    /// Binds a server for `cfg` and runs it on a thread named `name`.
+    pub fn start(cfg: &ServerConfig, name: &str) -> Running {
+        let mut server = Server::bind(cfg).expect("server binds");
+        let addr = server.local_addrs()[0];
+        let handle = server.shutdown_handle();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || server.run())
+            .expect("spawn server thread");
+        Running {
+            addr,
+            handle,
+            thread,
+        }
+    }
+
+    /// Stops the server and returns its final counters.
+    pub fn stop(self) -> Counters {
+        self.handle.shutdown();
+        self.thread
+            .join()
+            .expect("server thread")
+            .expect("server ran")
+    }
+}
