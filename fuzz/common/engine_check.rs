@@ -815,6 +815,13 @@ impl Checker {
     }
 
     /// A live pair gave its slot: the model must know it, and forgets it.
+    ///
+    /// A v2 pair's eviction does not say which pair (the engine keeps a hash
+    /// of its IDs, not the IDs): when several live v2 pairs fit, the model
+    /// keeps them all as maybe gone (`uncertain_*`) until a request for each
+    /// tells. The candidates of a later eviction include those maybe gone:
+    /// the engine may take one that the model still keeps as maybe there, and
+    /// leave the one registration the model was sure of.
     fn evicted(&mut self, e: Evicted) {
         self.evictions += 1;
         match e {
@@ -831,41 +838,47 @@ impl Checker {
                                 panic!("evicted {req:?} from {from}, which was not waiting")
                             });
                         assert_eq!((p.lo, p.addr), (lo, from), "evicted the wrong registration");
-                        key
+                        Some(key)
                     }
-                    // A v2 pair does not say which (its IDs are not kept):
-                    // some live v2 registration from `from` was waiting.
+                    // Some live v2 registration from `from` was waiting.
                     None => {
-                        let fits: Vec<PairKey> = self
-                            .pending
-                            .iter()
-                            .filter(|(k, p)| {
-                                matches!(k, PairKey::V2(..))
-                                    && p.addr == from
-                                    && self.live(p.since, self.cfg.ttl_ms)
-                            })
-                            .map(|(k, _)| *k)
-                            .collect();
-                        assert!(
-                            !fits.is_empty() || !self.uncertain_pending.is_empty(),
-                            "evicted a v2 registration from {from}, none was waiting"
-                        );
-                        if fits.len() != 1 {
-                            for k in fits {
-                                let p = self.pending.remove(&k).expect("listed");
-                                self.uncertain_pending.insert(k, p);
+                        let fits = |m: &HashMap<PairKey, Pending>| -> Vec<PairKey> {
+                            m.iter()
+                                .filter(|(k, p)| {
+                                    matches!(k, PairKey::V2(..))
+                                        && p.addr == from
+                                        && self.live(p.since, self.cfg.ttl_ms)
+                                })
+                                .map(|(k, _)| *k)
+                                .collect()
+                        };
+                        let (sure, maybe) = (fits(&self.pending), fits(&self.uncertain_pending));
+                        match (&sure[..], &maybe[..]) {
+                            ([], []) => {
+                                panic!("evicted a v2 registration from {from}, none was waiting")
                             }
-                            self.tally.evicted += 1;
-                            return;
+                            ([key], []) => Some(*key),
+                            ([], [key]) => {
+                                self.uncertain_pending.remove(key);
+                                None
+                            }
+                            _ => {
+                                for k in sure {
+                                    let p = self.pending.remove(&k).expect("listed");
+                                    self.uncertain_pending.insert(k, p);
+                                }
+                                None
+                            }
                         }
-                        fits[0]
                     }
                 };
                 assert!(
                     self.engine.source_estimate(from.ip()).is_some(),
                     "fair eviction without per-source counts"
                 );
-                self.pending.remove(&key);
+                if let Some(key) = key {
+                    self.pending.remove(&key);
+                }
                 self.tally.evicted += 1;
             }
             Evicted::Replay { request, ipv6 } => {
@@ -885,30 +898,33 @@ impl Checker {
                         );
                         key
                     }
-                    // A v2 pair does not say which: some live v2 match of
-                    // that family was remembered.
+                    // Some live v2 match of that family was remembered.
                     None => {
-                        let fits: Vec<PairKey> = self
-                            .replay
-                            .iter()
-                            .filter(|(k, r)| {
-                                matches!(k, PairKey::V2(v6, ..) if *v6 == ipv6)
-                                    && self.live(r.at, self.cfg.replay_ttl_ms)
-                            })
-                            .map(|(k, _)| *k)
-                            .collect();
-                        assert!(
-                            !fits.is_empty() || !self.uncertain_replay.is_empty(),
-                            "evicted a v2 replay, none was remembered"
-                        );
-                        if fits.len() != 1 {
-                            for k in fits {
-                                let r = self.replay.remove(&k).expect("listed");
-                                self.uncertain_replay.insert(k, r);
+                        let fits = |m: &HashMap<PairKey, Remembered>| -> Vec<PairKey> {
+                            m.iter()
+                                .filter(|(k, r)| {
+                                    matches!(k, PairKey::V2(v6, ..) if *v6 == ipv6)
+                                        && self.live(r.at, self.cfg.replay_ttl_ms)
+                                })
+                                .map(|(k, _)| *k)
+                                .collect()
+                        };
+                        let (sure, maybe) = (fits(&self.replay), fits(&self.uncertain_replay));
+                        match (&sure[..], &maybe[..]) {
+                            ([], []) => panic!("evicted a v2 replay, none was remembered"),
+                            ([key], []) => *key,
+                            ([], [key]) => {
+                                self.uncertain_replay.remove(key);
+                                return;
                             }
-                            return;
+                            _ => {
+                                for k in sure {
+                                    let r = self.replay.remove(&k).expect("listed");
+                                    self.uncertain_replay.insert(k, r);
+                                }
+                                return;
+                            }
                         }
-                        fits[0]
                     }
                 };
                 self.replay.remove(&key);
