@@ -14,7 +14,8 @@
 //! time can be read from `/proc/self/task/*/stat`), one at a time, both in
 //! each round, psync first in odd rounds and the reflector first in even
 //! ones (so that neither always gets the second turn, whatever the machine
-//! does between the two); one client thread on the other core drives each with a
+//! does between the two), each bound to the first CPU the process may use;
+//! one client thread bound to the second drives each with a
 //! closed loop of [`WINDOW`] pairs in flight, batched through the same
 //! `psync::sys` calls, from [`SOCKETS`] sockets on distinct 127.x.y.1
 //! addresses (distinct /24s, so psync's default per-source pending limits
@@ -23,9 +24,10 @@
 //! datagrams/s per source would throttle a loopback flood from 64 sources.
 //!
 //! Run with `cargo bench --bench reflector` (rounds and seconds per round:
-//! `PSYNC_REFLECT_ROUNDS`, default 6; `PSYNC_REFLECT_SECS`, default 3).
-//! Prints each round (with which server ran first) and the median ratio of psync's CPU per pair to the
-//! reflector's.
+//! `PSYNC_REFLECT_ROUNDS`, default 6; `PSYNC_REFLECT_SECS`, default 3;
+//! `PSYNC_REFLECT_PIN=0` leaves the threads unbound). Prints each round
+//! (with which server ran first) and the median ratio of psync's CPU per
+//! pair to the reflector's.
 
 use std::io;
 use std::net::SocketAddr;
@@ -58,13 +60,16 @@ const STALL: Duration = Duration::from_millis(300);
 const SERVER_THREAD: &str = "psync-srv";
 const REFLECTOR_THREAD: &str = "reflector";
 /// The stateless reflector: every 8-byte request gets a 20-byte reply.
-fn reflector(stop: Arc<AtomicBool>) -> (SocketAddr, JoinHandle<u64>) {
+fn reflector(stop: Arc<AtomicBool>, cpu: Option<usize>) -> (SocketAddr, JoinHandle<u64>) {
     let (std_socket, _) =
         sys::bind_udp("127.0.0.1:0".parse().unwrap(), 4 << 20, 4 << 20).expect("bind");
     let addr = std_socket.local_addr().unwrap();
     let thread = std::thread::Builder::new()
         .name(REFLECTOR_THREAD.into())
         .spawn(move || {
+            if let Some(cpu) = cpu {
+                sys::pin_current_thread(cpu).expect("pin the reflector thread");
+            }
             let mut socket = UdpSocket::from_std(std_socket);
             let mut poll = Poll::new().unwrap();
             poll.registry()
@@ -201,11 +206,16 @@ impl Client {
     }
 }
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// A number from the environment, `default` when unset; a value that is not
+/// a number in `range` stops the bench with a message.
+fn env(name: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
+    let Ok(v) = std::env::var(name) else {
+        return default;
+    };
+    match v.parse() {
+        Ok(n) if range.contains(&n) => n,
+        _ => panic!("{name}={v}: expected a number in {range:?}"),
+    }
 }
 
 /// One server's run of a round.
@@ -219,14 +229,14 @@ struct Run {
 }
 
 /// psync, default flags but the rate limit, for `secs` under `client`.
-fn run_psync(client: &mut Client, secs: Duration) -> Run {
+fn run_psync(client: &mut Client, secs: Duration, cpu: Option<usize>) -> Run {
     let cfg = ServerConfig {
         bind: vec!["127.0.0.1:0".parse().unwrap()],
         stats_interval: None,
         rate_limit: RateLimit::OFF,
         ..ServerConfig::default()
     };
-    let server = running::Running::start(&cfg, SERVER_THREAD);
+    let server = running::Running::start(&cfg, SERVER_THREAD, cpu);
     std::thread::sleep(Duration::from_millis(100));
     let cpu0 = cpu::thread_cpu(|n| cpu::is_server(n, SERVER_THREAD)).unwrap_or_default();
     let t = Instant::now();
@@ -242,9 +252,9 @@ fn run_psync(client: &mut Client, secs: Duration) -> Run {
 }
 
 /// The reflector for `secs` under `client`.
-fn run_reflector(client: &mut Client, secs: Duration) -> Run {
+fn run_reflector(client: &mut Client, secs: Duration, cpu: Option<usize>) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
-    let (addr, thread) = reflector(stop.clone());
+    let (addr, thread) = reflector(stop.clone(), cpu);
     std::thread::sleep(Duration::from_millis(100));
     let cpu0 = cpu::thread_cpu(|n| n == REFLECTOR_THREAD).unwrap_or_default();
     let t = Instant::now();
@@ -265,15 +275,30 @@ fn main() {
     // then only a smoke round.
     let bench = std::env::args().any(|a| a == "--bench");
     let rounds = if bench {
-        env("PSYNC_REFLECT_ROUNDS", 6)
+        env("PSYNC_REFLECT_ROUNDS", 6, 1..=1000)
     } else {
         1
     };
     let secs = Duration::from_secs(if bench {
-        env("PSYNC_REFLECT_SECS", 3)
+        env("PSYNC_REFLECT_SECS", 3, 1..=600)
     } else {
         1
     });
+    // The server under test on one CPU, the client on another, each bound
+    // there (`PSYNC_REFLECT_PIN=0`: neither), so that neither migrates and
+    // pays cold caches for it, as the measurement had them.
+    let cpus = cpu::allowed_cpus();
+    let server_cpu = if env("PSYNC_REFLECT_PIN", 1, 0..=1) == 1 && cpus.len() >= 2 {
+        sys::pin_current_thread(cpus[1]).expect("pin the client thread");
+        println!(
+            "servers bound to CPU {}, the client to CPU {}",
+            cpus[0], cpus[1]
+        );
+        Some(cpus[0])
+    } else {
+        println!("threads not bound to CPUs");
+        None
+    };
     let mut client = Client::new();
     let mut ratios = Vec::new();
     for round in 1..=rounds {
@@ -282,11 +307,11 @@ fn main() {
         // neighbours) falls on each side equally often.
         let psync_first = round % 2 == 1;
         let (p, r) = if psync_first {
-            let p = run_psync(&mut client, secs);
-            (p, run_reflector(&mut client, secs))
+            let p = run_psync(&mut client, secs, server_cpu);
+            (p, run_reflector(&mut client, secs, server_cpu))
         } else {
-            let r = run_reflector(&mut client, secs);
-            (run_psync(&mut client, secs), r)
+            let r = run_reflector(&mut client, secs, server_cpu);
+            (run_psync(&mut client, secs, server_cpu), r)
         };
         let ratio = p.us_per_pair / r.us_per_pair;
         ratios.push(ratio);
@@ -307,7 +332,8 @@ fn main() {
         );
     }
     ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
+    let n = ratios.len();
+    let median = (ratios[(n - 1) / 2] + ratios[n / 2]) / 2.0;
     println!(
         "psync / reflector CPU per pair: median {median:.3}, min {:.3}, max {:.3} over {} rounds",
         ratios[0],

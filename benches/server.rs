@@ -71,7 +71,7 @@ fn start(batch: usize) -> Running {
     cfg.engine.replay_ttl_ms = 1_000;
     cfg.engine.limits = psync::engine::SourceLimits::OFF;
     cfg.engine.seed = Some(5);
-    Running::start(&cfg, SERVER_THREAD)
+    Running::start(&cfg, SERVER_THREAD, None)
 }
 
 fn request(self_id: u32, peer_id: u32) -> [u8; 8] {

@@ -16,14 +16,20 @@ pub struct Running {
 }
 
 impl Running {
-    /// Binds a server for `cfg` and runs it on a thread named `name`.
-    pub fn start(cfg: &ServerConfig, name: &str) -> Running {
+    /// Binds a server for `cfg` and runs it on a thread named `name`,
+    /// bound to CPU `cpu` if one is given (with the workers it starts).
+    pub fn start(cfg: &ServerConfig, name: &str, cpu: Option<usize>) -> Running {
         let mut server = Server::bind(cfg).expect("server binds");
         let addr = server.local_addrs()[0];
         let handle = server.shutdown_handle();
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || server.run())
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    psync::sys::pin_current_thread(cpu).expect("pin the server thread");
+                }
+                server.run()
+            })
             .expect("spawn server thread");
         Running {
             addr,
