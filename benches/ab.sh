@@ -9,7 +9,13 @@
 #
 # Alternating rounds put both builds under the same machine load; compare
 # the ratios, not the absolute rates. Cases are matched by position, so a
-# case renamed between the commits still lines up.
+# case renamed between the commits still lines up. Prints, per case, the
+# median rate of each build and the median (with the range) of the
+# per-round ratios B/A.
+#
+# AB_CPU=N binds both binaries to CPU N (`taskset`), so neither migrates
+# between cores mid-run; AB_SECONDS sets Criterion's measurement time per
+# case (default 2).
 set -euo pipefail
 
 base=${1:?usage: benches/ab.sh BASE [BENCH] [FILTER] [ROUNDS]}
@@ -38,7 +44,8 @@ cp "$(build "$root")" "$work/B"
 
 for r in $(seq "$rounds"); do
     for v in A B; do
-        "$work/$v" --bench --warm-up-time 1 --measurement-time 2 --noplot $filter 2>/dev/null |
+        ${AB_CPU:+taskset -c "$AB_CPU"} "$work/$v" --bench --warm-up-time 1 \
+            --measurement-time "${AB_SECONDS:-2}" --noplot $filter 2>/dev/null |
             python3 -c '
 import re, sys
 name = None
@@ -56,7 +63,7 @@ print(" ".join(out))' | sed "s/^/$v r$r: /"
     done
 done | tee "$work/rounds"
 
-echo "median M elements/s (A = $base, B = working tree) and B/A:"
+echo "median M elements/s (A = $base, B = working tree), and the per-round ratios B/A:"
 python3 - "$work/rounds" <<'EOF'
 import statistics, sys
 runs = {"A": [], "B": []}
@@ -64,8 +71,16 @@ for line in open(sys.argv[1]):
     v, _, rest = line.partition(" ")
     runs[v].append([kv.split("=") for kv in rest.split(":", 1)[1].split()])
 for i, case in enumerate(runs["B"][0]):
-    a = statistics.median(float(r[i][1]) for r in runs["A"] if i < len(r))
-    b = statistics.median(float(r[i][1]) for r in runs["B"] if i < len(r))
-    names = runs["A"][0][i][0] if i < len(runs["A"][0]) else "?"
-    print(f"  {case[0]:40} A {a:7.3f}  B {b:7.3f}  B/A {b / a:5.2f}   (A: {names})")
+    a = [float(r[i][1]) for r in runs["A"] if i < len(r)]
+    b = [float(r[i][1]) for r in runs["B"] if i < len(r)]
+    if not a:
+        print(f"  {case[0]:40} B {statistics.median(b):7.3f}  (no such case in A)")
+        continue
+    ratios = [y / x for x, y in zip(a, b)]
+    names = runs["A"][0][i][0]
+    print(
+        f"  {case[0]:40} A {statistics.median(a):7.3f}  B {statistics.median(b):7.3f}  "
+        f"B/A median {statistics.median(ratios):5.2f} ({min(ratios):.2f} to {max(ratios):.2f}, "
+        f"{len(ratios)} rounds)   (A: {names})"
+    )
 EOF
