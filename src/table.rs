@@ -489,6 +489,10 @@ impl<E: Entry> Table<E> {
         // for the walk (an empty boxed slice allocates nothing) and put back
         // at the end.
         let mut buf = std::mem::take(&mut self.holes);
+        // The first hole is `first` itself. The list is reused from call to
+        // call, and a long run's compaction of it (below) left other offsets
+        // at its start: set it, never assume it.
+        buf[0] = 0;
         let (mut head, mut tail) = (0usize, 1usize);
         self.set_ctrl(first, EMPTY);
         self.len -= 1;
@@ -716,6 +720,55 @@ mod tests {
         assert_eq!(t.len(), 500);
         for k in 0..1000u64 {
             assert_eq!(get(&t, k), (k % 2 == 0).then_some(k as u32));
+        }
+    }
+
+    /// A run long enough that its compaction fills the list of holes and
+    /// moves it back to its start, then a second run: it must begin from its
+    /// own first hole, not from what the first run left in the list.
+    #[test]
+    fn a_long_compaction_leaves_the_next_one_whole() {
+        let mut t = table(2048);
+        let home = |t: &Table<E>, k: u64| t.home(t.hash(k));
+        let h0 = home(&t, 0);
+        // 700 keys sharing one home: one run, each survivor moves back.
+        let keys: Vec<u64> = (0..).filter(|&k| home(&t, k) == h0).take(700).collect();
+        for (v, &k) in keys.iter().enumerate() {
+            assert!(put(&mut t, k, v as u32));
+        }
+        for dead in [0u32, 350] {
+            let removed = t.sweep(t.slots(), usize::MAX, |e| e.value == dead).removed;
+            assert_eq!(removed, 1);
+        }
+        assert_eq!(t.len(), 698);
+        for (v, &k) in keys.iter().enumerate() {
+            let want = (v != 0 && v != 350).then_some(v as u32);
+            assert_eq!(get(&t, k), want, "key {k} (value {v})");
+        }
+        assert_eq!(t.iter().count(), 698);
+    }
+
+    /// The sweep at steps of a group or more (its group path, from cursors
+    /// at any offset) reaches every entry it should remove.
+    #[test]
+    fn sweeps_of_any_step_reach_every_dead_entry() {
+        for step in [8, 9, 13, 33, 100] {
+            let mut t = table(1000);
+            for k in 0..1000 {
+                put(&mut t, k, k as u32);
+            }
+            let mut passed = 0;
+            let mut removed = 0;
+            // One pass over the table, no more: a slot skipped stays full.
+            while passed < t.slots() {
+                let s = t.sweep(step, usize::MAX, |e| e.value % 3 == 0);
+                removed += s.removed;
+                passed += s.passed.max(1);
+            }
+            assert_eq!(removed, 334, "step {step}");
+            for k in 0..1000u64 {
+                assert_eq!(get(&t, k), (k % 3 != 0).then_some(k as u32), "step {step}");
+            }
         }
     }
 
