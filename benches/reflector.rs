@@ -286,18 +286,26 @@ fn main() {
     });
     // The server under test on one CPU, the client on another, each bound
     // there (`PSYNC_REFLECT_PIN=0`: neither), so that neither migrates and
-    // pays cold caches for it, as the measurement had them.
+    // pays cold caches for it, as the measurement had them. With
+    // one CPU, or where binding is not allowed, both run unbound.
     let cpus = cpu::allowed_cpus();
-    let server_cpu = if env("PSYNC_REFLECT_PIN", 1, 0..=1) == 1 && cpus.len() >= 2 {
-        sys::pin_current_thread(cpus[1]).expect("pin the client thread");
-        println!(
-            "servers bound to CPU {}, the client to CPU {}",
-            cpus[0], cpus[1]
-        );
-        Some(cpus[0])
-    } else {
-        println!("threads not bound to CPUs");
-        None
+    let bind = env("PSYNC_REFLECT_PIN", 1, 0..=1) == 1 && cpus.len() >= 2;
+    let server_cpu = match bind.then(|| sys::pin_current_thread(cpus[1])) {
+        Some(Ok(())) => {
+            println!(
+                "servers bound to CPU {}, the client to CPU {}",
+                cpus[0], cpus[1]
+            );
+            Some(cpus[0])
+        }
+        Some(Err(e)) => {
+            println!("threads not bound to CPUs: {e}");
+            None
+        }
+        None => {
+            println!("threads not bound to CPUs");
+            None
+        }
     };
     let mut client = Client::new();
     let mut ratios = Vec::new();

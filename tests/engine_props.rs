@@ -531,7 +531,7 @@ fn a_full_table_admits_lighter_sources() {
     ));
 }
 
-/// Regression (about one random run in 300 failed): a v2 registration's
+/// Regression (about one run of the test (200 random cases) in 200 to 400 failed): a v2 registration's
 /// eviction names only its source, so when that source had several waiting
 /// the model keeps them all as maybe gone; a later eviction from the same
 /// source may take one of those rather than the one registration the model

@@ -737,13 +737,16 @@ impl Engine {
         self.scratch = scratch;
     }
 
-    /// Fetches the source counts a request for `key` from `ip` will touch:
-    /// a waiting partner's, which its match uncounts, if `key`'s slot holds
-    /// one; else, when no entry holds the key, the request's own, which its
-    /// registration checks and adds to. None when the slot holds the
-    /// request's own side (a refresh, a replay): those touch no counts from
-    /// the same source. Looking first spares a match the hashing and the two
-    /// lines of counts it never uses.
+    /// Fetches the source counts a request for `key` from `ip` will most
+    /// likely touch: a waiting partner's, which its match uncounts, if
+    /// `key`'s slot holds one; else, when no entry holds the key, the
+    /// request's own, which its registration checks and adds to. Nothing
+    /// when the slot holds the request's own side: a refresh or a replay
+    /// from the same address touches no counts. The rarer cases that do
+    /// count the request's own source (an expired entry registered afresh in
+    /// its slot, a refresh or a remembered pair asked for from another
+    /// address) go unfetched: a hint, never a condition. Looking first
+    /// spares a match the hashing and the lines of counts it never uses.
     #[inline]
     fn prefetch_counts(&self, key: &PairKey, ip: IpAddr) {
         let Some(s) = self.books.sources.as_ref() else {
@@ -1356,7 +1359,7 @@ impl Engine {
         // twice the span), never a division.
         let span = self.port_span;
         let draw = self.rng.next_u64();
-        let below = |x: u64, n: u32| ((x & 0xffff_ffff) * u64::from(n) >> 32) as u32;
+        let below = |x: u64, n: u32| (((x & 0xffff_ffff) * u64::from(n)) >> 32) as u32;
         let a = below(draw, span);
         let mut b = a + 1 + below(draw >> 32, span - 1);
         if b >= span {

@@ -480,14 +480,19 @@ pub fn thread_cpu_time() -> std::time::Duration {
 pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: `set` is a plain bitmask owned here; CPU_ZERO and CPU_SET
-        // write inside it (CPU_SET ignores indexes beyond its size, and the
-        // check below refuses those first), and sched_setaffinity only
-        // reads `size_of_val(&set)` bytes of it. Pid 0 is the calling thread.
+        // SAFETY: `set` is a plain bitmask owned here (all zeroes is a valid
+        // value); CPU_ZERO and CPU_SET write inside it (the check below
+        // refuses an index beyond its size first), and sched_setaffinity
+        // only reads `size_of_val(&set)` bytes of it. Pid 0 is the calling
+        // thread.
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
-            if cpu >= 8 * std::mem::size_of_val(&set) {
-                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            let bits = 8 * std::mem::size_of_val(&set);
+            if cpu >= bits {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("CPU {cpu} is beyond the {bits} a cpu_set_t holds"),
+                ));
             }
             libc::CPU_ZERO(&mut set);
             libc::CPU_SET(cpu, &mut set);
