@@ -842,4 +842,92 @@ mod tests {
             }
         }
     }
+
+    /// Keys of a table of [`CLUSTER_CAP`] whose homes are three neighbouring
+    /// slots: filled, they make one run of up to its capacity.
+    const CLUSTER_CAP: usize = 2048;
+    fn clustered_keys() -> &'static [u64] {
+        static KEYS: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+        KEYS.get_or_init(|| {
+            let t = table(CLUSTER_CAP);
+            let h0 = t.home(t.hash(0));
+            (0..)
+                .filter(|&k| t.dist(h0, t.home(t.hash(k))) < 3)
+                .take(CLUSTER_CAP)
+                .collect()
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum BigOp {
+        Put(u16, u32),
+        Del(u16),
+        Sweep(u16, u16, u8),
+    }
+
+    fn big_op() -> impl Strategy<Value = BigOp> {
+        prop_oneof![
+            16 => (any::<u16>(), any::<u32>()).prop_map(|(k, v)| BigOp::Put(k, v)),
+            2 => any::<u16>().prop_map(BigOp::Del),
+            1 => (any::<u16>(), any::<u16>(), any::<u8>()).prop_map(|(n, r, m)| BigOp::Sweep(n, r, m)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The table against a HashMap in runs of hundreds to thousands of
+        /// slots, where a sweep's compaction fills and reuses its list of
+        /// holes (the tiny tables above never make a run that long).
+        #[test]
+        fn behaves_like_a_hashmap_in_long_runs(
+            fill in 600usize..CLUSTER_CAP,
+            salt in any::<u32>(),
+            ops in proptest::collection::vec(big_op(), 1..2000),
+        ) {
+            let keys = clustered_keys();
+            let mut t = table(CLUSTER_CAP);
+            let mut model: HashMap<u64, u32> = HashMap::new();
+            // One run of `fill` entries to start from.
+            for (i, &k) in keys[..fill].iter().enumerate() {
+                let v = (i as u32).wrapping_mul(0x9e37_79b9) ^ salt;
+                prop_assert!(put(&mut t, k, v));
+                model.insert(k, v);
+            }
+            for op in ops {
+                match op {
+                    BigOp::Put(i, v) => {
+                        let k = keys[usize::from(i) % keys.len()];
+                        let ok = put(&mut t, k, v);
+                        prop_assert_eq!(ok, model.contains_key(&k) || model.len() < CLUSTER_CAP);
+                        if ok {
+                            model.insert(k, v);
+                        }
+                    }
+                    BigOp::Del(i) => {
+                        let k = keys[usize::from(i) % keys.len()];
+                        prop_assert_eq!(del(&mut t, k), model.remove(&k));
+                    }
+                    BigOp::Sweep(n, r, m) => {
+                        // A few dead in each run (1 in 16), so that runs
+                        // stay long and most of a compaction is moves.
+                        let m = u32::from(m % 16);
+                        let mut gone = Vec::new();
+                        t.sweep(usize::from(n), usize::from(r) + 1, |e| {
+                            let dead = e.value % 16 == m;
+                            if dead {
+                                gone.push(e.key);
+                            }
+                            dead
+                        });
+                        for k in gone {
+                            prop_assert!(model.remove(&k).is_some(), "swept {} twice", k);
+                        }
+                        prop_assert_eq!(t.len(), model.len());
+                        let live: HashMap<u64, u32> = t.iter().map(|e| (e.key, e.value)).collect();
+                        prop_assert_eq!(&live, &model);
+                    }
+                }
+            }
+        }
+    }
 }
