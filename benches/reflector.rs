@@ -288,7 +288,7 @@ fn main() {
     // there (`PSYNC_REFLECT_PIN=0`: neither), so that neither migrates and
     // pays cold caches for it, as the measurement had them. With
     // one CPU, or where binding is not allowed, both run unbound.
-    let cpus = cpu::allowed_cpus();
+    let cpus = sys::allowed_cpus().unwrap_or_default();
     let bind = env("PSYNC_REFLECT_PIN", 1, 0..=1) == 1 && cpus.len() >= 2;
     let server_cpu = match bind.then(|| sys::pin_current_thread(cpus[1])) {
         Some(Ok(())) => {

@@ -37,28 +37,3 @@ pub fn thread_cpu(pick: impl Fn(&str) -> bool) -> Option<Duration> {
     // USER_HZ is 100 on every Linux configuration that matters here.
     found.then(|| Duration::from_millis(ticks * 10))
 }
-
-/// The CPUs this process may run on, ascending (`Cpus_allowed_list` in
-/// `/proc/self/status`, e.g. `0-1` or `0,2-3`); empty where there is none.
-#[allow(dead_code)] // not every bench that includes this file pins threads
-pub fn allowed_cpus() -> Vec<usize> {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return Vec::new();
-    };
-    let Some(list) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-    else {
-        return Vec::new();
-    };
-    let mut cpus = Vec::new();
-    for part in list.trim().split(',') {
-        let mut ends = part.split('-').map(|x| x.parse::<usize>());
-        match (ends.next(), ends.next()) {
-            (Some(Ok(a)), None) => cpus.push(a),
-            (Some(Ok(a)), Some(Ok(b))) if a <= b => cpus.extend(a..=b),
-            _ => return Vec::new(),
-        }
-    }
-    cpus
-}

@@ -509,6 +509,38 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     }
 }
 
+/// The CPUs the calling thread may run on, ascending (`Cpus_allowed_list`
+/// in `/proc/thread-self/status`, e.g. `0-1` or `0,2-3`): what
+/// [`pin_current_thread`] may be given. An error where there is no such
+/// file (off Linux) or it cannot be read.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/thread-self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .and_then(parse_cpu_list)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no readable Cpus_allowed_list in /proc/thread-self/status",
+            )
+        })
+}
+
+/// A kernel CPU list (`0-3,8,10-11`), ascending; `None` if malformed.
+fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let mut ends = part.split('-').map(|x| x.parse::<usize>().ok());
+        match (ends.next(), ends.next(), ends.next()) {
+            (Some(Some(a)), None, None) => cpus.push(a),
+            (Some(Some(a)), Some(Some(b)), None) if a <= b => cpus.extend(a..=b),
+            _ => return None,
+        }
+    }
+    Some(cpus)
+}
+
 /// Asks the kernel to back `len` bytes at `p` with transparent huge pages
 /// where it can (`madvise(MADV_HUGEPAGE)`), before they are first touched.
 /// For the engine's big tables, which are probed at random: with 4 KiB pages
@@ -548,40 +580,35 @@ mod tests {
         mio::net::UdpSocket::from_std(s)
     }
 
-    /// The kernel's list of CPUs the calling thread may run on.
-    #[cfg(target_os = "linux")]
-    fn allowed_cpus() -> String {
-        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-        let line = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .expect("Cpus_allowed_list in status");
-        line.trim().to_string()
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_writes_them() {
+        assert_eq!(parse_cpu_list("0-1\n"), Some(vec![0, 1]));
+        assert_eq!(parse_cpu_list("0,2-3,8"), Some(vec![0, 2, 3, 8]));
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        for bad in ["", "0-1-2", "3-1", "a", "0,,1", "1-"] {
+            assert_eq!(parse_cpu_list(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
     #[cfg(target_os = "linux")]
     fn pins_only_the_calling_thread() {
-        let before = allowed_cpus();
-        let pinned = std::thread::spawn(|| {
+        let allowed = || allowed_cpus().unwrap();
+        let before = allowed();
+        let pinned = std::thread::spawn(move || {
             let r = pin_current_thread(usize::MAX);
             assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidInput);
             // A CPU this process may use: the first one allowed.
-            let first: usize = allowed_cpus()
-                .split(&[',', '-'][..])
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
+            let first = allowed()[0];
             pin_current_thread(first).unwrap();
-            let inherited = std::thread::spawn(allowed_cpus).join().unwrap();
-            (first, allowed_cpus(), inherited)
+            let inherited = std::thread::spawn(allowed).join().unwrap();
+            (first, allowed(), inherited)
         })
         .join()
         .unwrap();
-        assert_eq!(pinned.1, pinned.0.to_string());
+        assert_eq!(pinned.1, vec![pinned.0]);
         assert_eq!(pinned.2, pinned.1, "a thread started later inherits it");
-        assert_eq!(allowed_cpus(), before, "other threads keep theirs");
+        assert_eq!(allowed(), before, "other threads keep theirs");
     }
 
     #[test]
