@@ -30,7 +30,8 @@
 //! - `empty_no_limits`: the per-source limits off (no counts kept), to show
 //!   what their bookkeeping costs.
 //!
-//! Run with `cargo bench --bench engine`. `PSYNC_ENGINE_WINDOWS=N` stops
+//! Run with `cargo bench --bench engine`. `PSYNC_ENGINE_WINDOWS=N` (N >= 1;
+//! anything else stops the bench with a message) stops
 //! each case's stream after N windows (later iterations do nothing), so that
 //! a count of instructions covers the same requests in every build
 //! (`benches/instructions.sh`); never set it for a timing.
@@ -127,10 +128,15 @@ impl Driver {
             requests_per_ms: REQUESTS_PER_MS,
             next_expiry: 0,
             out: [0; MAX_REPLY_LEN],
-            windows_left: std::env::var("PSYNC_ENGINE_WINDOWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(u64::MAX),
+            windows_left: match std::env::var("PSYNC_ENGINE_WINDOWS") {
+                Err(_) => u64::MAX,
+                Ok(v) => match v.parse() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        panic!("PSYNC_ENGINE_WINDOWS={v}: expected a number of windows, 1 or more")
+                    }
+                },
+            },
         }
     }
 
