@@ -10,12 +10,15 @@ pub fn is_server(name: &str, control: &str) -> bool {
     name == control || name.starts_with("psync-worker-")
 }
 
-/// CPU time (user + system) of this process's threads whose names `pick`
-/// accepts, summed; `None` where there is no procfs or no such thread.
-/// (Pick by name, not by prefix alone: the main thread is named after the
-/// bench binary.)
+/// CPU time of this process's threads whose names `pick` accepts, summed;
+/// `None` where there is no procfs or no such thread. (Pick by name, not by
+/// prefix alone: the main thread is named after the bench binary.)
+///
+/// Read from each thread's `schedstat` (the scheduler's own sum of the time
+/// it ran, in nanoseconds), or, where a kernel has none, from `stat`'s user
+/// and system times, which count 10-ms ticks.
 pub fn thread_cpu(pick: impl Fn(&str) -> bool) -> Option<Duration> {
-    let mut ticks = 0;
+    let mut total = Duration::ZERO;
     let mut found = false;
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let dir = task.ok()?.path();
@@ -25,15 +28,27 @@ pub fn thread_cpu(pick: impl Fn(&str) -> bool) -> Option<Duration> {
         if !pick(comm.trim_end()) {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
-            continue;
+        let ran = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .map(Duration::from_nanos);
+        let ran = match ran {
+            Some(d) => d,
+            None => {
+                let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+                    continue;
+                };
+                // Fields after the parenthesised name: state is field 3,
+                // utime 14, stime 15.
+                let rest = &stat[stat.rfind(')')? + 2..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+                // USER_HZ is 100 on every Linux configuration that matters here.
+                Duration::from_millis(ticks * 10)
+            }
         };
-        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        ticks += f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        total += ran;
         found = true;
     }
-    // USER_HZ is 100 on every Linux configuration that matters here.
-    found.then(|| Duration::from_millis(ticks * 10))
+    found.then_some(total)
 }
