@@ -22,7 +22,8 @@
 //! P P R ...), so that what the machine does meanwhile (other tenants,
 //! frequency) falls on both alike; on this shared VM single turns still
 //! differ by 20% either way, but 64 rounds of 250-ms turns give a whole-run
-//! ratio that repeats within about 1%. psync keeps its state from turn to
+//! ratio that repeats within a few percent (1.066 to 1.108 in seven runs of
+//! one build, docs/performance.md). psync keeps its state from turn to
 //! turn, as a server does, and the whole-run figure charges each server
 //! all the CPU its threads used from the first turn to the last (psync's
 //! expiry sweeps between its turns included). psync runs with

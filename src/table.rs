@@ -213,6 +213,12 @@ impl<E: Entry> Table<E> {
         ((u128::from(hash) * self.slots.len() as u128) >> 64) as usize
     }
 
+    /// The home slot of `hash`, for tests that build runs of one home.
+    #[cfg(test)]
+    pub(crate) fn home_of(&self, hash: u64) -> usize {
+        self.home(hash)
+    }
+
     #[inline]
     fn wrap(&self, i: usize) -> usize {
         if i >= self.slots.len() {
