@@ -1006,23 +1006,7 @@ impl Engine {
                                     },
                                 });
                             }
-                            // The same request from elsewhere: the pair starts
-                            // afresh from this address, if its source may.
-                            if let Err(level) = self.source_check(me.ip()) {
-                                return self.refuse(level);
-                            }
-                            if let Some(i) = e.v6_index() {
-                                self.books.v6.free(i);
-                            }
-                            self.books.remembered -= 1;
-                            self.books.pending += 1;
-                            let counted = self.count_source(me.ip());
-                            let expires = now.wrapping_add(self.ttl);
-                            self.pairs
-                                .get_mut(i)
-                                .set_pending(key.side, me, via, info, expires, counted);
-                            self.books.counters.registered += 1;
-                            return Outcome::Registered { evicted: None };
+                            return self.restart(i, key, me, via, info, now);
                         }
                     }
                 }
@@ -1031,6 +1015,38 @@ impl Engine {
         self.register(key, me, via, info, now, (h, at))
     }
 
+    /// The same request as a remembered match's from another address: the
+    /// pair starts afresh from this address, if its source may. Rare, and
+    /// kept out of [`Engine::process`]'s body.
+    #[cold]
+    #[inline(never)]
+    fn restart(
+        &mut self,
+        i: usize,
+        key: &PairKey,
+        me: Addr,
+        via: u8,
+        info: u8,
+        now: Millis,
+    ) -> Outcome {
+        if let Err(level) = self.source_check(me.ip()) {
+            return self.refuse(level);
+        }
+        if let Some(v6) = self.pairs.get(i).v6_index() {
+            self.books.v6.free(v6);
+        }
+        self.books.remembered -= 1;
+        self.books.pending += 1;
+        let counted = self.count_source(me.ip());
+        let expires = now.wrapping_add(self.ttl);
+        self.pairs
+            .get_mut(i)
+            .set_pending(key.side, me, via, info, expires, counted);
+        self.books.counters.registered += 1;
+        Outcome::Registered { evicted: None }
+    }
+
+    #[cold]
     fn refuse(&mut self, level: Level) -> Outcome {
         match level {
             Level::V4Host | Level::V6Net64 => self.books.counters.per_ip_limit += 1,
