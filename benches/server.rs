@@ -19,7 +19,7 @@
 //! with the server's, and pairs/s shows the client's limit as much as the
 //! server's. So the bench also prints the server's own CPU time per pair:
 //! the thread it runs on and its worker threads, which run the packet loop
-//! (from `/proc/self/task/*/stat`, 10 ms resolution over seconds of run).
+//! (from `/proc/self/task/*/schedstat`, in nanoseconds; see `common/cpu.rs`).
 //! That is what batching changes.
 //!
 //! Run with `cargo bench --bench server`.
