@@ -329,6 +329,51 @@ impl PairEntry {
         (waiter != side).then(|| self.addr_at(0))
     }
 
+    /// The side that waits, or `None` for a match.
+    #[inline]
+    pub fn waiting(&self) -> Option<Side> {
+        match self.meta & STATE {
+            PENDING_LO => Some(Side::Lo),
+            PENDING_HI => Some(Side::Hi),
+            _ => None,
+        }
+    }
+
+    /// An IPv4 slot's address at byte `at` of its data (0: the waiter's, or
+    /// a match's lo side; 6: a match's hi side), as [`Addr::V4`] holds it.
+    #[inline]
+    pub fn v4_addr(&self, at: usize) -> [u8; 6] {
+        let mut b = [0u8; 6];
+        b.copy_from_slice(&self.data[at..at + 6]);
+        b
+    }
+
+    /// For an IPv4 match: `side`'s address, relay and `(src_port,
+    /// dst_port)`, and its partner's address.
+    #[inline]
+    pub fn v4_matched(&self, side: Side) -> ([u8; 6], u8, (u16, u16), [u8; 6]) {
+        let d = &self.data;
+        let lo_ports = (
+            u16::from_ne_bytes([d[12], d[13]]),
+            u16::from_ne_bytes([d[14], d[15]]),
+        );
+        match side {
+            Side::Lo => (self.v4_addr(0), self.via, lo_ports, self.v4_addr(6)),
+            Side::Hi => (
+                self.v4_addr(6),
+                d[16],
+                (lo_ports.1, lo_ports.0),
+                self.v4_addr(0),
+            ),
+        }
+    }
+
+    /// The relay of the waiter (pending) or of the lo side (matched).
+    #[inline]
+    pub fn via(&self) -> u8 {
+        self.via
+    }
+
     /// For an IPv6 match: the index of its addresses in [`V6Matches`].
     pub fn v6_index(&self) -> Option<u32> {
         (self.is_matched() && self.is_v6()).then(|| {
@@ -364,6 +409,30 @@ impl PairEntry {
             }
             Addr::V6(b) => self.data.copy_from_slice(&b),
         }
+    }
+
+    /// Makes an IPv4 slot a match, remembered until `expires`: the lo and
+    /// hi sides' addresses and relays, and the lo side's ports; both infos
+    /// 0 (the seed format has none). [`PairEntry::set_matched`] for the lean
+    /// path.
+    #[inline]
+    pub fn set_matched_v4(
+        &mut self,
+        lo: ([u8; 6], u8),
+        hi: ([u8; 6], u8),
+        lo_ports: (u16, u16),
+        expires: Millis,
+    ) {
+        self.meta = (self.meta & KIND) | MATCHED;
+        self.via = lo.1;
+        self.expires = expires.to_ne_bytes();
+        let d = &mut self.data;
+        d[..6].copy_from_slice(&lo.0);
+        d[6..12].copy_from_slice(&hi.0);
+        d[12..14].copy_from_slice(&lo_ports.0.to_ne_bytes());
+        d[14..16].copy_from_slice(&lo_ports.1.to_ne_bytes());
+        d[16] = hi.1;
+        d[17] = 0;
     }
 
     /// Makes the slot a match, remembered until `expires`. For IPv6 the

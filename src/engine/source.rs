@@ -295,13 +295,19 @@ impl Located {
         if self.ip.is_ipv6() {
             return None;
         }
-        let mut p = [0u8; 10];
-        for (k, spot) in self.spots[..2].iter().enumerate() {
-            p[5 * k..5 * k + 4].copy_from_slice(&spot.block.to_le_bytes());
-            p[5 * k + 4] = spot.c1 << 4 | spot.c2;
-        }
-        Some(p)
+        Some(pack([self.spots[0], self.spots[1]]))
     }
+}
+
+/// An IPv4 address's two spots, packed (see [`Packed`]).
+#[inline]
+fn pack(spots: [Spot; 2]) -> Packed {
+    let mut p = [0u8; 10];
+    for (k, spot) in spots.iter().enumerate() {
+        p[5 * k..5 * k + 4].copy_from_slice(&spot.block.to_le_bytes());
+        p[5 * k + 4] = spot.c1 << 4 | spot.c2;
+    }
+    p
 }
 
 /// The two spots of [`Located::packed`].
@@ -606,6 +612,45 @@ impl SourceCounts {
         }
     }
 
+    /// The lean path's registration check and count for an IPv4 address
+    /// `a`: `Some(Ok(places))` when it was within its limits and is now
+    /// counted (the places packed for its slot), `Some(Err(level))` when a
+    /// prefix of its is at its limit (nothing counted), `None` when some
+    /// prefix has a limit of its own (the general path decides). The same
+    /// as [`SourceCounts::locate`], [`SourceCounts::check_located`] and
+    /// [`SourceCounts::add_located`] for `a`, on the address as an integer.
+    #[inline(always)]
+    pub fn admit_v4(&mut self, a: u32) -> Option<Result<Packed, Level>> {
+        if !self.overrides.is_empty() {
+            return None;
+        }
+        let a = u64::from(a);
+        let host = self.hosts.spot(Prefix {
+            bits: a,
+            level: Level::V4Host,
+        });
+        let net = self.nets.spot(Prefix {
+            bits: a >> 8,
+            level: Level::V4Net24,
+        });
+        let within = |sketch: &Sketch, at: Spot, level: Level| {
+            let limit = self.level_limits[level as usize];
+            if limit > 0 && sketch.held_at(at) >= limit {
+                Err(level)
+            } else {
+                Ok(())
+            }
+        };
+        if let Err(level) = within(&self.hosts, host, Level::V4Host)
+            .and_then(|()| within(&self.nets, net, Level::V4Net24))
+        {
+            return Some(Err(level));
+        }
+        self.hosts.add_at(host);
+        self.nets.add_at(net);
+        Some(Ok(pack([host, net])))
+    }
+
     /// Uncounts a registration from `ip` that left the table.
     pub fn remove(&mut self, ip: IpAddr) {
         let at = self.locate(ip);
@@ -620,13 +665,17 @@ impl SourceCounts {
     #[inline]
     pub fn remove_counted(&mut self, ip: IpAddr, counted: Option<Packed>) {
         match counted {
-            Some(p) => {
-                let [host, net] = unpack(&p);
-                self.hosts.remove_at(host);
-                self.nets.remove_at(net);
-            }
+            Some(p) => self.remove_packed(&p),
             None => self.remove(ip),
         }
+    }
+
+    /// Uncounts an IPv4 registration by its counters' kept places.
+    #[inline]
+    pub fn remove_packed(&mut self, p: &Packed) {
+        let [host, net] = unpack(p);
+        self.hosts.remove_at(host);
+        self.nets.remove_at(net);
     }
 
     /// [`SourceCounts::prefetch`] of `ip`, by its counters' kept places if
