@@ -55,6 +55,7 @@ impl Engine {
         k: usize,
         done: &mut impl FnMut(usize, &Outcome),
     ) {
+        debug_assert_eq!(key.kind, 0, "the lean path takes IPv4 seed keys only");
         let me = v4_bytes(src);
         let i = match self.pairs.find(key.hash, |e| e.is_key(key)) {
             Ok(i) => i,
@@ -121,9 +122,11 @@ impl Engine {
         }
     }
 
-    // The rare cases, each out of line with its own call to `done`, so that
-    // the hot path holds no call site for an outcome it did not build (one
-    // cost the common cases 12 instructions a request).
+    // The other cases, each out of line with its own call to `done`, so
+    // that the hot path holds no call site for an outcome it did not build
+    // (one cost the common cases 12 instructions a request). All are rare
+    // but a crowded table's registrations, which make room first and cost
+    // far more than a call.
 
     /// An expired entry for `key` at `i`: forgotten, and the request from
     /// `me` registered afresh in its slot ([`Engine::process`]'s way).
