@@ -267,8 +267,8 @@ proptest! {
     /// requests among four IDs from every source (registrations, refreshes
     /// from the same and another address, matches, replays, restarts from
     /// another address, expired entries, full tables, refusals at each
-    /// limit), some relayed by a cluster member, garbage, clock steps and
-    /// expiry turns.
+    /// limit, and prefixes with limits of their own), some relayed by a
+    /// cluster member, garbage, clock steps and expiry turns.
     #[test]
     fn lean_path_agrees_with_general(
         cfg in config(),
@@ -283,6 +283,11 @@ proptest! {
                 0..SOURCES.len(),
                 prop_oneof![6 => Just(0u8), 1 => 1u8..=2],
                 dt(),
+                prop_oneof![
+                    20 => Just(None),
+                    1 => (0usize..2, prop_oneof![Just(None), (0u32..=2).prop_map(Some)])
+                        .prop_map(Some),
+                ],
             ),
             1..400,
         ),
@@ -291,8 +296,16 @@ proptest! {
         let mut general = psync::Engine::new(&cfg).unwrap();
         general.general_path_only();
         let mut now = start;
-        for (datagram, src, via, dt) in &steps {
+        for (datagram, src, via, dt, own_limit) in &steps {
             now += dt;
+            // Now and then a prefix of the source gets a limit of its own
+            // (or back its level's), as a server's workers do: the lean
+            // path then leaves registrations to the general one.
+            if let Some((level, limit)) = own_limit {
+                let (ps, n) = psync::engine::source::prefixes(source(*src).ip());
+                let p = ps[(*level).min(n - 1)];
+                prop_assert_eq!(lean.set_source_limit(p, *limit), general.set_source_limit(p, *limit));
+            }
             match (datagram, via) {
                 (Some(d), 0) => prop_assert_eq!(
                     lean.handle(d, source(*src), now),
