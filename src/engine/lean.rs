@@ -16,28 +16,10 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 
-use super::pair::{Addr, Millis, PairEntry, PairKey, Side};
+use super::pair::{v4_bytes, v4_socket, Addr, Millis, PairEntry, PairKey, Side};
 use super::source::{Level, Packed};
 use super::{is_expired, At, Engine, Leave, Outcome, Transmit};
 use crate::wire::Reply;
-
-/// An IPv4 address and port as a slot keeps them: the address's 4 bytes,
-/// then the port big-endian.
-#[inline]
-fn v4_bytes(a: SocketAddrV4) -> [u8; 6] {
-    let mut b = [0u8; 6];
-    b[..4].copy_from_slice(&a.ip().octets());
-    b[4..].copy_from_slice(&a.port().to_be_bytes());
-    b
-}
-
-#[inline]
-fn v4_socket(b: [u8; 6]) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(
-        [b[0], b[1], b[2], b[3]].into(),
-        u16::from_be_bytes([b[4], b[5]]),
-    ))
-}
 
 impl Engine {
     /// A seed request for `key` (of the IPv4 family) straight from `src`

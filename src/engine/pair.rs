@@ -95,12 +95,7 @@ impl Addr {
     #[inline]
     pub fn from_socket(a: SocketAddr) -> Addr {
         match a {
-            SocketAddr::V4(a) => {
-                let mut b = [0u8; 6];
-                b[..4].copy_from_slice(&a.ip().octets());
-                b[4..].copy_from_slice(&a.port().to_be_bytes());
-                Addr::V4(b)
-            }
+            SocketAddr::V4(a) => Addr::V4(v4_bytes(a)),
             SocketAddr::V6(a) => {
                 let mut b = [0u8; 18];
                 b[..16].copy_from_slice(&a.ip().octets());
@@ -113,10 +108,7 @@ impl Addr {
     #[inline]
     pub fn to_socket(self) -> SocketAddr {
         match self {
-            Addr::V4(b) => SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::new(b[0], b[1], b[2], b[3]),
-                u16::from_be_bytes([b[4], b[5]]),
-            )),
+            Addr::V4(b) => v4_socket(b),
             Addr::V6(b) => {
                 let mut ip = [0u8; 16];
                 ip.copy_from_slice(&b[..16]);
@@ -134,6 +126,25 @@ impl Addr {
     pub fn ip(self) -> IpAddr {
         self.to_socket().ip()
     }
+}
+
+/// An IPv4 address and port as a slot keeps them ([`Addr::V4`]): the
+/// address's 4 bytes, then the port big-endian.
+#[inline]
+pub(super) fn v4_bytes(a: SocketAddrV4) -> [u8; 6] {
+    let mut b = [0u8; 6];
+    b[..4].copy_from_slice(&a.ip().octets());
+    b[4..].copy_from_slice(&a.port().to_be_bytes());
+    b
+}
+
+/// The socket address of [`v4_bytes`].
+#[inline]
+pub(super) fn v4_socket(b: [u8; 6]) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+        u16::from_be_bytes([b[4], b[5]]),
+    ))
 }
 
 /// What a slot holds, decoded.
@@ -320,12 +331,7 @@ impl PairEntry {
     /// request from `side` will match it). Reads only this slot.
     #[inline]
     pub fn waiter_other_than(&self, side: Side) -> Option<Addr> {
-        let st = self.meta & STATE;
-        let waiter = match st {
-            PENDING_LO => Side::Lo,
-            PENDING_HI => Side::Hi,
-            _ => return None,
-        };
+        let waiter = self.waiting()?;
         (waiter != side).then(|| self.addr_at(0))
     }
 
