@@ -286,6 +286,11 @@ fn turn(
     }
 }
 
+/// A round's ratio: psync's CPU per pair in its turn over the reflector's.
+fn ratio(p: &Turn, r: &Turn) -> f64 {
+    p.us_per_pair() / r.us_per_pair()
+}
+
 /// Resamplings of the rounds for [`interval`].
 const RESAMPLES: usize = 2000;
 
@@ -395,8 +400,6 @@ fn main() {
     std::thread::sleep(Duration::from_millis(100));
     let mut client = Client::new();
     let (p_cpu0, r_cpu0) = (psync_cpu(), reflector_cpu());
-    let (mut p_pairs, mut r_pairs) = (0u64, 0u64);
-    let mut ratios = Vec::new();
     let mut turns = Vec::new();
     for round in 1..=rounds {
         // Odd rounds give psync the first turn, even rounds the reflector
@@ -412,10 +415,7 @@ fn main() {
             let p = turn(&mut client, server.addr, secs, psync_cpu, reflector_cpu);
             (p, r)
         };
-        p_pairs += p.pairs;
-        r_pairs += r.pairs;
-        let ratio = p.us_per_pair() / r.us_per_pair();
-        ratios.push(ratio);
+        let ratio = ratio(&p, &r);
         println!(
             "round {round} ({} first): psync {:.0} pairs/s, {:.2} us CPU/pair; \
              reflector {:.0} pairs/s, {:.2} us CPU/pair; ratio {ratio:.3}",
@@ -431,6 +431,7 @@ fn main() {
     stop.store(true, Ordering::Relaxed);
     reflector_thread.join().unwrap();
     let c = server.stop();
+    let mut ratios: Vec<f64> = turns.iter().map(|(p, r)| ratio(p, r)).collect();
     ratios.sort_by(f64::total_cmp);
     let n = ratios.len();
     let median = (ratios[(n - 1) / 2] + ratios[n / 2]) / 2.0;
@@ -441,6 +442,9 @@ fn main() {
         c.engine.table_full,
         c.engine.per_ip_limit + c.engine.per_prefix_limit,
     );
+    let (p_pairs, r_pairs) = turns
+        .iter()
+        .fold((0u64, 0u64), |(a, b), (p, r)| (a + p.pairs, b + r.pairs));
     let p_us = p_cpu.as_secs_f64() * 1e6 / p_pairs.max(1) as f64;
     let r_us = r_cpu.as_secs_f64() * 1e6 / r_pairs.max(1) as f64;
     println!(
